@@ -1,0 +1,117 @@
+"""The fused AllReduce + residual-add + RMSNorm op: its contract, argument checks and dispatch.
+
+Contract (TokenWeave's "RMSNorm reordering"): called inside ``shard_map`` over ``axis_name``
+(size N). ``T`` tokens are split into N contiguous chunks of ``R = rows_per_rank(T, N)`` rows;
+rank r *owns* global rows ``[r*R, r*R + R)`` (rows past T are padding). The residual stream is
+kept sharded by token rows: each rank only ever holds its own R rows of it.
+
+    partial   [T, D]  this rank's partial sum (e.g. output of a row-parallel matmul), all T rows
+    residual  [R, D]  this rank's rows of the residual stream
+    gamma     [D]     RMSNorm weight, replicated
+
+    s            = sum over ranks of partial          (fp32 accumulation)
+    residual_out = residual + s[own rows]             [R, D], residual.dtype; padding rows keep
+                                                      the input residual unchanged
+    normed       = rmsnorm(residual_out) * gamma      [T, D], partial.dtype, every row, identical
+                                                      on every rank (the owner normalises a row,
+                                                      the others receive it)
+
+RMSNorm is computed in fp32 from the *stored* (rounded) residual_out, as an unfused model would
+compute ``norm(h)`` after ``h = residual + attn_out``:
+``normed = round(f32(r) * rsqrt(mean(f32(r)**2) + eps) * f32(gamma))``.
+
+Implementations, picked by ``impl``:
+  ``xla``       psum_scatter + add + RMSNorm + all_gather in plain JAX. Runs anywhere; the reference.
+  ``p2p``       CUDA kernel over NVLink peer memory (needs the compiled extension and a Communicator).
+  ``multimem``  CUDA kernel on an NVLS multicast object. Opt-in only.
+  ``auto``      ``p2p`` where the measured table says it beats ``xla``, else ``xla``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jax_tokenweave.compat import axis_size
+
+IMPLS = ("xla", "p2p", "multimem", "auto")
+_FLOAT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+
+# Implementations other than `xla` register themselves here when their extension loads:
+# name -> fn(partial, residual, gamma, *, axis_name, eps, comm) -> (normed, residual_out).
+_REGISTRY: dict[str, Callable] = {}
+
+
+def register_impl(name: str, fn: Callable) -> None:
+    if name not in IMPLS or name == "xla":
+        raise ValueError(f"cannot register implementation {name!r}; expected one of {IMPLS[1:]}")
+    _REGISTRY[name] = fn
+
+
+def rows_per_rank(num_tokens: int, num_ranks: int) -> int:
+    """Rows of the token-sharded residual that each rank owns: ceil(T / N)."""
+    return -(-num_tokens // num_ranks)
+
+
+def rmsnorm(x: jax.Array, gamma: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm in fp32, rounded to x's dtype (the precision rule of the contract above)."""
+    xf = x.astype(jnp.float32)
+    inv = jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (xf * inv * gamma.astype(jnp.float32)).astype(x.dtype)
+
+
+def check_args(partial: jax.Array, residual: jax.Array, gamma: jax.Array, num_ranks: int) -> None:
+    """Raise a ValueError that names the problem and the fix, for any argument off the contract."""
+    if partial.ndim != 2:
+        raise ValueError(f"fused_allreduce_rmsnorm: partial must be [tokens, hidden], got shape "
+                         f"{partial.shape}; flatten batch and sequence dims first (x.reshape(-1, D))")
+    T, D = partial.shape
+    R = rows_per_rank(T, num_ranks)
+    if residual.shape != (R, D):
+        raise ValueError(f"fused_allreduce_rmsnorm: residual must hold this rank's {R} token rows "
+                         f"(ceil({T} tokens / {num_ranks} ranks)) of hidden {D}, i.e. shape ({R}, {D}); "
+                         f"got {residual.shape}. Start the residual stream with "
+                         f"jnp.zeros((rows_per_rank(T, N), D)) and pass residual_out back in.")
+    if gamma.shape != (D,):
+        raise ValueError(f"fused_allreduce_rmsnorm: gamma must have shape ({D},) to match hidden "
+                         f"size {D}; got {gamma.shape}")
+    for name, a in (("partial", partial), ("residual", residual), ("gamma", gamma)):
+        if a.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"fused_allreduce_rmsnorm: {name} has dtype {a.dtype}; use bfloat16, "
+                             f"float16 or float32")
+    if partial.dtype != residual.dtype:
+        raise ValueError(f"fused_allreduce_rmsnorm: partial ({partial.dtype}) and residual "
+                         f"({residual.dtype}) must share a dtype; cast one of them")
+
+
+def fused_allreduce_rmsnorm(partial: jax.Array, residual: jax.Array, gamma: jax.Array, *,
+                            axis_name: str = "tp", eps: float = 1e-5, impl: str = "xla",
+                            comm=None) -> tuple[jax.Array, jax.Array]:
+    """All-reduce ``partial`` over ``axis_name``, add it to this rank's residual rows and
+    RMSNorm every row. Returns ``(normed [T, D], residual_out [R, D])``; see the module doc."""
+    if impl not in IMPLS:
+        raise ValueError(f"fused_allreduce_rmsnorm: impl={impl!r} is unknown; choose one of {IMPLS}")
+    n = axis_size(axis_name)
+    check_args(partial, residual, gamma, n)
+    if impl == "auto":
+        impl = _REGISTRY["auto"](partial, n) if "auto" in _REGISTRY else "xla"
+    if impl == "xla":
+        return _xla_impl(partial, residual, gamma, axis_name=axis_name, eps=eps, num_ranks=n)
+    if impl not in _REGISTRY:
+        raise RuntimeError(f"fused_allreduce_rmsnorm: impl={impl!r} needs the CUDA extension "
+                           f"(jax_tokenweave._C), which is not built or not loadable here; see "
+                           f"BUILD.md, or use impl='xla'")
+    return _REGISTRY[impl](partial, residual, gamma, axis_name=axis_name, eps=eps, comm=comm)
+
+
+def _xla_impl(partial, residual, gamma, *, axis_name, eps, num_ranks):
+    T, D = partial.shape
+    R = residual.shape[0]
+    padded = jnp.pad(partial, ((0, num_ranks * R - T), (0, 0)))
+    # reduce-scatter in fp32 so that the reference rounds once, like the kernels do.
+    own = jax.lax.psum_scatter(padded.astype(jnp.float32), axis_name, scatter_dimension=0, tiled=True)
+    residual_out = (residual.astype(jnp.float32) + own).astype(residual.dtype)
+    normed_own = rmsnorm(residual_out, gamma, eps).astype(partial.dtype)
+    normed = jax.lax.all_gather(normed_own, axis_name, axis=0, tiled=True)
+    return normed[:T], residual_out
