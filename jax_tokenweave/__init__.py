@@ -1,4 +1,12 @@
 """jax_tokenweave: TokenWeave-style compute-communication overlap for tensor-parallel inference."""
 from jax_tokenweave.fused import fused_allreduce_rmsnorm, rows_per_rank, rmsnorm
 
-__all__ = ["fused_allreduce_rmsnorm", "rows_per_rank", "rmsnorm"]
+__all__ = ["fused_allreduce_rmsnorm", "rows_per_rank", "rmsnorm", "TPModel", "KVCache", "to_host"]
+
+
+def __getattr__(name):
+    # The runner pulls in flax and the models; load it only when asked for.
+    if name in ("TPModel", "KVCache", "to_host"):
+        from jax_tokenweave import runner
+        return getattr(runner, name)
+    raise AttributeError(f"module 'jax_tokenweave' has no attribute {name!r}")

@@ -1,0 +1,67 @@
+"""Tensor-parallel weight placement, written once as rules from logical axis names to mesh axes.
+
+Column-parallel q/k/v and gate/up, row-parallel o and down, vocab-parallel embedding and LM
+head all follow from four rules: the sharded logical axes are vocab, heads, kv_heads and ffn.
+KV heads are replicated when tp exceeds their number (each rank then computes the one KV head
+its query heads read)."""
+from __future__ import annotations
+
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jax_tokenweave.models.config import ModelConfig
+from jax_tokenweave.models.llama import param_info
+
+TP = "tp"  # placeholder for the tensor-parallel mesh axis in RULES; replaced by the real axis name
+
+# logical axis -> mesh axis (None: replicated). Axes not listed are replicated.
+RULES: dict[str, str | None] = {
+    "vocab": TP,
+    "heads": TP,
+    "kv_heads": TP,
+    "ffn": TP,
+    "embed": None,
+    "head_dim": None,
+}
+
+
+def rules_for(cfg: ModelConfig, tp: int, axis_name: str = "tp") -> dict[str, str | None]:
+    """RULES with the real axis name, and kv_heads replicated when tp > num_kv_heads."""
+    rules = {k: (axis_name if v == TP else v) for k, v in RULES.items()}
+    if tp > cfg.num_kv_heads:
+        rules["kv_heads"] = None
+    return rules
+
+
+def logical_to_spec(axes: tuple, rules: dict[str, str | None]) -> P:
+    return P(*(rules.get(a) for a in axes))
+
+
+def param_specs(cfg: ModelConfig, tp: int, axis_name: str = "tp") -> dict[str, P]:
+    """Flat param path -> PartitionSpec. Raises ValueError when the model does not split tp ways."""
+    cfg.check_tp(tp)
+    rules = rules_for(cfg, tp, axis_name)
+    return {path: logical_to_spec(axes, rules) for path, (_, axes) in param_info(cfg).items()}
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh, axis_name: str = "tp") -> dict[str, NamedSharding]:
+    """Flat param path -> NamedSharding on `mesh` (for device_put, jit out_shardings, orbax restore)."""
+    specs = param_specs(cfg, mesh.shape[axis_name], axis_name)
+    return {path: NamedSharding(mesh, spec) for path, spec in specs.items()}
+
+
+def cache_spec(axis_name: str = "tp") -> P:
+    """KV cache [L, B, max_len, KVH_cache, hd]: sharded over the KV-head axis."""
+    return P(None, None, None, axis_name, None)
+
+
+def cache_kv_heads(cfg: ModelConfig, tp: int) -> int:
+    """KV heads held by the cache: one per rank when tp > num_kv_heads (replication)."""
+    return max(cfg.num_kv_heads, tp)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+__all__ = ["RULES", "rules_for", "logical_to_spec", "param_specs", "param_shardings", "cache_spec",
+           "cache_kv_heads", "replicated"]
