@@ -160,6 +160,7 @@ class Generator:
         self.max_cache_len = max_cache_len
         self.stop_ids = _stop_ids_of(tokenizer) | {int(i) for i in stop_token_ids}
         self.pad_id = pad_id
+        self._spare_cache = None
 
     # ---------------------------------------------------------------- prompts
     def encode_prompt(self, prompt: str | Sequence[int], *, chat: bool = False,
@@ -174,7 +175,7 @@ class Generator:
                    [{"role": "user", "content": prompt}]
             text = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
             return list(self._encode(text, add_bos=False))
-        return list(self._encode(prompt, add_bos=True))
+        return list(self._encode(prompt, add_bos=None))   # the tokenizer's own default
 
     def _encode(self, text, add_bos):
         try:
@@ -237,6 +238,22 @@ class Generator:
         return time.perf_counter() - t0
 
     # ---------------------------------------------------------------- the loop
+    def _take_cache(self, batch: int, max_len: int):
+        # Reuse the previous call's cache when the buckets match: prefill starts a cache afresh
+        # (positions past a sequence's length are never read), and this skips an allocation.
+        spare, self._spare_cache = self._spare_cache, None
+        if spare is not None and spare[0] == (batch, max_len):
+            return spare[1]
+        del spare
+        return self.model.init_cache(batch, max_len)
+
+    def _decode(self, tok, cache):
+        # the loop below keeps every sequence within the cache: skip the runner's host-side check
+        try:
+            return self.model.decode(tok, cache, check_capacity=False)
+        except TypeError:
+            return self.model.decode(tok, cache)
+
     def _run(self, ids: list[list[int]], max_new_tokens: int, sampling: list[SamplingParams],
              ignore_eos: bool, detokenize: bool, max_steps: int | None = None):
         if max_new_tokens < 1:
@@ -256,7 +273,7 @@ class Generator:
         keys = request_keys([p.seed for p in sampling] + [0] * (B - n))
         temp, top_k, top_p, keys = (dist.replicate(a, mesh) for a in (temp, top_k, top_p, keys))
 
-        cache = self.model.init_cache(B, cache_len)
+        cache = self._take_cache(B, cache_len)
         logits, cache = self.model.prefill(dist.replicate(tokens, mesh),
                                            dist.replicate(lengths, mesh), cache)
         tok = sample_step(logits, keys, dist.replicate(np.int32(0), mesh), temp, top_k, top_p)
@@ -291,11 +308,12 @@ class Generator:
             # positions written so far: lens + step - 1; the next decode writes lens + step - 1
             if all(done) or max(lens) + step > cache_len or (max_steps and step >= max_steps):
                 break
-            logits, cache = self.model.decode(tok, cache)
+            logits, cache = self._decode(tok, cache)
             tok = sample_step(logits, keys, dist.replicate(np.int32(step), mesh), temp, top_k, top_p)
             host = dist.to_host(tok)
             decode_steps += 1
         t_end = time.perf_counter()
+        self._spare_cache = ((B, cache_len), cache)
 
         if detok is not None:
             for i in range(n):

@@ -1,0 +1,159 @@
+#!/usr/bin/env python
+"""Generate text with a tensor-parallel model.
+
+    python scripts/generate.py --prompt "Write a haiku about the sea."
+
+With no --checkpoint it uses the embedded default model (SmolLM2-135M-Instruct, converted from its
+GGUF file on first use). Streams the text of the first prompt as it is generated, then prints a
+summary with the time to first token and tokens per second.
+
+Multi-process (one GPU per process, or several CPU processes with gloo collectives):
+
+    python scripts/generate.py --prompt "..." --coordinator 127.0.0.1:12345 \
+        --num-processes 2 --process-id 0          # and --process-id 1 in a second shell
+
+(or set JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID). Only process 0 prints.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+# runnable from a checkout without installing
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from jax_tokenweave import distributed as dist  # noqa: E402  (imports jax, initialises no backend)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--prompt", action="append", default=None,
+                   help="a prompt; repeat for a batch (default: a short greeting)")
+    p.add_argument("--prompt-ids", action="append", default=None,
+                   help="a prompt as comma-separated token ids (repeatable); skips the tokenizer")
+    chat = p.add_mutually_exclusive_group()
+    chat.add_argument("--chat", dest="chat", action="store_true", default=None,
+                      help="wrap prompts in the chat template (default: on for instruct models)")
+    chat.add_argument("--no-chat", dest="chat", action="store_false")
+    p.add_argument("--system", default=None, help="system message for the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed+i")
+    p.add_argument("--ignore-eos", action="store_true", help="don't stop at EOS / end-of-turn")
+    p.add_argument("--max-cache-len", type=int, default=None,
+                   help="most KV-cache positions (default: the model's max_position_embeddings)")
+    p.add_argument("--checkpoint", default=None,
+                   help="Orbax checkpoint directory from scripts/convert_hf.py (default: the embedded "
+                        "SmolLM2-135M-Instruct)")
+    p.add_argument("--random-model", default=None, metavar="PRESET",
+                   help="random weights (seed 0) with a config preset (e.g. 'tiny-llama'); token-id prompts only")
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: all devices)")
+    p.add_argument("--impl", default=None, choices=["auto", "xla", "p2p", "multimem"],
+                   help="fused all-reduce+RMSNorm implementation (default: auto on GPU, xla on CPU)")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="don't compile before timing (the summary then includes compile time)")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="also write the results (tokens, text, timings) as JSON (process 0)")
+    dist.add_cli_flags(p)
+    return p.parse_args(argv)
+
+
+def log(msg: str) -> None:
+    dist.print0(msg, file=sys.stderr)
+
+
+def load_model(args, mesh, impl):
+    """(model, tokenizer, is_instruct)."""
+    from jax_tokenweave.runner import TPModel
+    axis = mesh.axis_names[0]
+    if args.random_model:
+        from jax_tokenweave.models import config as mconfig
+        cfg = mconfig.get_preset(args.random_model)
+        return TPModel.random(cfg, mesh, seed=0, axis_name=axis, impl=impl), None, False
+    if args.checkpoint:
+        from jax_tokenweave.checkpoint import load_checkpoint
+        cfg, params, tokenizer = load_checkpoint(args.checkpoint, mesh, axis_name=axis)
+    else:
+        from jax_tokenweave import default_model
+        cfg, params, tokenizer = default_model.load_default_model(mesh, progress=log)
+    model = TPModel(cfg, params, mesh, axis_name=axis, impl=impl)
+    instruct = bool(getattr(tokenizer, "chat_template", None))
+    return model, tokenizer, instruct
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    dist.initialize_from_args(args)
+
+    import jax
+    from jax_tokenweave.generate import Generator, summary
+    from jax_tokenweave.mesh import make_mesh
+    from jax_tokenweave.sampling import SamplingParams
+
+    on_gpu = jax.devices()[0].platform == "gpu"
+    impl = args.impl or ("auto" if on_gpu else "xla")
+    mesh = make_mesh(args.tp)
+    log(f"devices: {len(jax.devices())} x {jax.devices()[0].platform} over {jax.process_count()} "
+        f"process(es); tp={mesh.devices.size}; impl={impl}")
+
+    t0 = time.perf_counter()
+    model, tokenizer, instruct = load_model(args, mesh, impl)
+    log(f"model loaded in {time.perf_counter() - t0:.1f} s")
+
+    if args.prompt_ids:
+        prompts = [[int(t) for t in s.replace(" ", "").split(",") if t] for s in args.prompt_ids]
+        chat = False
+    else:
+        if tokenizer is None:
+            raise SystemExit("this model has no tokenizer: pass --prompt-ids")
+        prompts = args.prompt or ["Hello! Tell me a short fact about the ocean."]
+        chat = instruct if args.chat is None else args.chat
+
+    gen = Generator(model, tokenizer, max_cache_len=args.max_cache_len)
+    sampling = [SamplingParams(args.temperature, args.top_k, args.top_p, args.seed + i)
+                for i in range(len(prompts))]
+    ids = [gen.encode_prompt(p, chat=chat, system=args.system) for p in prompts]
+
+    compile_s = None
+    if not args.no_warmup:
+        log("compiling ...")
+        compile_s = gen.warmup([len(x) for x in ids], args.max_new_tokens)
+
+    main_proc = dist.is_main_process()
+    stream = gen.stream(ids, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                        ignore_eos=args.ignore_eos, detokenize=tokenizer is not None)
+    if main_proc and len(ids) > 1:
+        print("=== [0]", flush=True)
+    for d in stream:
+        if main_proc and d.index == 0:
+            print(d.text, end="", flush=True)
+    results = stream.results
+    if main_proc:
+        if tokenizer is None:
+            print(" ".join(map(str, results[0].tokens)), end="")
+        print(flush=True)
+        for i, r in enumerate(results[1:], 1):
+            print(f"=== [{i}]\n{r.text if tokenizer is not None else ' '.join(map(str, r.tokens))}")
+        print("---", file=sys.stderr)
+        print(summary(results, compile_s), file=sys.stderr, flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"results": [dict(prompt_tokens=r.prompt_tokens, tokens=r.tokens, text=r.text,
+                                            finish_reason=r.finish_reason, ttft_s=r.ttft_s,
+                                            decode_tokens_per_s=r.decode_tokens_per_s,
+                                            prefill_tokens_per_s=r.prefill_tokens_per_s)
+                                       for r in results],
+                           "devices": len(jax.devices()), "processes": jax.process_count(),
+                           "impl": impl, "compile_s": compile_s}, f)
+    dist.sync("generate-done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
