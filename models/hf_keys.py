@@ -130,7 +130,7 @@ def flat_to_state(model_or_graphdef: Any, flat: dict[str, Any]) -> nnx.State:
             if tuple(v.shape) != tuple(ref_flat[k].shape):
                 raise ValueError(f"flat_to_state: {k!r} has shape {tuple(v.shape)}, the model "
                                  f"expects {tuple(ref_flat[k].shape)}")
-    return nnx.State.from_flat_path({_parse_path(k): v for k, v in flat.items()})
+    return nnx.from_flat_state({_parse_path(k): v for k, v in flat.items()})
 
 
 def state_to_flat(state_or_model: Any) -> dict[str, Any]:
