@@ -1,10 +1,130 @@
 """jax_tokenweave: TokenWeave-style compute-communication overlap for tensor-parallel inference in JAX.
 
 `pip install -e .` installs the Python package (and maps the top-level `models/` folder to
-`jax_tokenweave.models`). The CUDA extension is built by the kernel build step described in BUILD.md
-when nvcc is present; without nvcc the package installs as pure JAX (impl="xla").
+`jax_tokenweave.models`). The CUDA extension `jax_tokenweave._C` (sources in `xla_ffi/`) is built
+with nvcc for sm_90a when nvcc is present; without nvcc the package installs as pure JAX
+(impl="xla") and says so. See BUILD.md.
 """
-from setuptools import setup
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from concurrent.futures import ThreadPoolExecutor
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CUDA_SOURCES = ["xla_ffi/tw_kernels.cu", "xla_ffi/tw_host.cc", "xla_ffi/tw_multimem_host.cc", "xla_ffi/tw_module.cc"]
+
+
+def _say(msg):
+    print(f"[jax_tokenweave build] {msg}", file=sys.stderr, flush=True)
+
+
+def _find_nvcc():
+    if os.environ.get("JAX_TOKENWEAVE_NO_CUDA") == "1":
+        return None, "JAX_TOKENWEAVE_NO_CUDA=1"
+    cands = [os.environ.get("NVCC"), shutil.which("nvcc")]
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home:
+            cands.append(os.path.join(home, "bin", "nvcc"))
+    for c in cands:
+        if c and os.path.isfile(c) and os.access(c, os.X_OK):
+            return c, None
+    return None, "nvcc not found (PATH, $NVCC, $CUDA_HOME/bin)"
+
+
+def _site_dirs():
+    # Under PEP 517 build isolation, `import jax` fails in the build env, but sysconfig still names
+    # the interpreter's own site-packages, where the jax / pybind11 that will run the code live.
+    dirs = [p for p in sys.path if p.endswith("site-packages")]
+    for key in ("purelib", "platlib"):
+        d = sysconfig.get_paths().get(key)
+        if d and d not in dirs:
+            dirs.append(d)
+    return dirs
+
+
+def _include_dirs():
+    ffi = os.environ.get("JAX_TOKENWEAVE_JAX_INCLUDE")
+    pyb = None
+    if not ffi:
+        try:
+            import jax.ffi
+            ffi = jax.ffi.include_dir()
+        except Exception:
+            for d in _site_dirs():
+                if os.path.isfile(os.path.join(d, "jaxlib", "include", "xla", "ffi", "api", "ffi.h")):
+                    ffi = os.path.join(d, "jaxlib", "include")
+                    break
+    try:
+        import pybind11
+        pyb = pybind11.get_include()
+    except Exception:
+        for d in _site_dirs():
+            if os.path.isfile(os.path.join(d, "pybind11", "include", "pybind11", "pybind11.h")):
+                pyb = os.path.join(d, "pybind11", "include")
+                break
+    return ffi, pyb
+
+
+class NvccBuildExt(build_ext):
+    """Builds jax_tokenweave._C with nvcc (sm_90a), or skips it with a message."""
+
+    skipped = False
+
+    def get_outputs(self):
+        return [] if self.skipped else super().get_outputs()
+
+    def get_output_mapping(self):
+        return {} if self.skipped else super().get_output_mapping()
+
+    def run(self):
+        nvcc, why = _find_nvcc()
+        ffi_inc, pyb_inc = _include_dirs()
+        if nvcc is None or ffi_inc is None or pyb_inc is None:
+            why = why or ("jax's FFI headers not found (install jax first or set JAX_TOKENWEAVE_JAX_INCLUDE)"
+                          if ffi_inc is None else "pybind11 headers not found (pip install pybind11)")
+            _say(f"SKIPPING the CUDA extension: {why}. impl='xla' works; impl='p2p' will not.")
+            NvccBuildExt.skipped = True
+            return
+        for ext in self.extensions:
+            self._build(ext, nvcc, ffi_inc, pyb_inc)
+
+    def _build(self, ext, nvcc, ffi_inc, pyb_inc):
+        out = self.get_ext_fullpath(ext.name)
+        tmp = os.path.join(self.build_temp, "xla_ffi")
+        os.makedirs(tmp, exist_ok=True)
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        arch = os.environ.get("JAX_TOKENWEAVE_CUDA_ARCH", "90a")
+        common = [nvcc, "-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-lineinfo",
+                  f"-gencode=arch=compute_{arch},code=[sm_{arch},compute_{arch}]",
+                  "-I", ffi_inc, "-I", pyb_inc, "-I", sysconfig.get_paths()["include"], "-I", os.path.join(HERE, "xla_ffi")]
+        _say(f"nvcc {nvcc}, sm_{arch}, jax FFI headers {ffi_inc}")
+
+        def compile_one(src):
+            obj = os.path.join(tmp, os.path.basename(src) + ".o")
+            cmd = common + ["-c", os.path.join(HERE, src), "-o", obj]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"nvcc failed on {src}:\n{' '.join(cmd)}\n{r.stdout}\n{r.stderr}")
+            return obj
+
+        with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+            objs = list(pool.map(compile_one, ext.sources))
+        cmd = [nvcc, "-shared", f"-gencode=arch=compute_{arch},code=[sm_{arch},compute_{arch}]",
+               "-cudart", "static", "-o", out] + objs
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"nvcc link failed:\n{' '.join(cmd)}\n{r.stdout}\n{r.stderr}")
+        # Editable installs import the package from the source tree: put the .so there too.
+        src_copy = os.path.join(HERE, "jax_tokenweave", os.path.basename(out))
+        if os.path.abspath(src_copy) != os.path.abspath(out):
+            shutil.copyfile(out, src_copy)
+        _say(f"built {out}")
+
 
 setup(
     name="jax_tokenweave",
@@ -13,6 +133,8 @@ setup(
     python_requires=">=3.11",
     packages=["jax_tokenweave", "jax_tokenweave.models"],
     package_dir={"jax_tokenweave": "jax_tokenweave", "jax_tokenweave.models": "models"},
+    ext_modules=[Extension("jax_tokenweave._C", sources=CUDA_SOURCES)],
+    cmdclass={"build_ext": NvccBuildExt},
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12",

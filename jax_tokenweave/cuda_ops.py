@@ -1,0 +1,155 @@
+"""Loads the CUDA extension (jax_tokenweave._C), registers its FFI target and the `p2p`,
+`multimem` and `auto` implementations of the fused op (see fused.py for the contract).
+
+How a call finds its communicator: pass ``comm=`` to ``fused_allreduce_rmsnorm`` explicitly, or
+leave it None and the communicator created last for that axis name (``Communicator(...,
+set_default=True)``, the default) is used.
+
+Extra knobs for benchmarks and tests: ``p2p_fused(..., ctas=, mode="oneshot"|"twoshot"|"auto")``.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_tokenweave import fused
+from jax_tokenweave.compat import axis_size
+
+TARGET = "jax_tokenweave_fused_ar_rmsnorm"
+_MODES = {"auto": 0, "oneshot": 1, "twoshot": 2}
+_C = None
+_LOAD_ERROR: str | None = None
+_REGISTERED = False
+
+
+def extension():
+    """The compiled module, or raise a RuntimeError that says why it is not there."""
+    global _C, _LOAD_ERROR
+    if _C is None and _LOAD_ERROR is None:
+        try:
+            from jax_tokenweave import _C as mod
+            _C = mod
+        except ImportError as e:  # not built (no nvcc) or built for another Python
+            _LOAD_ERROR = f"{type(e).__name__}: {e}"
+    if _C is None:
+        raise RuntimeError(f"jax_tokenweave: the CUDA extension jax_tokenweave._C is not available "
+                           f"({_LOAD_ERROR}); build it with nvcc (see BUILD.md) or use impl='xla'")
+    return _C
+
+
+def available() -> bool:
+    try:
+        extension()
+        return True
+    except RuntimeError:
+        return False
+
+
+def register_targets() -> None:
+    """Hand the FFI handler to XLA (CUDA platform). Idempotent."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    for name, capsule in extension().handlers().items():
+        jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
+    _REGISTERED = True
+
+
+def _resolve_comm(comm, axis_name):
+    from jax_tokenweave.communicator import Communicator
+    if comm is None:
+        comm = Communicator.default(axis_name)
+        if comm is None:
+            raise RuntimeError(f"fused_allreduce_rmsnorm: impl='p2p' needs a Communicator for axis "
+                               f"{axis_name!r}: create jax_tokenweave.Communicator(mesh, {axis_name!r}) "
+                               f"once, outside jit, and pass comm= (or keep it as the axis default)")
+    if comm.axis_name != axis_name:
+        raise ValueError(f"fused_allreduce_rmsnorm: the Communicator was built for axis "
+                         f"{comm.axis_name!r}, not {axis_name!r}")
+    if comm.closed:
+        raise RuntimeError("fused_allreduce_rmsnorm: the Communicator is closed")
+    return comm
+
+
+def _call(partial, residual, gamma, *, axis_name, eps, comm, ctas, mode, transport):
+    register_targets()
+    n = axis_size(axis_name)
+    if n != comm.num_ranks:
+        raise ValueError(f"fused_allreduce_rmsnorm: axis {axis_name!r} has {n} devices here but the "
+                         f"Communicator was built for a mesh of {comm.num_ranks}; build one for this mesh")
+    T, D = partial.shape
+    R = residual.shape[0]
+    item = jnp.dtype(partial.dtype).itemsize
+    if D % 8:
+        raise ValueError(f"fused_allreduce_rmsnorm: impl='p2p' needs a hidden size that is a multiple of 8, got {D}")
+    max_d = extension().MAX_HIDDEN_BF16 * 2 // item
+    if D > max_d:
+        raise ValueError(f"fused_allreduce_rmsnorm: hidden size {D} exceeds the kernel's limit {max_d} for {partial.dtype}")
+    msg = n * R * D * item
+    if msg > comm.max_bytes:
+        raise ValueError(f"fused_allreduce_rmsnorm: message of {msg} bytes ({T} tokens x {D} x {item} B) exceeds "
+                         f"the Communicator's workspace ({comm.max_bytes} bytes); create it with "
+                         f"max_bytes>={msg} or split the tokens")
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {tuple(_MODES)}")
+    ctas = comm.ctas if ctas is None else int(ctas)
+    call = jax.ffi.ffi_call(
+        TARGET,
+        (jax.ShapeDtypeStruct(partial.shape, partial.dtype), jax.ShapeDtypeStruct(residual.shape, residual.dtype)),
+        input_output_aliases={1: 1},  # residual -> residual_out (the kernel updates rows in place)
+    )
+    return call(partial, residual, gamma.astype(jnp.float32), comm_id=np.int64(comm.id), eps=np.float32(eps),
+                ctas=np.int64(ctas), mode=np.int64(_MODES[mode]), num_ranks=np.int64(n),
+                transport=np.int64(transport))
+
+
+def p2p_fused(partial, residual, gamma, *, axis_name, eps=1e-5, comm=None, ctas=None, mode="auto"):
+    """The `p2p` implementation (NVLink peer memory): one-shot for small messages, else two-shot."""
+    comm = _resolve_comm(comm, axis_name)
+    return _call(partial, residual, gamma, axis_name=axis_name, eps=eps, comm=comm, ctas=ctas, mode=mode,
+                 transport=0)
+
+
+def multimem_fused(partial, residual, gamma, *, axis_name, eps=1e-5, comm=None, ctas=None):
+    """The `multimem` implementation (NVLS). Opt-in: needs JAX_TOKENWEAVE_ENABLE_MULTIMEM=1 and a
+    Communicator built with transport='multimem' (whose set-up refuses machines with NVLS disabled)."""
+    if os.environ.get("JAX_TOKENWEAVE_ENABLE_MULTIMEM") != "1":
+        raise RuntimeError("fused_allreduce_rmsnorm: impl='multimem' is opt-in: set JAX_TOKENWEAVE_ENABLE_MULTIMEM=1 "
+                           "and build the Communicator with transport='multimem' (never on machines where NVLink "
+                           "multicast is disabled)")
+    comm = _resolve_comm(comm, axis_name)
+    if comm.transport != "multimem":
+        raise RuntimeError("fused_allreduce_rmsnorm: impl='multimem' needs a Communicator built with transport='multimem'")
+    if partial.dtype != jnp.bfloat16:
+        raise ValueError("fused_allreduce_rmsnorm: impl='multimem' supports bfloat16 only; use impl='p2p'")
+    return _call(partial, residual, gamma, axis_name=axis_name, eps=eps, comm=comm, ctas=ctas, mode="twoshot",
+                 transport=1)
+
+
+def _p2p_impl(partial, residual, gamma, *, axis_name, eps, comm):
+    return p2p_fused(partial, residual, gamma, axis_name=axis_name, eps=eps, comm=comm)
+
+
+def _multimem_impl(partial, residual, gamma, *, axis_name, eps, comm):
+    return multimem_fused(partial, residual, gamma, axis_name=axis_name, eps=eps, comm=comm)
+
+
+def _auto_chooser(partial, num_ranks):
+    from jax_tokenweave import auto_table
+    from jax_tokenweave.communicator import Communicator
+    if not available() or jax.default_backend() != "gpu" or not Communicator.has_any_default():
+        return "xla"
+    return auto_table.choose(partial.shape[0], partial.shape[1], jnp.dtype(partial.dtype).itemsize, num_ranks)
+
+
+def register_impls() -> None:
+    fused.register_impl("auto", _auto_chooser)
+    if available():
+        fused.register_impl("p2p", _p2p_impl)
+        fused.register_impl("multimem", _multimem_impl)
+
+
+register_impls()

@@ -1,0 +1,43 @@
+// Shared definitions of the fused AllReduce + residual + RMSNorm extension (host and device).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace tw {
+
+constexpr int kMaxRanks = 8;        // ranks of one communicator
+constexpr int kMaxBlocks = 512;     // CTAs of one launch (flag slots per rank)
+constexpr int kThreads = 512;       // threads per CTA (128 registers each)
+constexpr int kMaxVecPerThread = 4; // 16-B vectors of one row held per thread in the norm phase
+
+// Workspace layout, identical on every rank (offsets from the workspace base).
+//   [0, kFlagBytes)                    flags[kMaxBlocks][kMaxRanks] uint32: flags[b][src] is written by
+//                                      rank `src`'s block b, read by this rank's block b
+//   [in_off,  in_off + cap)            two-shot input: slot[src] = src's partial for this rank's rows
+//   [out_off, out_off + cap/N)         two-shot output: this rank's normalised rows (peers pull them)
+//   [os_off,  os_off + 2*N*os_stride)  one-shot, double-buffered by call parity: slot[parity][src] =
+//                                      src's partial (all T rows) followed by src's residual rows
+constexpr size_t kFlagBytes = size_t(kMaxBlocks) * kMaxRanks * sizeof(uint32_t);
+
+enum DType : int { kBF16 = 0, kF16 = 1, kF32 = 2 };
+enum Mode : int { kModeAuto = 0, kModeOneShot = 1, kModeTwoShot = 2 };
+
+struct Params {
+  void* ws[kMaxRanks];        // base address of every rank's workspace, as mapped on this device
+  void* mc_base;              // multimem only: multicast address of the multicast-bound region
+  void* uc_base;              // multimem only: this device's unicast view of the same region
+  const void* partial;        // [T, D]
+  const void* residual;       // [R, D]
+  const float* gamma;         // [D], fp32
+  void* normed;               // [T, D]
+  void* residual_out;         // [R, D] (may alias residual)
+  int64_t T, D, R;
+  int N, rank;
+  float eps;
+  uint32_t seq;               // call counter of this communicator, same on every rank
+  uint64_t timeout_ns;        // spin-wait limit
+  int* err;                   // host-mapped error record: {code, rank, missing peer, seq, block}
+  size_t in_off, out_off, os_off, os_stride;
+};
+
+}  // namespace tw

@@ -1,0 +1,269 @@
+// Communicator registry, workspace management and the XLA FFI handlers.
+#include "tw_host.h"
+
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <stdexcept>
+#include <utility>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace tw {
+namespace {
+
+std::mutex g_mu;
+std::map<std::pair<int64_t, int>, std::unique_ptr<DeviceState>> g_states;
+
+size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
+
+void check(cudaError_t e, const std::string& what) {
+  if (e != cudaSuccess) throw std::runtime_error("jax_tokenweave: " + what + ": " + cudaGetErrorString(e));
+}
+
+struct DeviceGuard {
+  int prev = 0;
+  explicit DeviceGuard(int d) { cudaGetDevice(&prev); check(cudaSetDevice(d), "cudaSetDevice(" + std::to_string(d) + ")"); }
+  ~DeviceGuard() { cudaSetDevice(prev); }
+};
+
+}  // namespace
+
+Layout make_layout(size_t cap, size_t os_cap, int n) {
+  Layout l;
+  l.cap = align_up(cap, 256);
+  l.os_cap = os_cap;
+  // A one-shot slot holds T rows of partial and R = ceil(T/N) rows of residual; one extra 32 KiB
+  // row covers the rounding of R (rows are at most 16384 bf16 elements).
+  l.os_stride = align_up(os_cap + os_cap / n + 32768, 256);
+  l.in_off = kFlagBytes;
+  l.out_off = l.in_off + l.cap;
+  l.os_off = l.out_off + align_up(l.cap / n + 32768, 256);
+  l.total = l.os_off + 2 * size_t(n) * l.os_stride;
+  return l;
+}
+
+DeviceState* find_state(int64_t comm_id, int ordinal, std::string* why) {
+  std::lock_guard<std::mutex> lk(g_mu);
+  auto it = g_states.find({comm_id, ordinal});
+  if (it != g_states.end()) return it->second.get();
+  // Under jax.distributed with one device per process the ordinal may be renumbered: accept the
+  // only rank this process holds for the communicator.
+  DeviceState* only = nullptr; int count = 0; std::string have;
+  for (auto& kv : g_states) {
+    if (kv.first.first != comm_id) continue;
+    only = kv.second.get(); ++count;
+    have += (have.empty() ? "" : ", ") + std::to_string(kv.first.second);
+  }
+  if (count == 1) return only;
+  if (why) {
+    *why = "communicator " + std::to_string(comm_id) + " has no rank on device ordinal " + std::to_string(ordinal) +
+           (count ? " (it was built for device ordinals [" + have + "]); build a Communicator for this mesh"
+                  : " (unknown or closed communicator); create jax_tokenweave.Communicator(mesh, axis) outside jit");
+  }
+  return nullptr;
+}
+
+uintptr_t alloc_workspace(int ordinal, size_t bytes) {
+  DeviceGuard g(ordinal);
+  void* p = nullptr;
+  check(cudaMalloc(&p, bytes), "cudaMalloc of a " + std::to_string(bytes) + "-byte workspace on device " + std::to_string(ordinal));
+  // Flags start at 0 and sequence numbers at 1; make the zeroes visible before any peer can see
+  // the pointer (the caller publishes it only after this returns).
+  check(cudaMemset(p, 0, bytes), "cudaMemset");
+  check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  return reinterpret_cast<uintptr_t>(p);
+}
+
+void free_workspace(int ordinal, uintptr_t ptr) {
+  DeviceGuard g(ordinal);
+  cudaFree(reinterpret_cast<void*>(ptr));
+}
+
+std::string ipc_handle(int ordinal, uintptr_t ptr) {
+  DeviceGuard g(ordinal);
+  cudaIpcMemHandle_t h;
+  check(cudaIpcGetMemHandle(&h, reinterpret_cast<void*>(ptr)), "cudaIpcGetMemHandle");
+  return std::string(reinterpret_cast<const char*>(&h), sizeof(h));
+}
+
+uintptr_t ipc_open(int ordinal, const std::string& handle) {
+  if (handle.size() != sizeof(cudaIpcMemHandle_t)) throw std::runtime_error("jax_tokenweave: malformed CUDA IPC handle");
+  DeviceGuard g(ordinal);
+  cudaIpcMemHandle_t h;
+  std::memcpy(&h, handle.data(), sizeof(h));
+  void* p = nullptr;
+  check(cudaIpcOpenMemHandle(&p, h, cudaIpcMemLazyEnablePeerAccess),
+        "cudaIpcOpenMemHandle on device " + std::to_string(ordinal) + " (is peer access possible between these GPUs?)");
+  return reinterpret_cast<uintptr_t>(p);
+}
+
+void enable_peer_access(const std::vector<int>& ordinals) {
+  for (int a : ordinals) {
+    for (int b : ordinals) {
+      if (a == b) continue;
+      int ok = 0;
+      check(cudaDeviceCanAccessPeer(&ok, a, b), "cudaDeviceCanAccessPeer");
+      if (!ok)
+        throw std::runtime_error("jax_tokenweave: GPU " + std::to_string(a) + " cannot access GPU " + std::to_string(b) +
+                                 " peer-to-peer (no NVLink / P2P path); the p2p transport needs peer access between "
+                                 "every pair of the axis. Use impl='xla'.");
+      DeviceGuard g(a);
+      cudaError_t e = cudaDeviceEnablePeerAccess(b, 0);
+      if (e == cudaErrorPeerAccessAlreadyEnabled) { cudaGetLastError(); continue; }
+      check(e, "cudaDeviceEnablePeerAccess(" + std::to_string(a) + " -> " + std::to_string(b) + ")");
+    }
+  }
+}
+
+void register_rank(int64_t comm_id, int ordinal, int rank, int n, const std::vector<uintptr_t>& ws,
+                   const std::vector<bool>& ipc, bool owns_local, size_t cap, size_t os_cap,
+                   uint64_t timeout_ns, int ctas, size_t oneshot_max) {
+  if (n < 1 || n > kMaxRanks) throw std::runtime_error("jax_tokenweave: " + std::to_string(n) + " ranks; at most " + std::to_string(kMaxRanks) + " are supported");
+  if (int(ws.size()) != n || int(ipc.size()) != n) throw std::runtime_error("jax_tokenweave: register_rank needs one workspace per rank");
+  if (ctas < 1 || ctas > kMaxBlocks) throw std::runtime_error("jax_tokenweave: ctas must be in [1, " + std::to_string(kMaxBlocks) + "]");
+  auto st = std::make_unique<DeviceState>();
+  st->comm_id = comm_id; st->ordinal = ordinal; st->rank = rank; st->n = n;
+  st->layout = make_layout(cap, os_cap, n);
+  for (int r = 0; r < n; ++r) { st->ws[r] = reinterpret_cast<void*>(ws[r]); st->ipc[r] = ipc[r]; }
+  st->owns_local = owns_local;
+  st->timeout_ns = timeout_ns; st->ctas = ctas; st->oneshot_max = oneshot_max;
+  {
+    DeviceGuard g(ordinal);
+    check(cudaHostAlloc(&st->err_host, 8 * sizeof(int), cudaHostAllocMapped | cudaHostAllocPortable), "cudaHostAlloc");
+    std::memset(st->err_host, 0, 8 * sizeof(int));
+    check(cudaHostGetDevicePointer(reinterpret_cast<void**>(&st->err_dev), st->err_host, 0), "cudaHostGetDevicePointer");
+    check(warm_up_kernels(), "loading the kernels on device " + std::to_string(ordinal));
+  }
+  std::lock_guard<std::mutex> lk(g_mu);
+  g_states[{comm_id, ordinal}] = std::move(st);
+}
+
+void destroy_comm(int64_t comm_id) {
+  std::vector<std::unique_ptr<DeviceState>> dead;
+  {
+    std::lock_guard<std::mutex> lk(g_mu);
+    for (auto it = g_states.begin(); it != g_states.end();) {
+      if (it->first.first == comm_id) { dead.push_back(std::move(it->second)); it = g_states.erase(it); }
+      else ++it;
+    }
+  }
+  for (auto& st : dead) {
+    DeviceGuard g(st->ordinal);
+    cudaDeviceSynchronize();
+    for (int r = 0; r < st->n; ++r) if (st->ipc[r]) cudaIpcCloseMemHandle(st->ws[r]);
+    if (st->owns_local) cudaFree(st->ws[st->rank]);
+    if (st->err_host) cudaFreeHost(st->err_host);
+  }
+}
+
+std::vector<int> last_error(int64_t comm_id, int ordinal) {
+  DeviceState* st = find_state(comm_id, ordinal, nullptr);
+  if (!st) return {};
+  volatile int* e = st->err_host;
+  return {e[0], e[1], e[2], e[3], e[4]};
+}
+
+void set_multimem(int64_t comm_id, int ordinal, uintptr_t mc, uintptr_t uc, size_t in_off, size_t out_off, size_t cap) {
+  std::string why;
+  DeviceState* st = find_state(comm_id, ordinal, &why);
+  if (!st) throw std::runtime_error("jax_tokenweave: " + why);
+  st->mc_base = reinterpret_cast<void*>(mc); st->uc_base = reinterpret_cast<void*>(uc);
+  st->mm_in_off = in_off; st->mm_out_off = out_off; st->mm_cap = cap;
+}
+
+// ------------------------------------------------------------------------------------------------
+// FFI handler: (partial [T,D], residual [R,D], gamma f32 [D]) -> (normed [T,D], residual_out [R,D])
+
+static int dtype_code(ffi::DataType t) {
+  switch (t) {
+    case ffi::DataType::BF16: return kBF16;
+    case ffi::DataType::F16: return kF16;
+    case ffi::DataType::F32: return kF32;
+    default: return -1;
+  }
+}
+
+static ffi::Error FusedImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer partial, ffi::AnyBuffer residual,
+                            ffi::Buffer<ffi::F32> gamma, ffi::Result<ffi::AnyBuffer> normed,
+                            ffi::Result<ffi::AnyBuffer> residual_out, int64_t comm_id, float eps, int64_t ctas,
+                            int64_t mode, int64_t num_ranks, int64_t transport) {
+  std::string why;
+  DeviceState* st = find_state(comm_id, ordinal, &why);
+  if (!st) return ffi::Error::InvalidArgument("jax_tokenweave: " + why);
+  if (st->err_host[0]) {
+    return ffi::Error::Internal("jax_tokenweave: an earlier call of communicator " + std::to_string(comm_id) +
+                                " timed out: rank " + std::to_string(st->err_host[1]) + " waited for rank " +
+                                std::to_string(st->err_host[2]) + " (call " + std::to_string(st->err_host[3]) + ")");
+  }
+  if (num_ranks != st->n)
+    return ffi::Error::InvalidArgument("jax_tokenweave: the mesh axis has " + std::to_string(num_ranks) +
+                                       " devices but the communicator was built for " + std::to_string(st->n));
+  auto pd = partial.dimensions();
+  auto rd = residual.dimensions();
+  if (pd.size() != 2 || rd.size() != 2) return ffi::Error::InvalidArgument("jax_tokenweave: partial/residual must be 2-D");
+  const int dt = dtype_code(partial.element_type());
+  if (dt < 0 || partial.element_type() != residual.element_type())
+    return ffi::Error::InvalidArgument("jax_tokenweave: partial and residual must both be bf16, f16 or f32");
+  Params p{};
+  p.T = pd[0]; p.D = pd[1]; p.R = rd[0];
+  const int elt = dt == kF32 ? 4 : 2;
+  if (p.D % 8 != 0 || p.D / (16 / elt) > int64_t(kMaxVecPerThread) * kThreads)
+    return ffi::Error::InvalidArgument("jax_tokenweave: hidden size " + std::to_string(p.D) + " must be a multiple of 8 and at most " +
+                                       std::to_string(kMaxVecPerThread * kThreads * 16 / elt));
+  if (p.R != (p.T + st->n - 1) / st->n || rd[1] != p.D)
+    return ffi::Error::InvalidArgument("jax_tokenweave: residual must be [ceil(T/N), D]");
+  const size_t msg = size_t(st->n) * p.R * p.D * elt;
+  p.N = st->n; p.rank = st->rank; p.eps = eps; p.timeout_ns = st->timeout_ns; p.err = st->err_dev;
+  for (int r = 0; r < st->n; ++r) p.ws[r] = st->ws[r];
+  p.partial = partial.untyped_data(); p.residual = residual.untyped_data(); p.gamma = gamma.typed_data();
+  p.normed = normed->untyped_data(); p.residual_out = residual_out->untyped_data();
+  p.in_off = st->layout.in_off; p.out_off = st->layout.out_off; p.os_off = st->layout.os_off;
+  const int g = int(ctas > 0 ? ctas : st->ctas);
+  if (g < 1 || g > kMaxBlocks) return ffi::Error::InvalidArgument("jax_tokenweave: ctas out of range");
+
+  cudaError_t e;
+  if (transport == 1) {
+    if (!st->mc_base) return ffi::Error::InvalidArgument("jax_tokenweave: impl='multimem' needs a Communicator built with transport='multimem'");
+    if (dt != kBF16) return ffi::Error::InvalidArgument("jax_tokenweave: the multimem transport supports bfloat16 only");
+    if (msg > st->mm_cap) return ffi::Error::InvalidArgument("jax_tokenweave: message larger than the multicast region");
+    p.mc_base = st->mc_base; p.uc_base = st->uc_base; p.in_off = st->mm_in_off; p.out_off = st->mm_out_off;
+    p.seq = st->seq.fetch_add(1);
+    e = launch_multimem(p, g, stream);
+  } else {
+    if (msg > st->layout.cap)
+      return ffi::Error::InvalidArgument("jax_tokenweave: message of " + std::to_string(msg) + " bytes exceeds the communicator's " +
+                                         std::to_string(st->layout.cap) + "-byte workspace; build it with a larger max_bytes");
+    const size_t os_need = size_t(p.T + p.R) * p.D * elt;
+    const bool os_fits = os_need <= st->layout.os_stride;
+    int m = int(mode);
+    if (m == kModeAuto) m = (os_fits && size_t(p.T) * p.D * elt <= st->oneshot_max) ? kModeOneShot : kModeTwoShot;
+    if (m == kModeOneShot && !os_fits)
+      return ffi::Error::InvalidArgument("jax_tokenweave: message too large for the one-shot region (raise oneshot_max_bytes)");
+    p.os_stride = st->layout.os_stride;
+    p.seq = st->seq.fetch_add(1);
+    e = launch_p2p(p, dt, m, g, stream);
+  }
+  if (e != cudaSuccess) return ffi::Error::Internal(std::string("jax_tokenweave: kernel launch failed: ") + cudaGetErrorString(e));
+  return ffi::Error::Success();
+}
+
+}  // namespace tw
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TwFusedAllReduceRMSNorm, tw::FusedImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::AnyBuffer>()          // partial
+                                  .Arg<ffi::AnyBuffer>()          // residual
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // gamma (fp32)
+                                  .Ret<ffi::AnyBuffer>()          // normed
+                                  .Ret<ffi::AnyBuffer>()          // residual_out
+                                  .Attr<int64_t>("comm_id")
+                                  .Attr<float>("eps")
+                                  .Attr<int64_t>("ctas")
+                                  .Attr<int64_t>("mode")
+                                  .Attr<int64_t>("num_ranks")
+                                  .Attr<int64_t>("transport"));

@@ -1,0 +1,491 @@
+// CUDA kernels of the fused AllReduce + residual-add + RMSNorm (TokenWeave's "RMSNorm reordering").
+//
+// Every kernel follows one pattern: a CTA (block) b on rank p only ever exchanges data with block b
+// of the other ranks, and the two meet at `block_barrier`, so no grid-wide synchronisation is needed.
+// The data that block b writes into a peer before a barrier is exactly the data that the peer's
+// block b reads after it (both sides compute the same row partition from T, R, G and b).
+//
+// Barrier values are `seq * 4 + phase` where `seq` counts the calls of a communicator (the same on
+// every rank, passed by the host); flags only ever grow, so they never need resetting (ABA-safe:
+// a waiter checks "flag >= expected" with wrap-around arithmetic).
+//
+// Re-use of workspace regions across calls (why two barriers suffice for the two-shot and one for
+// the one-shot): kernels of one device run in stream order, so when any block of rank p has passed
+// a barrier of call k, every block of rank p's call k-1 has finished, and so (through that barrier)
+// every peer has at least started call k, i.e. finished call k-1 too.
+//  * two-shot input slots are written before barrier 1 of call k+1 and read between barriers 1 and
+//    2 of call k: the writer passed barrier 2 of call k, which every reader reached after reading.
+//  * two-shot output rows are written after barrier 1 of call k+1 (all peers are in call k+1, so
+//    they finished pulling call k's rows).
+//  * one-shot slots are written before the only barrier, so they alternate by call parity: call k+2
+//    writes the parity of call k only after passing the barrier of call k+1, when every reader of
+//    call k has finished call k.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+
+#include "tw_common.h"
+
+namespace tw {
+namespace {
+
+// ----------------------------------------------------------------------------------------------
+// 16-byte vectors <-> fp32
+
+template <typename T> struct Vec;
+template <> struct Vec<__nv_bfloat16> {
+  static constexpr int E = 8;
+  __device__ static void to_f32(const uint4& v, float* f) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) { float2 t = __bfloat1622float2(h[i]); f[2 * i] = t.x; f[2 * i + 1] = t.y; }
+  }
+  __device__ static uint4 from_f32(const float* f) {
+    uint4 v; __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+    return v;
+  }
+};
+template <> struct Vec<__half> {
+  static constexpr int E = 8;
+  __device__ static void to_f32(const uint4& v, float* f) {
+    const __half2* h = reinterpret_cast<const __half2*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) { float2 t = __half22float2(h[i]); f[2 * i] = t.x; f[2 * i + 1] = t.y; }
+  }
+  __device__ static uint4 from_f32(const float* f) {
+    uint4 v; __half2* h = reinterpret_cast<__half2*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) h[i] = __floats2half2_rn(f[2 * i], f[2 * i + 1]);
+    return v;
+  }
+};
+template <> struct Vec<float> {
+  static constexpr int E = 4;
+  __device__ static void to_f32(const uint4& v, float* f) {
+    f[0] = __uint_as_float(v.x); f[1] = __uint_as_float(v.y); f[2] = __uint_as_float(v.z); f[3] = __uint_as_float(v.w);
+  }
+  __device__ static uint4 from_f32(const float* f) {
+    return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]), __float_as_uint(f[3]));
+  }
+};
+
+// Loads of workspace data written by other GPUs bypass L1 (.cg): L1 is not coherent with remote
+// writes. Ordering is given by the barrier's acquire, not by these loads.
+__device__ __forceinline__ uint4 ld_cg(const void* p) { return __ldcg(reinterpret_cast<const uint4*>(p)); }
+__device__ __forceinline__ uint4 ld_plain(const void* p) { return *reinterpret_cast<const uint4*>(p); }
+__device__ __forceinline__ void st_plain(void* p, const uint4& v) { *reinterpret_cast<uint4*>(p) = v; }
+
+__device__ __forceinline__ uint64_t global_timer_ns() {
+  uint64_t t; asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); return t;
+}
+__device__ __forceinline__ void st_release_sys(uint32_t* p, uint32_t v) {
+  asm volatile("st.release.sys.global.u32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ uint32_t ld_acquire_sys(const uint32_t* p) {
+  uint32_t v; asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory"); return v;
+}
+
+__device__ __forceinline__ uint32_t* flag_slot(void* ws, int block, int src) {
+  return reinterpret_cast<uint32_t*>(ws) + size_t(block) * kMaxRanks + src;
+}
+
+// A missing peer must become an error, not a hang: record who we waited for in host-mapped memory
+// (readable by the host even after the context is lost), print it, and trap (the launch fails, XLA
+// reports the error at the next synchronisation).
+__device__ __noinline__ void fail_timeout(const Params& p, int peer, uint32_t value) {
+  if (atomicCAS(p.err, 0, 1) == 0) {
+    p.err[1] = p.rank; p.err[2] = peer; p.err[3] = int(p.seq); p.err[4] = blockIdx.x;
+    __threadfence_system();
+  }
+  printf("jax_tokenweave: rank %d block %d timed out waiting for peer rank %d (call %u, flag %u)\n",
+         p.rank, blockIdx.x, peer, p.seq, value);
+  __trap();
+}
+
+// Block b of this rank meets block b of every other rank.
+// Needs: every store this block issued before the call (to peers' workspaces, or to our own
+// workspace that peers will read) is visible to a peer's block b before it leaves its barrier, and
+// symmetrically every peer's stores are visible to us after we leave.
+__device__ __forceinline__ void block_barrier(const Params& p, uint32_t value) {
+  // (1) CTA-scope: all threads of the block have issued their stores before thread t < N signals.
+  __syncthreads();
+  if (threadIdx.x < p.N) {
+    const int peer = threadIdx.x;
+    // (2) release at system scope: cumulative over the stores of the block observed through the
+    // bar.sync above, so the peer that acquires this flag value sees all of them.
+    st_release_sys(flag_slot(p.ws[peer], blockIdx.x, p.rank), value);
+    // (3) acquire at system scope on our own slot written by `peer`: after it, the peer's stores
+    // made before its release are visible to this thread. Flags only grow (wrap-safe compare).
+    const uint32_t* mine = flag_slot(p.ws[p.rank], blockIdx.x, peer);
+    if (int32_t(ld_acquire_sys(mine) - value) < 0) {
+      const uint64_t t0 = global_timer_ns();
+      while (int32_t(ld_acquire_sys(mine) - value) < 0) {
+        if (global_timer_ns() - t0 > p.timeout_ns) fail_timeout(p, peer, value);
+      }
+    }
+  }
+  // (4) CTA-scope: propagate the acquires of threads 0..N-1 to the whole block before it reads.
+  __syncthreads();
+}
+
+// Copy n 16-byte items described by map(i, src, dst) -> bool (false: skip). U loads are issued
+// before the first store so that U*16 bytes per thread are in flight (NVLink latency hiding).
+template <int U, typename Map>
+__device__ __forceinline__ void copy_items(uint32_t n, Map map) {
+  for (uint32_t base = threadIdx.x; base < n; base += U * blockDim.x) {
+    uint4 v[U]; void* dst[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const uint32_t i = base + u * blockDim.x;
+      const void* src = nullptr; dst[u] = nullptr;
+      if (i < n && map(i, src, dst[u])) v[u] = ld_cg(src); else dst[u] = nullptr;
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) if (dst[u]) st_plain(dst[u], v[u]);
+  }
+}
+
+__device__ __forceinline__ float block_sum(float v, float* smem) {
+  // Fixed butterfly + fixed warp order: the same bits on every rank and every run.
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int w = threadIdx.x >> 5, l = threadIdx.x & 31;
+  if (l == 0) smem[w] = v;
+  __syncthreads();
+  if (w == 0) {
+    v = (l < int(blockDim.x >> 5)) ? smem[l] : 0.f;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (l == 0) smem[32] = v;
+  }
+  __syncthreads();
+  const float r = smem[32];
+  __syncthreads();  // smem is reused by the next row
+  return r;
+}
+
+// One row: acc = sum of the N partials (fp32, rank order, by `sum_vec`), r = round(acc + residual),
+// store r to rout (if any), normed = round(f32(r) * rsqrt(mean(r^2) + eps) * gamma) to out0/out1/
+// (multicast out_mc). Must be called by the whole block (it synchronises).
+template <typename T, typename SumVec, typename OutMc>
+__device__ __forceinline__ void norm_row(const Params& p, SumVec sum_vec, const char* res, char* rout,
+                                         char* out0, char* out1, OutMc out_mc, float* smem) {
+  using VT = Vec<T>;
+  constexpr int E = VT::E;
+  const uint32_t V = uint32_t(p.D / E);
+  uint4 rv[kMaxVecPerThread];
+  float ss = 0.f;
+#pragma unroll
+  for (int k = 0; k < kMaxVecPerThread; ++k) {
+    const uint32_t v = threadIdx.x + k * blockDim.x;
+    if (v < V) {
+      float acc[E];
+      sum_vec(v, acc);
+      float fr[E];
+      VT::to_f32(ld_cg(res + size_t(v) * 16), fr);
+#pragma unroll
+      for (int e = 0; e < E; ++e) acc[e] = acc[e] + fr[e];
+      rv[k] = VT::from_f32(acc);
+      float g[E];
+      VT::to_f32(rv[k], g);
+#pragma unroll
+      for (int e = 0; e < E; ++e) ss += g[e] * g[e];
+      if (rout) st_plain(rout + size_t(v) * 16, rv[k]);
+    }
+  }
+  const float inv = rsqrtf(block_sum(ss, smem) / float(p.D) + p.eps);
+#pragma unroll
+  for (int k = 0; k < kMaxVecPerThread; ++k) {
+    const uint32_t v = threadIdx.x + k * blockDim.x;
+    if (v < V) {
+      float g[E], w[E];
+      VT::to_f32(rv[k], g);
+      const float4* gp = reinterpret_cast<const float4*>(p.gamma + size_t(v) * E);
+#pragma unroll
+      for (int q = 0; q < E / 4; ++q) { float4 t = gp[q]; w[4*q] = t.x; w[4*q+1] = t.y; w[4*q+2] = t.z; w[4*q+3] = t.w; }
+#pragma unroll
+      for (int e = 0; e < E; ++e) g[e] = (g[e] * inv) * w[e];
+      const uint4 o = VT::from_f32(g);
+      if (out0) st_plain(out0 + size_t(v) * 16, o);
+      if (out1) st_plain(out1 + size_t(v) * 16, o);
+      out_mc(v, o);
+    }
+  }
+}
+
+struct NoMc { __device__ void operator()(uint32_t, const uint4&) const {} };
+
+template <typename T, int NR>
+__device__ __forceinline__ void sum_partials(const Params& p, const char* const* src, uint32_t v, float* acc) {
+  using VT = Vec<T>;
+  constexpr int E = VT::E;
+  uint4 x[NR];
+#pragma unroll
+  for (int r = 0; r < NR; ++r) if (r < p.N) x[r] = ld_cg(src[r] + size_t(v) * 16);  // all loads first
+#pragma unroll
+  for (int e = 0; e < E; ++e) acc[e] = 0.f;
+#pragma unroll
+  for (int r = 0; r < NR; ++r) {
+    if (r < p.N) {
+      float f[E]; VT::to_f32(x[r], f);
+#pragma unroll
+      for (int e = 0; e < E; ++e) acc[e] += f[e];  // fixed rank order 0..N-1
+    }
+  }
+}
+
+constexpr int kUnroll = 8;
+
+// ----------------------------------------------------------------------------------------------
+// Two-shot: push (reduce-scatter into owners' workspaces), owner reduces + norms its rows, pull.
+template <typename T, int NR>
+__global__ void __launch_bounds__(kThreads) twoshot_kernel(const Params p) {
+  __shared__ float smem[33];
+  constexpr int E = Vec<T>::E;
+  const uint32_t V = uint32_t(p.D / E), R = uint32_t(p.R), Tn = uint32_t(p.T);
+  const uint32_t G = gridDim.x, b = blockIdx.x;
+  const uint32_t r0 = uint32_t(uint64_t(R) * b / G), r1 = uint32_t(uint64_t(R) * (b + 1) / G);
+  const uint32_t per = (r1 - r0) * V;
+  const size_t rb = size_t(p.D) * sizeof(T);
+  const char* part = static_cast<const char*>(p.partial);
+  char* my_ws = static_cast<char*>(p.ws[p.rank]);
+
+  // Phase 1: rows [o*R + r0, o*R + r1) of our partial -> owner o's input slot [rank].
+  copy_items<kUnroll>(uint32_t(p.N - 1) * per, [&](uint32_t idx, const void*& s, void*& d) {
+    const uint32_t k = idx / per, rem = idx - k * per, i = r0 + rem / V, v = rem % V;
+    const int o = int(k) + (int(k) >= p.rank);
+    const uint32_t g = uint32_t(o) * R + i;
+    if (g >= Tn) return false;  // padding rows carry nothing
+    s = part + g * rb + size_t(v) * 16;
+    d = static_cast<char*>(p.ws[o]) + p.in_off + (size_t(p.rank) * R + i) * rb + size_t(v) * 16;
+    return true;
+  });
+  block_barrier(p, p.seq * 4u + 1u);  // inputs of our rows from every peer's block b are visible
+
+  // Phase 2: our rows [r0, r1): sum in rank order, add residual, norm, write result + workspace.
+  for (uint32_t i = r0; i < r1; ++i) {
+    const uint32_t g = uint32_t(p.rank) * R + i;
+    const char* res = static_cast<const char*>(p.residual) + i * rb;
+    char* rout = static_cast<char*>(p.residual_out) + i * rb;
+    if (g >= Tn) {  // padding row: residual_out keeps the input residual (same thread reads, writes)
+      for (uint32_t v = threadIdx.x; v < V; v += blockDim.x) st_plain(rout + size_t(v) * 16, ld_plain(res + size_t(v) * 16));
+      continue;
+    }
+    const char* src[NR];
+#pragma unroll
+    for (int r = 0; r < NR; ++r)
+      src[r] = (r == p.rank) ? part + g * rb : my_ws + p.in_off + (size_t(r) * R + i) * rb;
+    norm_row<T>(p, [&](uint32_t v, float* acc) { sum_partials<T, NR>(p, src, v, acc); }, res, rout,
+                static_cast<char*>(p.normed) + g * rb, my_ws + p.out_off + i * rb, NoMc{}, smem);
+  }
+  block_barrier(p, p.seq * 4u + 2u);  // every owner's normalised rows [r0, r1) are visible
+
+  // Phase 3: pull the other owners' normalised rows [r0, r1) into our result.
+  copy_items<kUnroll>(uint32_t(p.N - 1) * per, [&](uint32_t idx, const void*& s, void*& d) {
+    const uint32_t k = idx / per, rem = idx - k * per, i = r0 + rem / V, v = rem % V;
+    const int o = int(k) + (int(k) >= p.rank);
+    const uint32_t g = uint32_t(o) * R + i;
+    if (g >= Tn) return false;
+    s = static_cast<const char*>(p.ws[o]) + p.out_off + i * rb + size_t(v) * 16;
+    d = static_cast<char*>(p.normed) + g * rb + size_t(v) * 16;
+    return true;
+  });
+}
+
+// ----------------------------------------------------------------------------------------------
+// One-shot: every rank pushes its partial (all rows) and its residual rows to every peer, one
+// barrier, then every rank computes every row itself, in the same order as everyone else
+// (bitwise identical results everywhere). Used for small messages.
+template <typename T, int NR>
+__global__ void __launch_bounds__(kThreads) oneshot_kernel(const Params p) {
+  __shared__ float smem[33];
+  constexpr int E = Vec<T>::E;
+  const uint32_t V = uint32_t(p.D / E), R = uint32_t(p.R), Tn = uint32_t(p.T);
+  const uint32_t G = gridDim.x, b = blockIdx.x;
+  const uint32_t j0 = uint32_t(uint64_t(Tn) * b / G), j1 = uint32_t(uint64_t(Tn) * (b + 1) / G);
+  const uint32_t own_lo = uint32_t(p.rank) * R, own_hi = min(own_lo + R, Tn);
+  const uint32_t o0 = max(j0, own_lo), o1 = min(j1, own_hi);
+  const uint32_t nj = j1 - j0, nown = o1 > o0 ? o1 - o0 : 0;
+  const uint32_t per = (nj + nown) * V;
+  const size_t rb = size_t(p.D) * sizeof(T);
+  const char* part = static_cast<const char*>(p.partial);
+  const char* resid = static_cast<const char*>(p.residual);
+  const size_t par = size_t(p.seq & 1u) * p.N;
+  auto slot = [&](int o, int src) -> char* {
+    return static_cast<char*>(p.ws[o]) + p.os_off + (par + src) * p.os_stride;
+  };
+
+  // Phase 1: partial rows [j0, j1) and our residual rows inside [j0, j1) -> every peer's slot [rank].
+  copy_items<kUnroll>(uint32_t(p.N - 1) * per, [&](uint32_t idx, const void*& s, void*& d) {
+    const uint32_t k = idx / per, rem = idx - k * per, q = rem / V, v = rem % V;
+    const int o = int(k) + (int(k) >= p.rank);
+    if (q < nj) {
+      const uint32_t g = j0 + q;
+      s = part + g * rb + size_t(v) * 16;
+      d = slot(o, p.rank) + g * rb + size_t(v) * 16;
+    } else {
+      const uint32_t i = o0 + (q - nj) - own_lo;
+      s = resid + i * rb + size_t(v) * 16;
+      d = slot(o, p.rank) + (size_t(Tn) + i) * rb + size_t(v) * 16;
+    }
+    return true;
+  });
+  block_barrier(p, p.seq * 4u + 1u);  // every peer's rows [j0, j1) (and their residuals) are visible
+
+  // Phase 2: rows [j0, j1), everyone computes them identically.
+  for (uint32_t g = j0; g < j1; ++g) {
+    const int o = int(g / R);
+    const uint32_t i = g - uint32_t(o) * R;
+    const char* src[NR];
+#pragma unroll
+    for (int r = 0; r < NR; ++r) src[r] = (r == p.rank) ? part + g * rb : slot(p.rank, r) + g * rb;
+    const char* res = (o == p.rank) ? resid + i * rb : slot(p.rank, o) + (size_t(Tn) + i) * rb;
+    char* rout = (o == p.rank) ? static_cast<char*>(p.residual_out) + i * rb : nullptr;
+    norm_row<T>(p, [&](uint32_t v, float* acc) { sum_partials<T, NR>(p, src, v, acc); }, res, rout,
+                static_cast<char*>(p.normed) + g * rb, nullptr, NoMc{}, smem);
+  }
+  // Our padding rows (global index >= T): residual_out = residual. Local, no ordering needed.
+  for (uint32_t i = (own_lo < Tn ? Tn - own_lo : 0) + b; i < R; i += G) {
+    const char* res = resid + i * rb;
+    char* rout = static_cast<char*>(p.residual_out) + i * rb;
+    for (uint32_t v = threadIdx.x; v < V; v += blockDim.x) st_plain(rout + size_t(v) * 16, ld_plain(res + size_t(v) * 16));
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Multimem (NVLS) two-shot, bf16 only. NEVER run on machines whose NVLink multicast is disabled.
+// Each rank copies its partial into its multicast-bound buffer; the owner of a row reads the sum of
+// all ranks' copies with multimem.ld_reduce (fp32 accumulation in the switch), adds the residual,
+// norms, and broadcasts the normalised row with multimem.st into every rank's buffer.
+__device__ __forceinline__ void mm_ld_reduce_bf16x8(const void* mc, float* acc) {
+  uint32_t a, b, c, d;
+  asm volatile("multimem.ld_reduce.relaxed.sys.global.add.acc::f32.v4.bf16x2 {%0, %1, %2, %3}, [%4];"
+               : "=r"(a), "=r"(b), "=r"(c), "=r"(d) : "l"(mc) : "memory");
+  const uint4 v = make_uint4(a, b, c, d);
+  Vec<__nv_bfloat16>::to_f32(v, acc);
+}
+__device__ __forceinline__ void mm_st_v4(void* mc, const uint4& v) {
+  asm volatile("multimem.st.relaxed.sys.global.v4.f32 [%0], {%1, %2, %3, %4};"
+               :: "l"(mc), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
+}
+
+template <int NR>
+__global__ void __launch_bounds__(kThreads) multimem_kernel(const Params p) {
+  using T = __nv_bfloat16;
+  __shared__ float smem[33];
+  const uint32_t V = uint32_t(p.D / 8), R = uint32_t(p.R), Tn = uint32_t(p.T);
+  const uint32_t G = gridDim.x, b = blockIdx.x;
+  const uint32_t r0 = uint32_t(uint64_t(R) * b / G), r1 = uint32_t(uint64_t(R) * (b + 1) / G);
+  const uint32_t per = (r1 - r0) * V;
+  const size_t rb = size_t(p.D) * sizeof(T);
+  const char* part = static_cast<const char*>(p.partial);
+  char* uc = static_cast<char*>(p.uc_base);
+  char* mc = static_cast<char*>(p.mc_base);
+
+  // Phase 1: local copy of rows [o*R + r0, o*R + r1) for every owner o into our multicast-bound input.
+  copy_items<kUnroll>(uint32_t(p.N) * per, [&](uint32_t idx, const void*& s, void*& d) {
+    const uint32_t o = idx / per, rem = idx - o * per, i = r0 + rem / V, v = rem % V;
+    const uint32_t g = o * R + i;
+    if (g >= Tn) return false;
+    s = part + g * rb + size_t(v) * 16;
+    d = uc + p.in_off + g * rb + size_t(v) * 16;
+    return true;
+  });
+  block_barrier(p, p.seq * 4u + 1u);  // every rank's copy of rows (owner, [r0, r1)) is in place
+
+  for (uint32_t i = r0; i < r1; ++i) {
+    const uint32_t g = uint32_t(p.rank) * R + i;
+    const char* res = static_cast<const char*>(p.residual) + i * rb;
+    char* rout = static_cast<char*>(p.residual_out) + i * rb;
+    if (g >= Tn) {
+      for (uint32_t v = threadIdx.x; v < V; v += blockDim.x) st_plain(rout + size_t(v) * 16, ld_plain(res + size_t(v) * 16));
+      continue;
+    }
+    const char* mrow = mc + p.in_off + g * rb;
+    char* mout = mc + p.out_off + g * rb;
+    norm_row<T>(p, [&](uint32_t v, float* acc) { mm_ld_reduce_bf16x8(mrow + size_t(v) * 16, acc); }, res, rout,
+                static_cast<char*>(p.normed) + g * rb, nullptr,
+                [&](uint32_t v, const uint4& o) { mm_st_v4(mout + size_t(v) * 16, o); }, smem);
+  }
+  // The multimem stores must be visible in every rank's memory before the peers' blocks b read
+  // them: a system-scope fence orders them before the release of the barrier flag.
+  asm volatile("fence.acq_rel.sys;" ::: "memory");
+  block_barrier(p, p.seq * 4u + 2u);
+
+  // Phase 3: other owners' rows [r0, r1) from our unicast copy of the broadcast output.
+  copy_items<kUnroll>(uint32_t(p.N) * per, [&](uint32_t idx, const void*& s, void*& d) {
+    const uint32_t o = idx / per, rem = idx - o * per, i = r0 + rem / V, v = rem % V;
+    const uint32_t g = o * R + i;
+    if (g >= Tn || int(o) == p.rank) return false;
+    s = uc + p.out_off + g * rb + size_t(v) * 16;
+    d = static_cast<char*>(p.normed) + g * rb + size_t(v) * 16;
+    return true;
+  });
+}
+
+template <typename T, int NR>
+cudaError_t launch_nr(const Params& p, int mode, int ctas, cudaStream_t s) {
+  if (mode == kModeOneShot) {
+    const int g = int(std::min<int64_t>(ctas, p.T));
+    oneshot_kernel<T, NR><<<g, kThreads, 0, s>>>(p);
+  } else {
+    const int g = int(std::min<int64_t>(ctas, p.R));
+    twoshot_kernel<T, NR><<<g, kThreads, 0, s>>>(p);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_t(const Params& p, int mode, int ctas, cudaStream_t s) {
+  if (p.N <= 2) return launch_nr<T, 2>(p, mode, ctas, s);
+  if (p.N <= 4) return launch_nr<T, 4>(p, mode, ctas, s);
+  return launch_nr<T, 8>(p, mode, ctas, s);
+}
+
+template <typename F>
+cudaError_t touch(F f) { cudaFuncAttributes a; return cudaFuncGetAttributes(&a, f); }
+
+}  // namespace
+
+cudaError_t launch_p2p(const Params& p, int dtype, int mode, int ctas, cudaStream_t s) {
+  switch (dtype) {
+    case kBF16: return launch_t<__nv_bfloat16>(p, mode, ctas, s);
+    case kF16: return launch_t<__half>(p, mode, ctas, s);
+    case kF32: return launch_t<float>(p, mode, ctas, s);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_multimem(const Params& p, int ctas, cudaStream_t s) {
+  const int g = int(std::min<int64_t>(ctas, p.R));
+  if (p.N <= 2) multimem_kernel<2><<<g, kThreads, 0, s>>>(p);
+  else if (p.N <= 4) multimem_kernel<4><<<g, kThreads, 0, s>>>(p);
+  else multimem_kernel<8><<<g, kThreads, 0, s>>>(p);
+  return cudaGetLastError();
+}
+
+// Loads every kernel of this module on the current device (lazy module loading takes a process-wide
+// lock; a spinning kernel on one GPU plus a module load for another could deadlock).
+cudaError_t warm_up_kernels() {
+  cudaError_t e = cudaSuccess;
+#define TW_TOUCH(T)                                                                   \
+  if (e == cudaSuccess) e = touch(twoshot_kernel<T, 2>);                              \
+  if (e == cudaSuccess) e = touch(twoshot_kernel<T, 4>);                              \
+  if (e == cudaSuccess) e = touch(twoshot_kernel<T, 8>);                              \
+  if (e == cudaSuccess) e = touch(oneshot_kernel<T, 2>);                              \
+  if (e == cudaSuccess) e = touch(oneshot_kernel<T, 4>);                              \
+  if (e == cudaSuccess) e = touch(oneshot_kernel<T, 8>);
+  TW_TOUCH(__nv_bfloat16) TW_TOUCH(__half) TW_TOUCH(float)
+#undef TW_TOUCH
+  if (e == cudaSuccess) e = touch(multimem_kernel<2>);
+  if (e == cudaSuccess) e = touch(multimem_kernel<4>);
+  if (e == cudaSuccess) e = touch(multimem_kernel<8>);
+  return e;
+}
+
+}  // namespace tw
