@@ -58,13 +58,10 @@ class TPModel:
 
     def __init__(self, cfg: ModelConfig, params, mesh: Mesh, *, axis_name: str = "tp",
                  impl: str = "xla", comm=None, attn_impl: str | None = None, dtype=None):
-        if axis_name not in mesh.shape:
-            raise ValueError(f"mesh has axes {tuple(mesh.shape)}, not {axis_name!r}; build it with "
-                             f"jax_tokenweave.mesh.make_mesh(tp, axis_name={axis_name!r})")
         self.cfg, self.mesh, self.axis_name = cfg, mesh, axis_name
         self.impl, self.comm = impl, comm
-        self.tp = mesh.shape[axis_name]
         self._shardings = param_shardings(cfg, mesh, axis_name)  # raises on non-dividing shapes
+        self.tp = mesh.shape[axis_name]
         if isinstance(params, (nnx.State, nnx.Module)):
             params = state_to_flat(params)
         check_complete(cfg, params.keys())

@@ -45,8 +45,15 @@ def param_specs(cfg: ModelConfig, tp: int, axis_name: str = "tp") -> dict[str, P
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh, axis_name: str = "tp") -> dict[str, NamedSharding]:
     """Flat param path -> NamedSharding on `mesh` (for device_put, jit out_shardings, orbax restore)."""
+    check_axis(mesh, axis_name)
     specs = param_specs(cfg, mesh.shape[axis_name], axis_name)
     return {path: NamedSharding(mesh, spec) for path, spec in specs.items()}
+
+
+def check_axis(mesh: Mesh, axis_name: str) -> None:
+    if axis_name not in mesh.shape:
+        raise ValueError(f"mesh has axes {tuple(mesh.shape)}, not {axis_name!r}; build it with "
+                         f"jax_tokenweave.mesh.make_mesh(tp, axis_name={axis_name!r})")
 
 
 def cache_spec(axis_name: str = "tp") -> P:
@@ -63,5 +70,5 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-__all__ = ["RULES", "rules_for", "logical_to_spec", "param_specs", "param_shardings", "cache_spec",
+__all__ = ["RULES", "rules_for", "logical_to_spec", "param_specs", "param_shardings", "check_axis", "cache_spec",
            "cache_kv_heads", "replicated"]
