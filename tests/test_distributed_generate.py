@@ -1,0 +1,88 @@
+"""Generation under jax.distributed: two CPU processes on localhost (gloo collectives), each with
+two host devices, produce the same tokens as one process with four devices."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jax_tokenweave.distributed import free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts", "generate.py")
+TIMEOUT = 240
+ARGS = ["--random-model", "tiny-llama", "--prompt-ids", "5,17,99,3,250,8,1", "--prompt-ids", "42,7",
+        "--max-new-tokens", "12", "--no-warmup"]
+
+
+def _env(devices, **extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["JAX_DISTRIBUTED_TIMEOUT"] = "60"
+    env.update(extra)
+    return env
+
+
+def _run_single(tmp_path, extra):
+    out = tmp_path / "single.json"
+    p = subprocess.run([sys.executable, SCRIPT, *ARGS, *extra, "--json", str(out)],
+                       env=_env(4), capture_output=True, text=True, timeout=TIMEOUT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def _run_two_processes(tmp_path, extra, use_flags):
+    port = free_port()
+    procs = []
+    for pid in range(2):
+        out = tmp_path / f"multi{pid}.json"
+        if use_flags:
+            cmd = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(pid)]
+            env = _env(2)
+        else:
+            cmd = []
+            env = _env(2, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                       JAX_PROCESS_ID=str(pid))
+        procs.append(subprocess.Popen([sys.executable, SCRIPT, *ARGS, *extra, *cmd, "--json", str(out)],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=TIMEOUT))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, (so, se) in zip(procs, outs):
+        assert p.returncode == 0, f"process exited {p.returncode}:\n{se[-3000:]}"
+    # only process 0 prints and writes results
+    assert "time to first token" in outs[0][1] and "time to first token" not in outs[1][1]
+    # (gloo's native library prints its connection lines itself)
+    assert [l for l in outs[1][0].splitlines() if l.strip() and not l.startswith("[Gloo]")] == []
+    assert not (tmp_path / "multi1.json").exists()
+    return json.loads((tmp_path / "multi0.json").read_text())
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("mode", ["greedy-flags", "sampled-env"])
+def test_two_processes_match_one(tmp_path, mode):
+    extra = ["--tp", "4"] + (["--temperature", "0.8", "--top-k", "50", "--top-p", "0.95", "--seed", "7"]
+                             if mode.startswith("sampled") else [])
+    single = _run_single(tmp_path, extra)
+    multi = _run_two_processes(tmp_path, extra, use_flags=mode.endswith("flags"))
+    assert single["devices"] == multi["devices"] == 4
+    assert single["processes"] == 1 and multi["processes"] == 2
+    assert [r["tokens"] for r in multi["results"]] == [r["tokens"] for r in single["results"]]
+    assert all(len(r["tokens"]) == 12 for r in single["results"])
+
+
+def test_missing_process_is_an_error_not_a_hang(tmp_path):
+    port = free_port()
+    p = subprocess.run([sys.executable, SCRIPT, *ARGS, "--coordinator", f"127.0.0.1:{port}",
+                        "--num-processes", "2", "--process-id", "0"],
+                       env=_env(2, JAX_DISTRIBUTED_TIMEOUT="5"), capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode != 0
