@@ -144,10 +144,11 @@ setup(
         "gguf",
         "numpy",
         "tqdm",
+        "jinja2>=3.1",
         "pybind11",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "torch==2.13.0", "transformers", "jinja2"],
+        "test": ["pytest", "pytest-timeout", "torch==2.13.0", "transformers", "jinja2", "accelerate"],
         "bench": ["matplotlib"],
     },
 )
