@@ -52,8 +52,8 @@ class TPModel:
     params: nnx.State, an nnx Module, or a flat dict path -> array (numpy or jax); placed onto
     the mesh with the sharding rules (left where they are when already placed so).
     impl / comm: the fused_allreduce_rmsnorm implementation and its Communicator.
-    attn_impl: jax.nn.dot_product_attention implementation for prefill (None: cuDNN where it
-    applies, else XLA; "xla" to force XLA).
+    attn_impl: prefill attention, "xla" or "cudnn"; None picks cuDNN on GPU meshes (used there
+    for bf16/fp16 weights only) and XLA elsewhere. Decode attention always uses XLA.
     """
 
     def __init__(self, cfg: ModelConfig, params, mesh: Mesh, *, axis_name: str = "tp",
@@ -71,6 +71,11 @@ class TPModel:
                                  f"config needs {shape}")
         self.params = {k: _place(v, self._shardings[k], dtype) for k, v in params.items()}
         self.dtype = self.params["embed_tokens.embedding"].dtype
+        if attn_impl is None:
+            on_gpu = mesh.devices.flat[0].platform in ("gpu", "cuda")
+            attn_impl = "cudnn" if on_gpu else "xla"
+        if attn_impl not in ("xla", "cudnn"):
+            raise ValueError(f"attn_impl={attn_impl!r}; choose 'xla', 'cudnn' or None (auto)")
         self.ctx = TPContext(axis_name=axis_name, impl=impl, comm=comm, attn_impl=attn_impl)
         self._graphdef = nnx.split(abstract_model(cfg))[0]
         self._replicated = NamedSharding(mesh, P())
@@ -143,7 +148,7 @@ class TPModel:
         if isinstance(x, jax.Array):
             if x.ndim != ndim:
                 raise ValueError(f"{name} must have {ndim} dims, got shape {x.shape}")
-            return x.astype(jnp.int32)
+            return x if x.dtype == jnp.int32 else x.astype(jnp.int32)
         arr = np.asarray(x)
         if arr.ndim != ndim:
             raise ValueError(f"{name} must have {ndim} dims, got shape {arr.shape}")
