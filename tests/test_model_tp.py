@@ -80,6 +80,18 @@ def test_prefill_decode_match_full_forward(name, tp, tokens):
     np.testing.assert_array_equal(to_host(cache.lengths), lengths + 3)
 
 
+def test_odd_head_counts_tp_3_and_6():
+    """SmolLM2-like ratios (3 KV heads): tp=3 shards KV heads, tp=6 replicates them (2 ranks each)."""
+    cfg = get_preset("tiny-llama").replace(hidden_size=48, num_heads=6, num_kv_heads=3,
+                                            intermediate_size=96, vocab_size=192, tie_word_embeddings=True)
+    base = TPModel.random(cfg, make_mesh(1), seed=5)
+    toks = np.random.default_rng(3).integers(0, 192, (2, 5))
+    ref = to_host(base.logits(toks))
+    for tp in (3, 6):
+        got = to_host(TPModel(cfg, base.params, make_mesh(tp)).logits(toks))
+        np.testing.assert_allclose(got, ref, atol=ATOL, rtol=RTOL)
+
+
 def test_cache_layout_and_weight_sharding():
     cfg = get_preset("tiny-llama")  # 8 heads, 2 KV heads
     m = model("tiny-llama", 8)
