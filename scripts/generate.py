@@ -53,7 +53,9 @@ def parse_args(argv=None):
                         "SmolLM2-135M-Instruct)")
     p.add_argument("--random-model", default=None, metavar="PRESET",
                    help="random weights (seed 0) with a config preset (e.g. 'tiny-llama'); token-id prompts only")
-    p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: all devices)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="parameter dtype (default: the checkpoint's)")
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: as many devices as the head counts allow)")
     p.add_argument("--impl", default=None, choices=["auto", "xla", "p2p", "multimem"],
                    help="fused all-reduce+RMSNorm implementation (default: auto on GPU, xla on CPU)")
     p.add_argument("--no-warmup", action="store_true",
@@ -68,20 +70,43 @@ def log(msg: str) -> None:
     dist.print0(msg, file=sys.stderr)
 
 
-def load_model(args, mesh, impl):
+def pick_tp(cfg, requested, n_devices) -> int:
+    """--tp as given, else the most devices the model's head counts allow."""
+    if requested is not None:
+        cfg.check_tp(requested)
+        return requested
+    for tp in range(n_devices, 0, -1):
+        try:
+            cfg.check_tp(tp)
+            return tp
+        except ValueError:
+            continue
+    return 1
+
+
+def load_model(args, impl):
     """(model, tokenizer, is_instruct)."""
+    import jax
+    import jax.numpy as jnp
+    from jax_tokenweave.mesh import make_mesh
     from jax_tokenweave.runner import TPModel
-    axis = mesh.axis_names[0]
+    n = len(jax.devices())
     if args.random_model:
-        from jax_tokenweave.models import config as mconfig
-        cfg = mconfig.get_preset(args.random_model)
-        return TPModel.random(cfg, mesh, seed=0, axis_name=axis, impl=impl), None, False
+        from jax_tokenweave.models.config import get_preset
+        cfg = get_preset(args.random_model)
+        mesh = make_mesh(pick_tp(cfg, args.tp, n))
+        return TPModel.random(cfg, mesh, seed=0, axis_name=mesh.axis_names[0], impl=impl), None, False
+    from jax_tokenweave.checkpoint import load_checkpoint, load_config
     if args.checkpoint:
-        from jax_tokenweave.checkpoint import load_checkpoint
-        cfg, params, tokenizer = load_checkpoint(args.checkpoint, mesh, axis_name=axis)
+        path = args.checkpoint
     else:
         from jax_tokenweave import default_model
-        cfg, params, tokenizer = default_model.load_default_model(mesh, progress=log)
+        path = default_model.ensure_default_checkpoint(progress=dist.is_main_process())
+    cfg = load_config(path)
+    mesh = make_mesh(pick_tp(cfg, args.tp, n))
+    axis = mesh.axis_names[0]
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, None: None}[args.dtype]
+    cfg, params, tokenizer = load_checkpoint(path, mesh, axis_name=axis, dtype=dtype)
     model = TPModel(cfg, params, mesh, axis_name=axis, impl=impl)
     instruct = bool(getattr(tokenizer, "chat_template", None))
     return model, tokenizer, instruct
@@ -93,18 +118,15 @@ def main(argv=None) -> int:
 
     import jax
     from jax_tokenweave.generate import Generator, summary
-    from jax_tokenweave.mesh import make_mesh
     from jax_tokenweave.sampling import SamplingParams
 
     on_gpu = jax.devices()[0].platform == "gpu"
     impl = args.impl or ("auto" if on_gpu else "xla")
-    mesh = make_mesh(args.tp)
-    log(f"devices: {len(jax.devices())} x {jax.devices()[0].platform} over {jax.process_count()} "
-        f"process(es); tp={mesh.devices.size}; impl={impl}")
-
     t0 = time.perf_counter()
-    model, tokenizer, instruct = load_model(args, mesh, impl)
-    log(f"model loaded in {time.perf_counter() - t0:.1f} s")
+    model, tokenizer, instruct = load_model(args, impl)
+    log(f"model loaded in {time.perf_counter() - t0:.1f} s; {len(jax.devices())} "
+        f"{jax.devices()[0].platform} device(s) over {jax.process_count()} process(es); "
+        f"tp={model.tp}; impl={impl}; dtype={model.dtype}")
 
     if args.prompt_ids:
         prompts = [[int(t) for t in s.replace(" ", "").split(",") if t] for s in args.prompt_ids]

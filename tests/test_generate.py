@@ -203,3 +203,67 @@ def _cpu_env(devices):
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
     return env
+
+
+# ----------------------------------------------------------------------------- the default model
+
+@pytest.fixture(scope="module")
+def default_checkpoint():
+    from jax_tokenweave import default_model
+    try:
+        default_model.default_gguf_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    return default_model.ensure_default_checkpoint(progress=False)
+
+
+def test_default_model_greedy_matches_transformers(default_checkpoint):
+    """32 greedy steps of the default GGUF model at tp=3 agree with Hugging Face transformers
+    loading the same GGUF file (float32)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from jax_tokenweave import default_model
+    from jax_tokenweave.checkpoint import load_checkpoint
+
+    steps = 32
+    mesh = make_mesh(3)
+    cfg, params, tok = load_checkpoint(default_checkpoint, mesh)
+    gen = Generator(TPModel(cfg, params, mesh), tok)
+    prompts = ["Write a long story about a dragon who learns to bake bread.",
+               "List the planets of the solar system and describe each one."]
+    ids = [gen.encode_prompt(p, chat=True) for p in prompts]
+    ours = gen.generate(ids, max_new_tokens=steps, ignore_eos=True)
+
+    path = default_model.default_gguf_path()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
+    hf.eval()
+    for p, r in zip(ids, ours):
+        seq = torch.tensor([p])
+        out, past = [], None
+        with torch.no_grad():
+            for _ in range(steps):
+                o = hf(input_ids=seq if past is None else seq[:, -1:], past_key_values=past,
+                       use_cache=True)
+                past = o.past_key_values
+                nxt = int(o.logits[0, -1].argmax())
+                out.append(nxt)
+                seq = torch.cat([seq, torch.tensor([[nxt]])], dim=1)
+        assert r.tokens == out, (f"diverged at step "
+                                 f"{next(i for i, (a, b) in enumerate(zip(r.tokens, out)) if a != b)}:"
+                                 f"\nours: {tok.decode(r.tokens)!r}\nhf:   {tok.decode(out)!r}")
+        assert len(out) == steps
+
+
+def test_readme_command_generates_text(default_checkpoint):
+    """`python scripts/generate.py --prompt "..."` with no other flags, on one CPU device."""
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    env["JAX_PLATFORMS"] = "cpu"
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "generate.py"),
+                        "--prompt", "What is the capital of France? Answer in one sentence."],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "Paris" in p.stdout, p.stdout
+    for key in ("time to first token", "decode:", "tok/s"):
+        assert key in p.stderr
