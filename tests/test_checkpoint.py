@@ -299,3 +299,32 @@ def test_cli(single_file_dir, tmp_path):
     r = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "convert_hf.py"), "--hf-dir",
                         str(d), "--out", str(out)], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 1 and "already exists" in r.stderr
+
+
+def test_load_under_jax_distributed(tmp_path):
+    """Two processes (4 CPU devices each) restore one checkpoint onto a tp=8 mesh spanning both:
+    each reads only its own devices' shards."""
+    from jax_tokenweave.distributed import free_port
+    cfg = get_preset("tiny-llama")
+    rng = np.random.default_rng(5)
+    params = {k: rng.standard_normal(s).astype(np.float32) for k, s in hf_keys.param_shapes(cfg).items()}
+    out = save_params(tmp_path / "ck", cfg, params)
+    np.savez(tmp_path / "expected.npz", **params)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    coord = f"127.0.0.1:{free_port()}"
+    script = os.path.join(REPO, "tests", "_mp_load_checkpoint.py")
+    procs = [subprocess.Popen([sys.executable, script, coord, str(i), out, str(tmp_path / "expected.npz")],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=180)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    for i, (p, o) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"process {i} failed:\n{o[-4000:]}"
+        assert f"process {i}: {len(params)} params" in o
