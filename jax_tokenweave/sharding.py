@@ -21,6 +21,7 @@ RULES: dict[str, str | None] = {
     "ffn": TP,
     "embed": None,
     "head_dim": None,
+    "experts": None,  # Mixtral: every rank holds a 1/tp ffn slice of every expert; router replicated
 }
 
 

@@ -1,5 +1,5 @@
-"""Model configuration for the Llama family (Llama 3, Qwen2, SmolLM2): one frozen dataclass,
-a loader for Hugging Face ``config.json`` files and a few presets."""
+"""Model configuration for the Llama family (Llama 3, Qwen2, SmolLM2) and Mixtral: one frozen
+dataclass, a loader for Hugging Face ``config.json`` files and a few presets."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,7 +7,7 @@ import json
 import os
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mixtral")
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
 
@@ -37,11 +37,22 @@ class ModelConfig:
     attention_bias: bool = False
     max_position_embeddings: int = 4096
     model_type: str = "llama"
+    # Mixture of experts (Mixtral): experts per layer and experts each token is routed to; 0 for
+    # dense models. intermediate_size is then each expert's FFN width.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model_type {self.model_type!r} is not supported; supported: "
                              f"{SUPPORTED_MODEL_TYPES}")
+        if self.model_type == "mixtral":
+            if not 1 <= self.num_experts_per_tok <= self.num_experts:
+                raise ValueError(f"a mixtral config needs 1 <= num_experts_per_tok "
+                                 f"({self.num_experts_per_tok}) <= num_experts ({self.num_experts})")
+        elif self.num_experts or self.num_experts_per_tok:
+            raise ValueError(f"num_experts / num_experts_per_tok are for model_type 'mixtral'; "
+                             f"a {self.model_type} model is dense (set both to 0)")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                      "num_kv_heads", "head_dim"):
             if getattr(self, name) < 1:
@@ -119,6 +130,13 @@ def from_hf_config(path_or_dict: str | os.PathLike | dict) -> ModelConfig:
         raise ValueError("use_sliding_window=true is not supported; only full attention")
     if d.get("mlp_bias", False):
         raise ValueError("mlp_bias=true is not supported")
+    moe = {}
+    if model_type == "mixtral":
+        if d.get("sliding_window") is not None:
+            raise ValueError(f"sliding_window={d['sliding_window']} is not supported; only full "
+                             f"attention (Mixtral-8x22B and 8x7B-v0.1 have sliding_window null)")
+        moe = dict(num_experts=int(d.get("num_local_experts", 8)),
+                   num_experts_per_tok=int(d.get("num_experts_per_tok", 2)))
     theta, scaling = _rope_from_hf(d)
     heads = int(d["num_attention_heads"])
     head_dim = d.get("head_dim") or d["hidden_size"] // heads
@@ -131,7 +149,8 @@ def from_hf_config(path_or_dict: str | os.PathLike | dict) -> ModelConfig:
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         # Qwen2 always has q/k/v bias and its config has no attention_bias key.
         attention_bias=bool(d.get("attention_bias", model_type == "qwen2")),
-        max_position_embeddings=int(d.get("max_position_embeddings", 4096)), model_type=model_type)
+        max_position_embeddings=int(d.get("max_position_embeddings", 4096)), model_type=model_type,
+        **moe)
 
 
 _LLAMA3_ROPE = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
@@ -169,6 +188,18 @@ PRESETS: dict[str, ModelConfig] = {
         num_kv_heads=2, head_dim=8, rope_theta=1000000.0, rms_norm_eps=1e-6,
         tie_word_embeddings=True, attention_bias=True, max_position_embeddings=256,
         model_type="qwen2"),
+    # mistralai/Mixtral-8x22B-Instruct-v0.1 config.json (the base v0.1 has vocab_size 32000)
+    "mixtral-8x22b": ModelConfig(
+        vocab_size=32768, hidden_size=6144, intermediate_size=16384, num_layers=56, num_heads=48,
+        num_kv_heads=8, head_dim=128, rope_theta=1000000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, attention_bias=False, max_position_embeddings=65536,
+        model_type="mixtral", num_experts=8, num_experts_per_tok=2),
+    # Test shapes: 8 experts, top-2; expert width 64 splits 8 ways.
+    "tiny-mixtral": ModelConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=64, num_layers=2, num_heads=8,
+        num_kv_heads=2, head_dim=8, rope_theta=1000000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, attention_bias=False, max_position_embeddings=256,
+        model_type="mixtral", num_experts=8, num_experts_per_tok=2),
 }
 
 
@@ -194,4 +225,7 @@ def to_hf_dict(cfg: ModelConfig) -> dict[str, Any]:
     d["rope_parameters"] = rope
     if cfg.model_type == "llama":
         d["attention_bias"] = cfg.attention_bias
+    if cfg.model_type == "mixtral":
+        d.update(num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
+                 sliding_window=None)
     return d

@@ -1,5 +1,6 @@
 """Llama-family decoder (Llama 3, Qwen2, SmolLM2) as Flax NNX modules, written for TokenWeave's
-tensor-parallel layer schedule.
+tensor-parallel layer schedule. Mixtral is this decoder with a mixture-of-experts FFN
+(``make_ffn``, ``models/mixtral.py``).
 
 The module code runs *inside* ``shard_map`` and sees local shards: local head counts, the local
 vocabulary slice and the local FFN width come from parameter shapes, never from the config. Every
@@ -48,6 +49,7 @@ class TPContext:
     impl: str = "xla"          # fused_allreduce_rmsnorm implementation
     comm: Any = None           # Communicator for the CUDA implementations
     attn_impl: str = "xla"     # prefill attention: "xla" or "cudnn" (used for bf16/fp16 only)
+    moe_impl: str = "ragged"   # MoE grouped matmul (Mixtral): "ragged" or "capacity", see mixtral.py
 
 
 # ----------------------------------------------------------------------------------------- RoPE
@@ -208,11 +210,20 @@ class MLP(nnx.Module):
         self.up_proj = Proj((D, F), ("embed", "ffn"), rngs=rngs, dtype=dtype)
         self.down_proj = Proj((F, D), ("ffn", "embed"), rngs=rngs, dtype=dtype)
 
-    def __call__(self, x):
+    def __call__(self, x, ctx: TPContext | None = None):
         """SwiGLU on x [..., D] -> down_proj partial [..., D] (column- then row-parallel)."""
         gate = jnp.einsum("...d,df->...f", x, self.gate_proj.kernel[...])
         up = jnp.einsum("...d,df->...f", x, self.up_proj.kernel[...])
         return jnp.einsum("...f,fd->...d", jax.nn.silu(gate) * up, self.down_proj.kernel[...])
+
+
+def make_ffn(cfg: ModelConfig, *, rngs, dtype) -> nnx.Module:
+    """The layer's FFN block: dense SwiGLU, or Mixtral's mixture of experts when cfg.num_experts.
+    Either returns a partial sum over the tp shards, reduced by the same fused call."""
+    if cfg.num_experts:
+        from jax_tokenweave.models.mixtral import MoE  # late: mixtral.py imports this module
+        return MoE(cfg, rngs=rngs, dtype=dtype)
+    return MLP(cfg, rngs=rngs, dtype=dtype)
 
 
 class DecoderLayer(nnx.Module):
@@ -220,7 +231,7 @@ class DecoderLayer(nnx.Module):
         self.input_norm = RMSNorm(cfg.hidden_size, rngs=rngs, dtype=dtype)
         self.attn = Attention(cfg, rngs=rngs, dtype=dtype)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, rngs=rngs, dtype=dtype)
-        self.mlp = MLP(cfg, rngs=rngs, dtype=dtype)
+        self.mlp = make_ffn(cfg, rngs=rngs, dtype=dtype)
         self.eps = cfg.rms_norm_eps
 
     def __call__(self, x, residual, next_norm, cos, sin, *, ctx: TPContext, mode="full",
@@ -236,7 +247,7 @@ class DecoderLayer(nnx.Module):
         with jax.named_scope("fused_post_attn"):
             x, residual = fused(h.reshape(B * S, D), residual, self.post_attn_norm.weight[...])
         with jax.named_scope("mlp"):
-            h = self.mlp(x.reshape(B, S, D))
+            h = self.mlp(x.reshape(B, S, D), ctx)
         with jax.named_scope("fused_post_mlp"):
             x, residual = fused(h.reshape(B * S, D), residual, next_norm)
         return x.reshape(B, S, D), residual, cache
