@@ -27,6 +27,19 @@ from jax_tokenweave import cuda_ops
 _ids = itertools.count(1)
 
 
+def cuda_ordinal(d) -> int:
+    """The CUDA device ordinal of a local jax device (what the FFI handler sees as DeviceOrdinal)."""
+    if d.local_hardware_id is not None:
+        return int(d.local_hardware_id)
+    # jax.distributed(local_device_ids=[i]) restricts the process to CUDA devices i (and leaves
+    # local_hardware_id unset): map the device's local index onto that list.
+    vis = str(getattr(jax.config, "jax_cuda_visible_devices", "all"))
+    idx = jax.local_devices().index(d)
+    if vis and vis != "all":
+        return int(vis.split(",")[idx])
+    return idx
+
+
 class Communicator:
     _defaults: dict[str, "Communicator"] = {}
 
@@ -61,14 +74,14 @@ class Communicator:
         self.max_bytes = int(max_bytes)
         os_cap = min(self.max_bytes, max(self.oneshot_max_bytes, 1 << 16))
         layout = C.layout(self.max_bytes, os_cap, n)
-        sms = C.sm_count(devices[0].local_hardware_id)
+        sms = C.sm_count(cuda_ordinal(next(d for d in devices if d.process_index == jax.process_index())))
         self.ctas = int(ctas) if ctas else max(1, min(sms, C.MAX_CTAS))
         self.timeout_s = float(timeout_s)
         me = jax.process_index()
         local = [(r, d) for r, d in enumerate(devices) if d.process_index == me]
         self.local_ranks = [r for r, _ in local]
         multiprocess = len(local) < n
-        ords = {r: d.local_hardware_id for r, d in local}
+        ords = {r: cuda_ordinal(d) for r, d in local}
         ptrs = {r: C.alloc_workspace(ords[r], layout["total"]) for r in ords}
         self._owned = dict(ptrs)
         if not multiprocess:
@@ -129,7 +142,7 @@ class Communicator:
     def last_error(self):
         """Error records of the local ranks: {rank: (code, rank, missing_peer, call, block)}; code 0 = none."""
         C = cuda_ops.extension()
-        return {r: tuple(C.last_error(self.id, self.devices[r].local_hardware_id)) for r in self.local_ranks}
+        return {r: tuple(C.last_error(self.id, cuda_ordinal(self.devices[r]))) for r in self.local_ranks}
 
     def close(self):
         """Free the workspaces (after the device work that uses them has finished)."""

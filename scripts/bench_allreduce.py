@@ -27,6 +27,8 @@ os.environ.pop("JAX_TOKENWEAVE_ENABLE_MULTIMEM", None)
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
+
 ap = argparse.ArgumentParser()
 ap.add_argument("--out", default="bench/results")
 ap.add_argument("--tag", default=None)
@@ -116,7 +118,8 @@ if args.only_xla:
 import jax_tokenweave as jtw
 from jax_tokenweave import cuda_ops
 
-sms = cuda_ops.extension().sm_count(jax.devices()[0].local_hardware_id)
+from jax_tokenweave.communicator import cuda_ordinal
+sms = cuda_ops.extension().sm_count(cuda_ordinal(jax.local_devices()[0]))
 comm = jtw.Communicator(mesh, "tp", max_bytes=max(tokens) * max(hiddens) * 2 + (1 << 20), oneshot_max_bytes=4 << 20)
 
 ck = {}

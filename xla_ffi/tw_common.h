@@ -38,6 +38,8 @@ struct Params {
   uint64_t timeout_ns;        // spin-wait limit
   int* err;                   // host-mapped error record: {code, rank, missing peer, seq, block}
   size_t in_off, out_off, os_off, os_stride;
+  int dbg;                    // benchmarking only: bit 0 skips the push/copy-in phase, bit 1 the
+                              // pull phase, bit 2 the reduce+norm phase (results are then wrong)
 };
 
 }  // namespace tw

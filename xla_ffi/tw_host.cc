@@ -267,3 +267,65 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TwFusedAllReduceRMSNorm, tw::FusedImpl,
                                   .Attr<int64_t>("mode")
                                   .Attr<int64_t>("num_ranks")
                                   .Attr<int64_t>("transport"));
+
+namespace tw {
+// Benchmark helper, no XLA: launches the p2p kernel `iters` times on every local device of a
+// communicator (round-robin from this thread, so launches queue up) and returns the mean time per
+// call on each device, measured with CUDA events. Inputs are uninitialised-but-finite patterns.
+std::vector<double> bench_raw(int64_t comm_id, const std::vector<int>& ordinals, int64_t T, int64_t D, int mode, int ctas,
+                              int iters, int dbg) {
+  const int n = int(ordinals.size());
+  std::vector<DeviceState*> sts(n);
+  std::vector<cudaStream_t> streams(n);
+  std::vector<cudaEvent_t> e0(n), e1(n);
+  std::vector<Params> ps(n);
+  std::vector<void*> bufs;
+  for (int i = 0; i < n; ++i) {
+    std::string why;
+    sts[i] = find_state(comm_id, ordinals[i], &why);
+    if (!sts[i]) throw std::runtime_error(why);
+    DeviceState* st = sts[i];
+    DeviceGuard g(ordinals[i]);
+    check(cudaStreamCreateWithFlags(&streams[i], cudaStreamNonBlocking), "stream");
+    cudaEventCreate(&e0[i]); cudaEventCreate(&e1[i]);
+    const int64_t R = (T + st->n - 1) / st->n;
+    void *a, *b, *c, *gm;
+    check(cudaMalloc(&a, T * D * 2), "malloc"); check(cudaMalloc(&b, R * D * 2), "malloc");
+    check(cudaMalloc(&c, T * D * 2), "malloc"); check(cudaMalloc(&gm, D * 4), "malloc");
+    cudaMemset(a, 0x3c, T * D * 2); cudaMemset(b, 0x3c, R * D * 2); cudaMemset(gm, 0, D * 4);
+    bufs.insert(bufs.end(), {a, b, c, gm});
+    Params& p = ps[i];
+    p = Params{};
+    for (int r = 0; r < st->n; ++r) p.ws[r] = st->ws[r];
+    p.partial = a; p.residual = b; p.gamma = static_cast<float*>(gm); p.normed = c; p.residual_out = b;
+    p.T = T; p.D = D; p.R = R; p.N = st->n; p.rank = st->rank; p.eps = 1e-5f; p.timeout_ns = st->timeout_ns; p.err = st->err_dev;
+    p.in_off = st->layout.in_off; p.out_off = st->layout.out_off; p.os_off = st->layout.os_off; p.os_stride = st->layout.os_stride;
+    p.dbg = dbg;
+    check(cudaDeviceSynchronize(), "sync");
+  }
+  auto launch_all = [&](int k) {
+    for (int i = 0; i < n; ++i) {
+      DeviceGuard g(ordinals[i]);
+      ps[i].seq = sts[i]->seq.fetch_add(1);
+      check(launch_p2p(ps[i], kBF16, mode, ctas, streams[i]), "launch");
+    }
+  };
+  for (int k = 0; k < 5; ++k) launch_all(k);
+  for (int i = 0; i < n; ++i) { DeviceGuard g(ordinals[i]); cudaEventRecord(e0[i], streams[i]); }
+  for (int k = 0; k < iters; ++k) launch_all(k);
+  for (int i = 0; i < n; ++i) { DeviceGuard g(ordinals[i]); cudaEventRecord(e1[i], streams[i]); }
+  std::vector<double> out(n);
+  for (int i = 0; i < n; ++i) {
+    DeviceGuard g(ordinals[i]);
+    check(cudaEventSynchronize(e1[i]), "kernel (bench_raw)");
+    float ms = 0; cudaEventElapsedTime(&ms, e0[i], e1[i]);
+    out[i] = ms * 1e3 / iters;
+  }
+  for (int i = 0; i < n; ++i) {
+    DeviceGuard g(ordinals[i]);
+    for (int j = 0; j < 4; ++j) cudaFree(bufs[4 * i + j]);
+    cudaStreamDestroy(streams[i]); cudaEventDestroy(e0[i]); cudaEventDestroy(e1[i]);
+  }
+  return out;
+}
+}  // namespace tw

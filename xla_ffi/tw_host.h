@@ -58,5 +58,7 @@ void register_rank(int64_t comm_id, int ordinal, int rank, int n, const std::vec
 void destroy_comm(int64_t comm_id);
 std::vector<int> last_error(int64_t comm_id, int ordinal);
 void set_multimem(int64_t comm_id, int ordinal, uintptr_t mc, uintptr_t uc, size_t in_off, size_t out_off, size_t cap);
+std::vector<double> bench_raw(int64_t comm_id, const std::vector<int>& ordinals, int64_t T, int64_t D, int mode, int ctas,
+                              int iters, int dbg);
 
 }  // namespace tw

@@ -256,7 +256,7 @@ __global__ void __launch_bounds__(kThreads) twoshot_kernel(const Params p) {
   char* my_ws = static_cast<char*>(p.ws[p.rank]);
 
   // Phase 1: rows [o*R + r0, o*R + r1) of our partial -> owner o's input slot [rank].
-  copy_items<kUnroll>(uint32_t(p.N - 1) * per, [&](uint32_t idx, const void*& s, void*& d) {
+  copy_items<kUnroll>((p.dbg & 1) ? 0u : uint32_t(p.N - 1) * per, [&](uint32_t idx, const void*& s, void*& d) {
     const uint32_t k = idx / per, rem = idx - k * per, i = r0 + rem / V, v = rem % V;
     const int o = int(k) + (int(k) >= p.rank);
     const uint32_t g = uint32_t(o) * R + i;
@@ -268,7 +268,7 @@ __global__ void __launch_bounds__(kThreads) twoshot_kernel(const Params p) {
   block_barrier(p, p.seq * 4u + 1u);  // inputs of our rows from every peer's block b are visible
 
   // Phase 2: our rows [r0, r1): sum in rank order, add residual, norm, write result + workspace.
-  for (uint32_t i = r0; i < r1; ++i) {
+  for (uint32_t i = r0; i < ((p.dbg & 4) ? r0 : r1); ++i) {
     const uint32_t g = uint32_t(p.rank) * R + i;
     const char* res = static_cast<const char*>(p.residual) + i * rb;
     char* rout = static_cast<char*>(p.residual_out) + i * rb;
@@ -286,7 +286,7 @@ __global__ void __launch_bounds__(kThreads) twoshot_kernel(const Params p) {
   block_barrier(p, p.seq * 4u + 2u);  // every owner's normalised rows [r0, r1) are visible
 
   // Phase 3: pull the other owners' normalised rows [r0, r1) into our result.
-  copy_items<kUnroll>(uint32_t(p.N - 1) * per, [&](uint32_t idx, const void*& s, void*& d) {
+  copy_items<kUnroll>((p.dbg & 2) ? 0u : uint32_t(p.N - 1) * per, [&](uint32_t idx, const void*& s, void*& d) {
     const uint32_t k = idx / per, rem = idx - k * per, i = r0 + rem / V, v = rem % V;
     const int o = int(k) + (int(k) >= p.rank);
     const uint32_t g = uint32_t(o) * R + i;
@@ -321,7 +321,7 @@ __global__ void __launch_bounds__(kThreads) oneshot_kernel(const Params p) {
   };
 
   // Phase 1: partial rows [j0, j1) and our residual rows inside [j0, j1) -> every peer's slot [rank].
-  copy_items<kUnroll>(uint32_t(p.N - 1) * per, [&](uint32_t idx, const void*& s, void*& d) {
+  copy_items<kUnroll>((p.dbg & 1) ? 0u : uint32_t(p.N - 1) * per, [&](uint32_t idx, const void*& s, void*& d) {
     const uint32_t k = idx / per, rem = idx - k * per, q = rem / V, v = rem % V;
     const int o = int(k) + (int(k) >= p.rank);
     if (q < nj) {
@@ -338,7 +338,7 @@ __global__ void __launch_bounds__(kThreads) oneshot_kernel(const Params p) {
   block_barrier(p, p.seq * 4u + 1u);  // every peer's rows [j0, j1) (and their residuals) are visible
 
   // Phase 2: rows [j0, j1), everyone computes them identically.
-  for (uint32_t g = j0; g < j1; ++g) {
+  for (uint32_t g = j0; g < ((p.dbg & 4) ? j0 : j1); ++g) {
     const int o = int(g / R);
     const uint32_t i = g - uint32_t(o) * R;
     const char* src[NR];

@@ -43,6 +43,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("register_rank", &tw::register_rank);
   m.def("destroy_comm", &tw::destroy_comm);
   m.def("last_error", &tw::last_error);
+  m.def("bench_raw", &tw::bench_raw);
   m.def("check_multimem_allowed", &tw::check_multimem_allowed);
   m.def("multimem_setup", [](int64_t comm_id, const std::vector<int>& ordinals, size_t cap) {
     tw::MulticastRegion r = tw::multimem_setup(tw::real_driver_api(), ordinals, cap);

@@ -1,0 +1,26 @@
+"""Kernel-only timing of the p2p fused kernel (no XLA in the loop): CUDA events around `iters`
+launches queued on every GPU. --phases also times variants with phases switched off (wrong
+results, timing only) to see where the time goes."""
+import os, sys
+for k, v in (("NCCL_NVLS_ENABLE", "0"), ("NVSHMEM_DISABLE_NVLS", "1"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")):
+    os.environ[k] = v
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax_tokenweave as jtw
+from jax_tokenweave import cuda_ops
+from jax_tokenweave.communicator import cuda_ordinal
+from jax_tokenweave.mesh import make_mesh
+
+n = jax.device_count()
+comm = jtw.Communicator(make_mesh(n), "tp", max_bytes=64 << 20, oneshot_max_bytes=4 << 20)
+C = cuda_ops.extension()
+ords = [cuda_ordinal(d) for d in comm.devices]
+print(f"raw kernel timing, {n} ranks, bf16, us per call (max over GPUs)")
+for T, D, mode, ctas in [(16, 8192, 1, 16), (16, 8192, 2, 132), (64, 8192, 1, 64), (64, 8192, 2, 132), (256, 8192, 2, 132),
+                         (1024, 8192, 2, 132), (1024, 8192, 2, 64), (1024, 8192, 2, 32), (4096, 8192, 2, 132)]:
+    res = {}
+    for name, dbg in (("full", 0), ("no_push", 1), ("no_pull", 2), ("no_norm", 4), ("barriers_only", 7)):
+        if name != "full" and "--phases" not in sys.argv:
+            continue
+        res[name] = max(C.bench_raw(comm.id, ords, T, D, mode, ctas, 50, dbg))
+    print(f"T={T:5d} D={D} {'oneshot' if mode == 1 else 'twoshot'} ctas={ctas:3d}: " + "  ".join(f"{k} {v:7.1f}" for k, v in res.items()), flush=True)
