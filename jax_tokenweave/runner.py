@@ -54,10 +54,13 @@ class TPModel:
     impl / comm: the fused_allreduce_rmsnorm implementation and its Communicator.
     attn_impl: prefill attention, "xla" or "cudnn"; None picks cuDNN on GPU meshes (used there
     for bf16/fp16 weights only) and XLA elsewhere. Decode attention always uses XLA.
+    split: TokenWeave's token splitting for logits/prefill (jax_tokenweave.weave): None (off), a
+    weave.SplitConfig, or "auto" (this model's entry of weave.WEAVE_TABLE). Decode is never split.
     """
 
     def __init__(self, cfg: ModelConfig, params, mesh: Mesh, *, axis_name: str = "tp",
-                 impl: str = "xla", comm=None, attn_impl: str | None = None, dtype=None):
+                 impl: str = "xla", comm=None, attn_impl: str | None = None, dtype=None,
+                 split=None):
         self.cfg, self.mesh, self.axis_name = cfg, mesh, axis_name
         self.impl, self.comm = impl, comm
         self._shardings = param_shardings(cfg, mesh, axis_name)  # raises on non-dividing shapes
@@ -76,7 +79,14 @@ class TPModel:
             attn_impl = "cudnn" if on_gpu else "xla"
         if attn_impl not in ("xla", "cudnn"):
             raise ValueError(f"attn_impl={attn_impl!r}; choose 'xla', 'cudnn' or None (auto)")
-        self.ctx = TPContext(axis_name=axis_name, impl=impl, comm=comm, attn_impl=attn_impl)
+        if isinstance(split, str):
+            if split != "auto":
+                raise ValueError(f"split={split!r}; pass None, 'auto' or a weave.SplitConfig")
+            from jax_tokenweave.weave import config_for
+            split = config_for(cfg, self.tp)
+        self.split = split
+        self.ctx = TPContext(axis_name=axis_name, impl=impl, comm=comm, attn_impl=attn_impl,
+                             split=split)
         self._graphdef = nnx.split(abstract_model(cfg))[0]
         self._replicated = NamedSharding(mesh, P())
         self._build()

@@ -50,6 +50,8 @@ class TPContext:
     comm: Any = None           # Communicator for the CUDA implementations
     attn_impl: str = "xla"     # prefill attention: "xla" or "cudnn" (used for bf16/fp16 only)
     moe_impl: str = "ragged"   # MoE grouped matmul (Mixtral): "ragged" or "capacity", see mixtral.py
+    split: Any = None          # weave.SplitConfig: split big full/prefill batches in two and
+                               # overlap one half's fused call with the other's compute (weave.py)
 
 
 # ----------------------------------------------------------------------------------------- RoPE
@@ -268,6 +270,12 @@ class Llama(nnx.Module):
         """tokens, positions [B, S] -> (final normed hidden [B, S, D] (replicated), cache)."""
         cfg = self.cfg
         B, S = tokens.shape
+        if ctx.split is not None and mode in ("full", "prefill"):
+            from jax_tokenweave import weave  # late: weave.py imports this module
+            plan = weave.plan_split(B, S, ctx.split)
+            if plan is not None:  # below the threshold: the unsplit path below
+                return weave.weave_forward(self, tokens, positions, plan, ctx=ctx, mode=mode,
+                                           cache=cache)
         T, D = B * S, cfg.hidden_size
         with jax.named_scope("embed"):
             partial = self.embed_tokens(tokens.reshape(T), ctx)
