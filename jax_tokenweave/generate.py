@@ -123,6 +123,22 @@ def _stop_ids_of(tokenizer) -> set[int]:
     return {int(i) for i in ids}
 
 
+def encode_prompt(tokenizer, prompt: str | Sequence[int], *, chat: bool = False,
+                  system: str | None = None) -> list[int]:
+    """Token ids of a prompt: a string (through the chat template when `chat`, which brings its
+    own BOS if the model wants one; else with the tokenizer's default BOS) or ids as they are."""
+    if not isinstance(prompt, str):
+        return [int(t) for t in prompt]
+    if tokenizer is None:
+        raise ValueError("a text prompt needs a tokenizer; pass token ids instead")
+    if chat:
+        msgs = ([{"role": "system", "content": system}] if system else []) + \
+               [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
+        return list(tokenizer.encode(text, add_bos=False))
+    return list(tokenizer.encode(prompt))
+
+
 class GenerationStream:
     """Iterator of TextDelta; `results` holds the GenerationResults once it is exhausted."""
 
@@ -166,22 +182,7 @@ class Generator:
     def encode_prompt(self, prompt: str | Sequence[int], *, chat: bool = False,
                       system: str | None = None) -> list[int]:
         """Token ids of a prompt: a string (through the chat template when `chat`) or ids as-is."""
-        if not isinstance(prompt, str):
-            return [int(t) for t in prompt]
-        if self.tokenizer is None:
-            raise ValueError("a text prompt needs a tokenizer; pass token ids instead")
-        if chat:
-            msgs = ([{"role": "system", "content": system}] if system else []) + \
-                   [{"role": "user", "content": prompt}]
-            text = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
-            return list(self._encode(text, add_bos=False))
-        return list(self._encode(prompt, add_bos=None))   # the tokenizer's own default
-
-    def _encode(self, text, add_bos):
-        try:
-            return self.tokenizer.encode(text, add_bos=add_bos)
-        except TypeError:
-            return self.tokenizer.encode(text)
+        return encode_prompt(self.tokenizer, prompt, chat=chat, system=system)
 
     # ---------------------------------------------------------------- shapes
     def plan(self, prompt_lens: Sequence[int], max_new_tokens: int) -> tuple[int, int, int]:
@@ -358,5 +359,5 @@ def generate(model, tokenizer, prompts, **kwargs) -> list[GenerationResult]:
     return Generator(model, tokenizer, **gen_kw).generate(prompts, **kwargs)
 
 
-__all__ = ["Generator", "GenerationResult", "GenerationStream", "TextDelta", "IncrementalDetokenizer",
+__all__ = ["Generator", "encode_prompt", "GenerationResult", "GenerationStream", "TextDelta", "IncrementalDetokenizer",
            "generate", "summary", "bucket_len", "bucket_batch", "SamplingParams"]

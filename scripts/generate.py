@@ -84,18 +84,19 @@ def pick_tp(cfg, requested, n_devices) -> int:
     return 1
 
 
-def load_model(args, impl):
-    """(model, tokenizer, is_instruct)."""
+def load_weights(args):
+    """(cfg, params, tokenizer, mesh): the checkpoint (or random weights) placed on the mesh."""
     import jax
     import jax.numpy as jnp
     from jax_tokenweave.mesh import make_mesh
-    from jax_tokenweave.runner import TPModel
     n = len(jax.devices())
     if args.random_model:
         from jax_tokenweave.models.config import get_preset
+        from jax_tokenweave.runner import TPModel
         cfg = get_preset(args.random_model)
         mesh = make_mesh(pick_tp(cfg, args.tp, n))
-        return TPModel.random(cfg, mesh, seed=0, axis_name=mesh.axis_names[0], impl=impl), None, False
+        m = TPModel.random(cfg, mesh, seed=0, axis_name=mesh.axis_names[0])
+        return cfg, m.params, None, mesh
     from jax_tokenweave.checkpoint import load_checkpoint, load_config
     if args.checkpoint:
         path = args.checkpoint
@@ -104,12 +105,27 @@ def load_model(args, impl):
         path = default_model.ensure_default_checkpoint(progress=dist.is_main_process())
     cfg = load_config(path)
     mesh = make_mesh(pick_tp(cfg, args.tp, n))
-    axis = mesh.axis_names[0]
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, None: None}[args.dtype]
-    cfg, params, tokenizer = load_checkpoint(path, mesh, axis_name=axis, dtype=dtype)
-    model = TPModel(cfg, params, mesh, axis_name=axis, impl=impl)
-    instruct = bool(getattr(tokenizer, "chat_template", None))
-    return model, tokenizer, instruct
+    cfg, params, tokenizer = load_checkpoint(path, mesh, axis_name=mesh.axis_names[0], dtype=dtype)
+    return cfg, params, tokenizer, mesh
+
+
+def make_comm(impl, mesh, max_tokens, hidden, itemsize):
+    """(impl, Communicator or None): on GPU the fused op's CUDA path, when the extension is built."""
+    import jax
+    if impl == "xla" or jax.devices()[0].platform != "gpu":
+        return "xla" if impl == "auto" else impl, None
+    from jax_tokenweave import cuda_ops
+    if not cuda_ops.available():
+        if impl == "auto":
+            log("CUDA extension not built: using impl=xla (see BUILD.md)")
+            return "xla", None
+        cuda_ops.extension()  # raises with the reason
+    from jax_tokenweave.communicator import Communicator
+    tp = mesh.devices.size
+    rows = -(-max_tokens // tp) * tp
+    max_bytes = max(rows * hidden * itemsize, 1 << 20)
+    return impl, Communicator(mesh, mesh.axis_names[0], max_bytes=max_bytes)
 
 
 def main(argv=None) -> int:
@@ -117,16 +133,14 @@ def main(argv=None) -> int:
     dist.initialize_from_args(args)
 
     import jax
-    from jax_tokenweave.generate import Generator, summary
+    from jax_tokenweave.generate import Generator, bucket_batch, bucket_len, encode_prompt, summary
+    from jax_tokenweave.runner import TPModel
     from jax_tokenweave.sampling import SamplingParams
 
     on_gpu = jax.devices()[0].platform == "gpu"
     impl = args.impl or ("auto" if on_gpu else "xla")
     t0 = time.perf_counter()
-    model, tokenizer, instruct = load_model(args, impl)
-    log(f"model loaded in {time.perf_counter() - t0:.1f} s; {len(jax.devices())} "
-        f"{jax.devices()[0].platform} device(s) over {jax.process_count()} process(es); "
-        f"tp={model.tp}; impl={impl}; dtype={model.dtype}")
+    cfg, params, tokenizer, mesh = load_weights(args)
 
     if args.prompt_ids:
         prompts = [[int(t) for t in s.replace(" ", "").split(",") if t] for s in args.prompt_ids]
@@ -135,12 +149,22 @@ def main(argv=None) -> int:
         if tokenizer is None:
             raise SystemExit("this model has no tokenizer: pass --prompt-ids")
         prompts = args.prompt or ["Hello! Tell me a short fact about the ocean."]
+        instruct = bool(getattr(tokenizer, "chat_template", None))
         chat = instruct if args.chat is None else args.chat
+    ids = [encode_prompt(tokenizer, p, chat=chat, system=args.system) for p in prompts]
+
+    # the largest fused all-reduce message is the prefill of the padded batch
+    B, S = bucket_batch(len(ids)), bucket_len(max(len(x) for x in ids))
+    itemsize = jax.numpy.dtype(params["embed_tokens.embedding"].dtype).itemsize
+    impl, comm = make_comm(impl, mesh, B * S, cfg.hidden_size, itemsize)
+    model = TPModel(cfg, params, mesh, axis_name=mesh.axis_names[0], impl=impl, comm=comm)
+    log(f"model loaded in {time.perf_counter() - t0:.1f} s; {len(jax.devices())} "
+        f"{jax.devices()[0].platform} device(s) over {jax.process_count()} process(es); "
+        f"tp={model.tp}; impl={impl}; dtype={model.dtype}")
 
     gen = Generator(model, tokenizer, max_cache_len=args.max_cache_len)
     sampling = [SamplingParams(args.temperature, args.top_k, args.top_p, args.seed + i)
                 for i in range(len(prompts))]
-    ids = [gen.encode_prompt(p, chat=chat, system=args.system) for p in prompts]
 
     compile_s = None
     if not args.no_warmup:
@@ -174,6 +198,8 @@ def main(argv=None) -> int:
                            "devices": len(jax.devices()), "processes": jax.process_count(),
                            "impl": impl, "compile_s": compile_s}, f)
     dist.sync("generate-done")
+    if comm is not None:
+        comm.close()
     return 0
 
 
