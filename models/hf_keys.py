@@ -1,5 +1,12 @@
 """Hugging Face checkpoint keys <-> our parameter paths, one tensor at a time (so conversion can
-stream). HF stores torch Linear weights as [out, in]; ours are [in, out] with heads split out."""
+stream). HF stores torch Linear weights as [out, in]; ours are [in, out] with heads split out.
+
+Mixtral checkpoints store each expert's weights as its own tensor
+(``model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight``), while our experts are stacked
+(``layers.{i}.mlp.experts.w1`` [E, D, F]). Such a key maps to a *slot*: our path plus the index on
+the stacked axis (``hf_to_slice``). ``ParamAssembler`` collects the slices of a stacked parameter
+and hands out the whole parameter as soon as its last expert arrives, so a converter still sees
+one whole parameter at a time (memory: one stacked parameter per stack in flight)."""
 from __future__ import annotations
 
 import functools
@@ -59,7 +66,18 @@ _TABLE: list[tuple[re.Pattern, str, Callable[[ModelConfig, np.ndarray], np.ndarr
     (re.compile(_LAYER + r"mlp\.gate_proj\.weight"), "layers.{0}.mlp.gate_proj.kernel", _T),
     (re.compile(_LAYER + r"mlp\.up_proj\.weight"), "layers.{0}.mlp.up_proj.kernel", _T),
     (re.compile(_LAYER + r"mlp\.down_proj\.weight"), "layers.{0}.mlp.down_proj.kernel", _T),
+    # Mixtral router: torch [E, D] -> ours [D, E]
+    (re.compile(_LAYER + r"block_sparse_moe\.gate\.weight"), "layers.{0}.mlp.gate.kernel", _T),
 ]
+
+# Per-expert tensors -> one slice [e] of a stacked parameter: (HF key regex with groups (layer,
+# expert), our path template, transform of the one expert's tensor into its slice).
+_STACKED: list[tuple[re.Pattern, str, Callable[[ModelConfig, np.ndarray], np.ndarray]]] = [
+    # w1 (gate) / w3 (up): torch [F, D] -> [D, F];  w2 (down): torch [D, F] -> [F, D]
+    (re.compile(_LAYER + r"block_sparse_moe\.experts\.(\d+)\.w([123])\.weight"),
+     "layers.{0}.mlp.experts.w{2}", _T),
+]
+_STACKED_PATH = re.compile(r"layers\.(\d+)\.mlp\.experts\.w([123])")
 
 # Buffers that are not parameters (old checkpoints store RoPE's inv_freq).
 _IGNORED = re.compile(_LAYER + r"self_attn\.rotary_emb\.inv_freq|model\.rotary_emb\.inv_freq")
@@ -73,11 +91,107 @@ def is_ignored(cfg: ModelConfig, hf_key: str) -> bool:
     return cfg.tie_word_embeddings and hf_key == "lm_head.weight"
 
 
+def stacked_slot(cfg: ModelConfig, hf_key: str, shape) -> tuple[str, int] | None:
+    """(our stacked path, index) for a per-expert HF key, checked against `shape` without reading
+    data; None for keys that are not per-expert. Raises ValueError for slots the model lacks and
+    for wrong shapes."""
+    for pattern, template, transform in _STACKED:
+        m = pattern.fullmatch(hf_key)
+        if m is None:
+            continue
+        layer, expert, which = m.groups()
+        path, index = template.format(layer, expert, which), int(expert)
+        shapes = _shapes(cfg)
+        if path not in shapes or index >= shapes[path][0]:
+            raise ValueError(f"HF key {hf_key!r} maps to expert {index} of {path!r}, which this "
+                             f"model does not have (num_layers={cfg.num_layers}, "
+                             f"num_experts={cfg.num_experts}); wrong config?")
+        want = shapes[path][1:]
+        shape = tuple(shape)
+        got = tuple(transform(cfg, np.empty(shape, np.bool_)).shape) if len(shape) == 2 else None
+        if got != want:
+            raise ValueError(f"HF key {hf_key!r}: got shape {shape}, which does not give one "
+                             f"expert's slice {want} of {path!r}; does the config match the "
+                             f"checkpoint?")
+        return path, index
+    return None
+
+
+def expected_slots(cfg: ModelConfig) -> set:
+    """What a complete checkpoint provides: our path for whole parameters, (path, index) for each
+    expert of a stacked parameter."""
+    out: set = set()
+    for path, shape in _shapes(cfg).items():
+        if _STACKED_PATH.fullmatch(path):
+            out.update((path, e) for e in range(shape[0]))
+        else:
+            out.add(path)
+    return out
+
+
+def slot_hf_name(slot) -> str | None:
+    """The HF key that feeds a (path, index) slot of a stacked parameter, else None."""
+    if isinstance(slot, tuple):
+        m = _STACKED_PATH.fullmatch(slot[0])
+        if m:
+            return f"model.layers.{m.group(1)}.block_sparse_moe.experts.{slot[1]}.w{m.group(2)}.weight"
+    return None
+
+
+def hf_to_slice(cfg: ModelConfig, hf_key: str, tensor: np.ndarray
+                ) -> tuple[str, int | None, np.ndarray] | None:
+    """One HF tensor -> (our path, index, array): index None for a whole parameter, else the
+    position of this slice on the stacked (experts) axis. None for ignored keys."""
+    slot = stacked_slot(cfg, hf_key, np.shape(tensor))
+    if slot is not None:
+        _, transform = next((t, f) for p, t, f in _STACKED if p.fullmatch(hf_key))
+        return slot[0], slot[1], np.ascontiguousarray(transform(cfg, np.asarray(tensor)))
+    out = hf_to_param(cfg, hf_key, tensor)
+    return None if out is None else (out[0], None, out[1])
+
+
+class ParamAssembler:
+    """Turns a stream of HF tensors into whole parameters: ``add`` returns (path, array) for a
+    whole parameter, or for a stacked one once all its slices have arrived, else None."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+        self._partial: dict[str, tuple[np.ndarray, set[int]]] = {}
+
+    def add(self, hf_key: str, tensor: np.ndarray) -> tuple[str, np.ndarray] | None:
+        res = hf_to_slice(self.cfg, hf_key, tensor)
+        if res is None:
+            return None
+        path, index, arr = res
+        if index is None:
+            return path, arr
+        shape = _shapes(self.cfg)[path]
+        buf, seen = self._partial.setdefault(path, (np.empty(shape, arr.dtype), set()))
+        if index in seen:
+            raise ValueError(f"HF key {hf_key!r}: expert {index} of {path!r} was given twice")
+        buf[index] = arr
+        seen.add(index)
+        if len(seen) < shape[0]:
+            return None
+        del self._partial[path]
+        return path, buf
+
+    def check_done(self) -> None:
+        """Raise ValueError naming the experts still missing from incomplete stacked parameters."""
+        if self._partial:
+            missing = {p: sorted(set(range(b.shape[0])) - s) for p, (b, s) in self._partial.items()}
+            raise ValueError(f"incomplete stacked parameters, missing experts: {missing}")
+
+
 def hf_to_param(cfg: ModelConfig, hf_key: str, tensor: np.ndarray) -> tuple[str, np.ndarray] | None:
     """One HF tensor (torch layout) -> (our path, array in our layout); None for ignored keys
-    (see is_ignored). Raises ValueError naming the key for unknown keys and wrong shapes."""
+    (see is_ignored). Raises ValueError naming the key for unknown keys and wrong shapes.
+    Per-expert Mixtral tensors are slices, not parameters: use hf_to_slice / ParamAssembler."""
     if is_ignored(cfg, hf_key):
         return None
+    if any(p.fullmatch(hf_key) for p, _, _ in _STACKED):
+        raise ValueError(f"HF key {hf_key!r} is one expert's slice of a stacked parameter; convert "
+                         f"it with hf_to_slice or ParamAssembler")
     shapes = _shapes(cfg)
     for pattern, template, transform in _TABLE:
         m = pattern.fullmatch(hf_key)
@@ -86,7 +200,8 @@ def hf_to_param(cfg: ModelConfig, hf_key: str, tensor: np.ndarray) -> tuple[str,
         path = template.format(*m.groups())
         if path not in shapes:
             raise ValueError(f"HF key {hf_key!r} maps to {path!r}, which this model does not have "
-                             f"(num_layers={cfg.num_layers}, attention_bias={cfg.attention_bias}, "
+                             f"(model_type={cfg.model_type}, num_layers={cfg.num_layers}, "
+                             f"attention_bias={cfg.attention_bias}, "
                              f"tie_word_embeddings={cfg.tie_word_embeddings}); wrong config?")
         expected = shapes[path]
         tensor = np.asarray(tensor)
