@@ -137,7 +137,10 @@ def split_point(num_tokens: int, cfg: SplitConfig | None) -> int | None:
     """Tokens in half 0, or None when the batch is not split (below threshold or no config)."""
     if cfg is None or num_tokens < cfg.threshold or num_tokens < 2:
         return None
-    t0 = int(round(num_tokens / 2 / cfg.tile)) * cfg.tile + cfg.offset_for(num_tokens)
+    half = int(num_tokens / 2 / cfg.tile + 0.5) * cfg.tile   # nearest tile multiple, half up
+    if not 0 < half < num_tokens:                              # batch smaller than ~a tile
+        half = num_tokens // 2
+    t0 = half + cfg.offset_for(num_tokens)
     return min(max(t0, 1), num_tokens - 1)
 
 
@@ -178,12 +181,12 @@ def plan_split(batch: int, seq: int, cfg: SplitConfig | None) -> SplitPlan | Non
     if t0 is None:
         return None
     if batch >= 2:
-        b = min(max(int(round(t0 / seq)), 1), batch - 1)
+        b = min(max(int(t0 / seq + 0.5), 1), batch - 1)
         if abs(b * seq - t0) <= max(cfg.tile, cfg.max_imbalance * T):
             return SplitPlan("batch", b, batch, seq)
     if seq < 2:
         return None
-    s0 = min(max(int(round(t0 / batch)), 1), seq - 1)
+    s0 = min(max(int(t0 / batch + 0.5), 1), seq - 1)
     return SplitPlan("seq", s0, batch, seq)
 
 
