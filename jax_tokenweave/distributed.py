@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 
 import jax
 import numpy as np
@@ -93,6 +94,9 @@ def maybe_initialize(coordinator: str | None = None, num_processes: int | None =
         if local_device_id is None:
             local_device_id = process_id % _local_gpu_count()
         kwargs["local_device_ids"] = [local_device_id]
+    if process_id == 0:
+        print(f"jax.distributed: {num_processes} processes, coordinator {coordinator}; waiting up to "
+              f"{timeout_s} s for all to join", file=sys.stderr, flush=True)
     try:
         jax.distributed.initialize(**kwargs)
     except TypeError:  # an older/newer jax without some of the timeout keywords

@@ -86,3 +86,23 @@ def test_missing_process_is_an_error_not_a_hang(tmp_path):
                        env=_env(2, JAX_DISTRIBUTED_TIMEOUT="5"), capture_output=True, text=True,
                        timeout=120)
     assert p.returncode != 0
+    assert "waiting up to 5 s" in p.stderr and "DEADLINE_EXCEEDED" in p.stderr
+
+
+def test_maybe_initialize_settings(monkeypatch):
+    from jax_tokenweave import distributed as dist
+    for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(k, raising=False)
+    assert dist.maybe_initialize() is False                      # nothing set: single process
+    assert dist.maybe_initialize(num_processes=1) is False
+    with pytest.raises(ValueError, match="coordinator"):
+        dist.maybe_initialize(num_processes=2, process_id=0)
+    with pytest.raises(ValueError, match="number of processes"):
+        dist.maybe_initialize(coordinator="127.0.0.1:1")
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    with pytest.raises(ValueError, match="process's id"):
+        dist.maybe_initialize()
+    monkeypatch.setenv("JAX_PROCESS_ID", "2")
+    with pytest.raises(ValueError, match="outside 0..1"):
+        dist.maybe_initialize()
