@@ -82,7 +82,7 @@ def test_hf_config_file(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(model_type="gpt2"), r"model_type 'gpt2'; jax_tokenweave supports \('llama', 'qwen2'\)"),
+    (dict(model_type="gpt2"), r"model_type 'gpt2'; jax_tokenweave supports \('llama', 'qwen2'"),
     (dict(rope_scaling=dict(rope_type="yarn", factor=4.0)), r"rope type 'yarn' is not supported"),
     (dict(rope_scaling=dict(rope_type="llama3", factor=8.0)), r"llama3 rope scaling is missing"),
     (dict(hidden_act="gelu"), r"hidden_act 'gelu' is not supported"),
