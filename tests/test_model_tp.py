@@ -130,3 +130,23 @@ def test_random_init_is_sharded_per_device():
     assert q.addressable_shards[0].data.shape == (2, 8)
     assert "lm_head.kernel" not in m.params  # tied embeddings
     assert jax.tree.all(jax.tree.map(lambda a: bool(jnp.isfinite(a).all()), m.params))
+
+
+def test_state_flat_roundtrip():
+    """hf_keys.state_to_flat / flat_to_state move between the NNX state and our flat dict."""
+    from flax import nnx
+    from jax_tokenweave.models import Llama
+    from jax_tokenweave.models.hf_keys import flat_to_state, param_shapes, state_to_flat
+
+    cfg = get_preset("tiny-qwen2")
+    module = Llama(cfg, rngs=nnx.Rngs(params=0))
+    flat = state_to_flat(module)
+    assert {k: tuple(v.shape) for k, v in flat.items()} == param_shapes(cfg)
+    doubled = {k: 2 * v for k, v in flat.items()}
+    nnx.update(module, flat_to_state(module, doubled))
+    np.testing.assert_array_equal(module.layers[1].attn.k_proj.bias[...], doubled["layers.1.attn.k_proj.bias"])
+    graphdef, _ = nnx.split(module)
+    merged = nnx.merge(graphdef, flat_to_state(graphdef, flat))
+    np.testing.assert_array_equal(merged.embed_tokens.embedding[...], flat["embed_tokens.embedding"])
+    with pytest.raises(ValueError, match=r"missing \['final_norm.weight'\]"):
+        flat_to_state(module, {k: v for k, v in flat.items() if k != "final_norm.weight"})
