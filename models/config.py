@@ -123,7 +123,7 @@ def from_hf_config(path_or_dict: str | os.PathLike | dict) -> ModelConfig:
     model_type = d.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"config.json has model_type {model_type!r}; jax_tokenweave supports "
-                         f"{SUPPORTED_MODEL_TYPES} (Llama 3, Qwen2, SmolLM2)")
+                         f"{SUPPORTED_MODEL_TYPES} (Llama 3, Qwen2, SmolLM2, Mixtral)")
     if d.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported; only 'silu' (SwiGLU)")
     if d.get("use_sliding_window", False):
