@@ -167,6 +167,12 @@ def _plan_key(cfg: ModelConfig, key: str, shape: tuple[int, ...]) -> tuple[str |
     """(our path or None if ignored, error or None) for one HF key, without reading its data."""
     if hf_keys.is_ignored(cfg, key):
         return None, None
+    try:  # one expert of a stacked (Mixtral) parameter: its slot is (path, expert index)
+        slot = hf_keys.stacked_slot(cfg, key, shape)
+    except ValueError as e:
+        return None, str(e)
+    if slot is not None:
+        return slot, None
     shapes = hf_keys.param_shapes(cfg)
     table = getattr(hf_keys, "_TABLE", None)
     if table is None:  # no table to consult: check the key on a zero-stride stand-in
@@ -194,8 +200,10 @@ def _plan_key(cfg: ModelConfig, key: str, shape: tuple[int, ...]) -> tuple[str |
     return None, f"unexpected tensor {key!r}: not a parameter of a {cfg.model_type} model"
 
 
-def _hf_name_of(path: str) -> str:
-    """Our path -> the HF key that feeds it (for error messages)."""
+def _hf_name_of(path) -> str:
+    """Our path (or stacked slot) -> the HF key that feeds it (for error messages)."""
+    if isinstance(path, tuple):
+        return hf_keys.slot_hf_name(path) or str(path)
     for pattern, template, _ in getattr(hf_keys, "_TABLE", ()):
         rx = re.escape(template).replace(re.escape("{0}"), r"(\d+)")
         m = re.fullmatch(rx, path)
@@ -221,7 +229,7 @@ def check_keys(cfg: ModelConfig, key_shapes: Iterable[tuple[str, tuple[int, ...]
             continue
         seen[path] = key
         plan[key] = path
-    missing = sorted(set(hf_keys.param_shapes(cfg)) - set(seen))
+    missing = sorted(hf_keys.expected_slots(cfg) - set(seen), key=str)
     errors += [f"missing tensor {_hf_name_of(p)!r} (our {p!r})" for p in missing]
     if errors:
         shown = "\n  ".join(errors[:40])
@@ -359,10 +367,12 @@ def convert_hf_to_orbax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *
         for k in order:
             yield k, (files[k].get(k) if k in plan else None)
 
+    assembler = hf_keys.ParamAssembler(cfg)  # stacks per-expert tensors (Mixtral) as they arrive
+
     def convert(key, tensor):
         if tensor is None:  # ignored key (e.g. rotary inv_freq): never read
             return None
-        return hf_keys.hf_to_param(cfg, key, tensor)
+        return assembler.add(key, tensor)
 
     return _write_stream(out_dir, cfg, tensors(), total=len(order), dtype=dtype, tokenizer=tokenizer,
                          source={"kind": "hf", "path": os.path.abspath(hf_dir)}, progress=progress,
