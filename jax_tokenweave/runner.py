@@ -22,6 +22,7 @@ from jax_tokenweave.kv_cache import KVCache, init_cache
 from jax_tokenweave.models.config import ModelConfig
 from jax_tokenweave.models.hf_keys import check_complete, flat_to_state, param_shapes, state_to_flat
 from jax_tokenweave.models.llama import Llama, TPContext, abstract_model
+from jax_tokenweave.models.mixtral import MOE_IMPLS
 from jax_tokenweave.sharding import cache_spec, param_shardings
 
 __all__ = ["TPModel", "KVCache", "to_host"]
@@ -56,11 +57,12 @@ class TPModel:
     for bf16/fp16 weights only) and XLA elsewhere. Decode attention always uses XLA.
     split: TokenWeave's token splitting for logits/prefill (jax_tokenweave.weave): None (off), a
     weave.SplitConfig, or "auto" (this model's entry of weave.WEAVE_TABLE). Decode is never split.
+    moe_impl: Mixtral's grouped expert matmul, "ragged" or "capacity" (models/mixtral.py).
     """
 
     def __init__(self, cfg: ModelConfig, params, mesh: Mesh, *, axis_name: str = "tp",
                  impl: str = "xla", comm=None, attn_impl: str | None = None, dtype=None,
-                 split=None):
+                 split=None, moe_impl: str = "ragged"):
         self.cfg, self.mesh, self.axis_name = cfg, mesh, axis_name
         self.impl, self.comm = impl, comm
         self._shardings = param_shardings(cfg, mesh, axis_name)  # raises on non-dividing shapes
@@ -85,8 +87,10 @@ class TPModel:
             from jax_tokenweave.weave import config_for
             split = config_for(cfg, self.tp)
         self.split = split
+        if moe_impl not in MOE_IMPLS:
+            raise ValueError(f"moe_impl={moe_impl!r}; choose one of {MOE_IMPLS}")
         self.ctx = TPContext(axis_name=axis_name, impl=impl, comm=comm, attn_impl=attn_impl,
-                             split=split)
+                             split=split, moe_impl=moe_impl)
         self._graphdef = nnx.split(abstract_model(cfg))[0]
         self._replicated = NamedSharding(mesh, P())
         self._build()
