@@ -168,11 +168,26 @@ def test_prefill_decode_match_full_forward(tokens):
 
 
 def test_capacity_impl_matches_ragged(tokens, reference):
-    m = TPModel(CFG, _host_params(), make_mesh(2))
-    m.ctx = TPContext(axis_name=m.ctx.axis_name, impl=m.ctx.impl, attn_impl=m.ctx.attn_impl,
-                      moe_impl="capacity")
-    m._build()
+    m = TPModel(CFG, _host_params(), make_mesh(2), moe_impl="capacity")
     np.testing.assert_allclose(to_host(m.logits(tokens)), reference, atol=ATOL, rtol=RTOL)
+    with pytest.raises(ValueError, match="moe_impl='dense'"):
+        TPModel(CFG, _host_params(), make_mesh(1), moe_impl="dense")
+
+
+# ------------------------------------------------------------------ token splitting
+
+@pytest.mark.parametrize("kind,shape,tp", [("batch", (3, 9), 2), ("seq", (1, 19), 4),
+                                           ("seq", (1, 19), 8)])
+def test_split_logits_equal_unsplit(kind, shape, tp):
+    """TokenWeave's split schedule with MoE layers: each half routes its own tokens; the
+    logits equal the unsplit model's."""
+    weave = pytest.importorskip("jax_tokenweave.weave")
+    split = weave.SplitConfig(threshold=8, tile=4)
+    assert weave.plan_split(*shape, split).kind == kind
+    toks = np.random.default_rng(4).integers(0, CFG.vocab_size, shape).astype(np.int32)
+    ref = to_host(model(1).logits(toks))
+    got = to_host(TPModel(CFG, _host_params(), make_mesh(tp), split=split).logits(toks))
+    np.testing.assert_allclose(got, ref, atol=ATOL, rtol=RTOL)
 
 
 # ------------------------------------------------------------------------ HF parity
