@@ -326,3 +326,132 @@ def trace_timeline(trace_path: str, png_path: str, *, device_filter: str = "GPU"
     plt.close(fig)
     return dict(trace=trace_path, png=png_path, window_us=[lo, hi],
                 comm_compute_overlap_us=overlap, rows=summary)
+
+
+# ------------------------------------------------------------------ chunked prefill + decode
+
+def cache_shape(cfg, tp: int, num_layers: int, batch: int, max_len: int):
+    return (num_layers, batch, max_len, max(cfg.num_kv_heads, tp), cfg.head_dim)
+
+
+def chunk_fn(variant: str, cfg, mesh, wspecs, *, chunk: int, offset: int, num_layers: int,
+             impl="xla", comm=None, attn_impl="xla", split=None, axis="tp"):
+    """A jitted fn(stacked weights, partial [chunk, D], ck, cv) -> (normed [1, chunk, D], ck, cv):
+    one prefill chunk of one sequence at static position `offset`, attending to the cache's
+    first `offset` positions; its k/v written at [offset, offset+chunk). ck/cv donated."""
+    from jax_tokenweave.models.llama import rope_cos_sin, rope_inv_freq
+    split = split or weave.SplitConfig()
+    red = make_reducer(variant, cfg, impl, comm, axis)
+    spec = weave.LayerSpec(cfg.num_kv_heads, axis, attn_impl)
+    plan = weave.plan_split(1, chunk, split) if variant in ("xla_split", "tokenweave") else None
+    streams = variant == "tokenweave" and weave.use_streams(split, red)
+    inv = rope_inv_freq(cfg)
+    cs = P(None, None, None, axis, None)
+
+    def body(w, p, ck, cv):
+        D = p.shape[-1]
+        pos = (offset + jnp.arange(chunk, dtype=jnp.int32))[None]
+        norm0 = w["input_norm"][0]
+
+        def prefix(ckl, cvl):
+            return (ckl[:, :offset], cvl[:, :offset]) if offset else None
+
+        if plan is None:
+            x, r = red(p, red.init(chunk, D, p.dtype), norm0)
+            rope = rope_cos_sin(pos, inv)
+
+            def step(c, xs):
+                wl, ckl, cvl = xs
+                x, r, kv = weave.plain_layer(wl, *c, wl["input_norm"], rope, spec=spec, red=red,
+                                             prefix_kv=prefix(ckl, cvl))
+                return (x, r), kv
+            (x, _), (ks, vs) = jax.lax.scan(step, (x.reshape(1, chunk, D), r), (w, ck, cv))
+        else:
+            pos0, pos1 = plan.split(pos)
+            rope0, rope1 = rope_cos_sin(pos0, inv), rope_cos_sin(pos1, inv)
+            T0, _ = plan.tokens
+            carry = weave.split_begin(p[:T0], p[T0:], norm0, plan, red)
+
+            def step(c, xs):
+                wl, ckl, cvl = xs
+                c, (k0, v0, k1, v1) = weave.split_layer(
+                    wl, c, wl["input_norm"], rope0, rope1, plan=plan, spec=spec, red=red,
+                    streams=streams, gid0=1, prefix_kv=prefix(ckl, cvl))
+                return c, (jnp.concatenate([k0, k1], 1), jnp.concatenate([v0, v1], 1))
+            carry, (ks, vs) = jax.lax.scan(step, carry, (w, ck, cv))
+            x = weave.split_end(carry, norm0, plan, red)
+        ck = jax.lax.dynamic_update_slice(ck, ks.astype(ck.dtype), (0, 0, offset, 0, 0))
+        cv = jax.lax.dynamic_update_slice(cv, vs.astype(cv.dtype), (0, 0, offset, 0, 0))
+        return x, ck, cv
+
+    fn = shard_map(body, mesh=mesh, in_specs=(wspecs, P(), cs, cs), out_specs=(P(), cs, cs),
+                   check_vma=False)
+    return jax.jit(fn, donate_argnums=(2, 3))
+
+
+def decode_fn(variant: str, cfg, mesh, wspecs, *, batch: int, impl="xla", comm=None, axis="tp"):
+    """A jitted fn(stacked weights, partial [B, D], ck, cv, lengths [B]) -> (normed [B, D], ck, cv):
+    one decode step for `batch` sequences (never split), k/v written at `lengths`."""
+    from jax_tokenweave.models.llama import rope_cos_sin, rope_inv_freq
+    red = make_reducer(variant, cfg, impl, comm, axis)
+    spec = weave.LayerSpec(cfg.num_kv_heads, axis, "xla")
+    inv = rope_inv_freq(cfg)
+    cs = P(None, None, None, axis, None)
+
+    def body(w, p, ck, cv, lengths):
+        D = p.shape[-1]
+        cos, sin = rope_cos_sin(lengths[:, None], inv)
+        x, r = red(p, red.init(batch, D, p.dtype), w["input_norm"][0])
+        max_len = ck.shape[2]
+        # cached keys j < lengths[b] plus the new key (appended last)
+        mask = jnp.concatenate([jnp.arange(max_len)[None] < lengths[:, None],
+                                jnp.ones((batch, 1), bool)], axis=1)[:, None, None, :]
+
+        def step(c, xs):
+            wl, ckl, cvl = xs
+            x, r = c
+            q, k, v = weave.qkv(wl, x.reshape(batch, 1, D), cos, sin, spec)
+            kk = jnp.concatenate([ckl.astype(k.dtype), k], axis=1)
+            vv = jnp.concatenate([cvl.astype(v.dtype), v], axis=1)
+            o = jax.nn.dot_product_attention(q, kk, vv, mask=mask, implementation="xla")
+            h = jnp.einsum("bshk,hkd->bsd", o, wl["wo"]).reshape(batch, D)
+            x, r = red(h, r, wl["post_attn_norm"])
+            x, r = red(weave.mlp_block(wl, x), r, wl["input_norm"])
+            return (x, r), (k[:, 0], v[:, 0])
+        (x, _), (ks, vs) = jax.lax.scan(step, (x, r), (w, ck, cv))
+        b = jnp.arange(batch)
+        ck = ck.at[:, b, lengths].set(ks.astype(ck.dtype))
+        cv = cv.at[:, b, lengths].set(vs.astype(cv.dtype))
+        return x, ck, cv
+
+    fn = shard_map(body, mesh=mesh, in_specs=(wspecs, P(), cs, cs, P()), out_specs=(P(), cs, cs),
+                   check_vma=False)
+    return jax.jit(fn, donate_argnums=(2, 3))
+
+
+def attention_microbench(tokens, *, heads=16, kv_heads=2, head_dim=128, iters=10,
+                         impls=("cudnn", "xla", "mgpu")):
+    """One GPU's share of causal prefill attention: µs per impl per token count (errors kept)."""
+    out = {}
+    for T in tokens:
+        ks = jax.random.split(jax.random.key(T), 3)
+        q = jax.random.normal(ks[0], (1, T, heads, head_dim), jnp.bfloat16)
+        k = jax.random.normal(ks[1], (1, T, kv_heads, head_dim), jnp.bfloat16)
+        v = jax.random.normal(ks[2], (1, T, kv_heads, head_dim), jnp.bfloat16)
+        row = {}
+        for impl in impls:
+            try:
+                if impl == "mgpu":
+                    from jax.experimental.pallas.ops.gpu import attention_mgpu as am
+                    cfgm = am.TuningConfig(block_q=64, block_kv=64, max_concurrent_steps=2)
+                    rep = heads // kv_heads   # the kernel wants equal heads: repeat KV
+                    f = jax.jit(lambda q, k, v: am.attention(
+                        q, jnp.repeat(k, rep, 2), jnp.repeat(v, rep, 2), cfgm, causal=True))
+                else:
+                    f = jax.jit(partial(jax.nn.dot_product_attention, is_causal=True,
+                                        implementation=impl))
+                row[impl] = time_fn(f, q, k, v, iters=iters, warmup=2)["median_us"]
+            except Exception as e:   # noqa: BLE001 - report and go on
+                row[impl] = f"{type(e).__name__}: {str(e)[:200]}"
+        out[T] = row
+    return out

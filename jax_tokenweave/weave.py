@@ -347,12 +347,13 @@ def overlap_pair(gid: int, enabled: bool, comm_fn, comm_args, compute_fn, comput
 
 # ------------------------------------------------------------------------- the layers
 
-def plain_layer(w, x, res, next_norm, rope, *, spec: LayerSpec, red: Reducer):
-    """One unsplit layer: x [B, S, D] normed -> (x, res, (k, v)). Reference / baseline variants."""
+def plain_layer(w, x, res, next_norm, rope, *, spec: LayerSpec, red: Reducer, prefix_kv=None):
+    """One unsplit layer: x [B, S, D] normed -> (x, res, (k, v)). Reference / baseline variants.
+    prefix_kv: (k, v) [B, P, KVHl, hd] of earlier positions (chunked prefill), seen by all."""
     B, S, D = x.shape
     cos, sin = rope
     with jax.named_scope("attention"):
-        h, k, v = attention_block(w, x, cos, sin, spec)
+        h, k, v = attention_block(w, x, cos, sin, spec, prefix_kv)
     with jax.named_scope("reduce_post_attn"):
         xf, res = red(h, res, w["post_attn_norm"])
     with jax.named_scope("mlp"):
@@ -363,19 +364,26 @@ def plain_layer(w, x, res, next_norm, rope, *, spec: LayerSpec, red: Reducer):
 
 
 def split_layer(w, carry, next_norm, rope0, rope1, *, plan: SplitPlan, spec: LayerSpec,
-                red: Reducer, streams: bool, gid0: int = 1, ffn: Callable | None = None):
+                red: Reducer, streams: bool, gid0: int = 1, ffn: Callable | None = None,
+                prefix_kv=None):
     """One overlapped layer (TokenWeave's order, module doc). carry = (x0 [B0,S0,D] normed,
     r0, p1 [T1, D] pending partial of half 1, r1). Returns (carry, (k0, v0, k1, v1)).
-    ffn: x [T, D] -> partial, replacing the dense SwiGLU on w's w_gate/w_up/w_down (e.g. MoE)."""
+    ffn: x [T, D] -> partial, replacing the dense SwiGLU on w's w_gate/w_up/w_down (e.g. MoE).
+    prefix_kv: (k, v) [B, P, KVHl, hd] of positions before the batch (chunked prefill, seq kind
+    only), prepended to what both halves attend to."""
+    if prefix_kv is not None and plan.kind != "seq":
+        raise ValueError("split_layer: prefix_kv needs a 'seq' split plan")
     x0, r0, p1, r1 = carry
     (B0, S0), (B1, S1) = plan.shapes
     D = x0.shape[-1]
     seq_kind = plan.kind == "seq"
 
-    def attn0(w, x0, cos, sin):
-        return attention_block(w, x0, cos, sin, spec)
+    def attn0(w, x0, cos, sin, *pre):
+        return attention_block(w, x0, cos, sin, spec, tuple(pre) if pre else None)
 
-    def attn1(w, x1, cos, sin, k0, v0):
+    def attn1(w, x1, cos, sin, k0, v0, *pre):
+        if pre:
+            k0, v0 = (jnp.concatenate([a, b], axis=1) for a, b in zip(pre, (k0, v0)))
         return attention_block(w, x1.reshape(B1, S1, D), cos, sin, spec, (k0, v0))
 
     def attn1_indep(w, x1, cos, sin):
@@ -387,10 +395,11 @@ def split_layer(w, carry, next_norm, rope0, rope1, *, plan: SplitPlan, spec: Lay
     wa = {k: v for k, v in w.items() if k not in ("w_gate", "w_up", "w_down")}
     wm = {k: w[k] for k in ("w_gate", "w_up", "w_down") if k in w}
     (x1, r1), (h0, k0, v0) = overlap_pair(
-        gid0, streams, red, (p1, r1, w["input_norm"]), attn0, (wa, x0, *rope0))
+        gid0, streams, red, (p1, r1, w["input_norm"]), attn0, (wa, x0, *rope0, *(prefix_kv or ())))
     if seq_kind:
         (x0f, r0), (h1, k1, v1) = overlap_pair(
-            gid0 + 1, streams, red, (h0, r0, w["post_attn_norm"]), attn1, (wa, x1, *rope1, k0, v0))
+            gid0 + 1, streams, red, (h0, r0, w["post_attn_norm"]), attn1,
+            (wa, x1, *rope1, k0, v0, *(prefix_kv or ())))
     else:
         (x0f, r0), (h1, k1, v1) = overlap_pair(
             gid0 + 1, streams, red, (h0, r0, w["post_attn_norm"]), attn1_indep, (wa, x1, *rope1))
