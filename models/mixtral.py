@@ -117,28 +117,34 @@ class MoE(nnx.Module):
     def __call__(self, x: jax.Array, ctx=None) -> jax.Array:
         """x [..., D] (replicated) -> partial sum [..., D] over the tp shards of every expert."""
         impl = getattr(ctx, "moe_impl", "ragged") if ctx is not None else "ragged"
-        if impl not in MOE_IMPLS:
-            raise ValueError(f"moe_impl={impl!r}; choose one of {MOE_IMPLS}")
-        shape, D = x.shape, x.shape[-1]
-        x = x.reshape(-1, D)
-        T, k = x.shape[0], self.num_experts_per_tok
-        w1, w3, w2 = (self.experts.w1[...], self.experts.w3[...], self.experts.w2[...])
-        E = w1.shape[0]
-        with jax.named_scope("router"):
-            weights, experts = route(jnp.einsum("td,de->te", x, self.gate.kernel[...]), k)
-            order, sorted_experts, group_sizes = sort_by_expert(experts, E)
-            xs = jnp.take(x, order // k, axis=0)                        # [T*k, D] sorted rows
-        with jax.named_scope("experts"):
-            cap = capacity(T * k, E)
-            if impl == "capacity" and cap < T * k:
-                ys = jax.lax.cond(
-                    jnp.max(group_sizes) <= cap,
-                    lambda: _swiglu_capacity(xs, sorted_experts, w1, w3, w2, group_sizes, cap),
-                    lambda: _swiglu_ragged(xs, w1, w3, w2, group_sizes))
-            else:
-                ys = _swiglu_ragged(xs, w1, w3, w2, group_sizes)
-        with jax.named_scope("combine"):
-            inverse = jnp.argsort(order)                                # slot -> sorted row
-            y = jnp.take(ys, inverse, axis=0).reshape(T, k, D)
-            out = jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights).astype(x.dtype)
-        return out.reshape(shape)
+        return moe_ffn(x, self.gate.kernel[...], self.experts.w1[...], self.experts.w3[...],
+                       self.experts.w2[...], k=self.num_experts_per_tok, impl=impl)
+
+
+def moe_ffn(x: jax.Array, router: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array, *,
+            k: int, impl: str = "ragged") -> jax.Array:
+    """The MoE block as a function of its (local) weights: x [..., D] -> partial [..., D].
+    router [D, E]; w1, w3 [E, D, F_local]; w2 [E, F_local, D]. See the module doc."""
+    if impl not in MOE_IMPLS:
+        raise ValueError(f"moe_impl={impl!r}; choose one of {MOE_IMPLS}")
+    shape, D = x.shape, x.shape[-1]
+    x = x.reshape(-1, D)
+    T, E = x.shape[0], w1.shape[0]
+    with jax.named_scope("router"):
+        weights, experts = route(jnp.einsum("td,de->te", x, router), k)
+        order, sorted_experts, group_sizes = sort_by_expert(experts, E)
+        xs = jnp.take(x, order // k, axis=0)                            # [T*k, D] sorted rows
+    with jax.named_scope("experts"):
+        cap = capacity(T * k, E)
+        if impl == "capacity" and cap < T * k:
+            ys = jax.lax.cond(
+                jnp.max(group_sizes) <= cap,
+                lambda: _swiglu_capacity(xs, sorted_experts, w1, w3, w2, group_sizes, cap),
+                lambda: _swiglu_ragged(xs, w1, w3, w2, group_sizes))
+        else:
+            ys = _swiglu_ragged(xs, w1, w3, w2, group_sizes)
+    with jax.named_scope("combine"):
+        inverse = jnp.argsort(order)                                    # slot -> sorted row
+        y = jnp.take(ys, inverse, axis=0).reshape(T, k, D)
+        out = jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights).astype(x.dtype)
+    return out.reshape(shape)
