@@ -7,10 +7,10 @@ where it was measured and falls back to xla where it was not.
 """
 from __future__ import annotations
 
-# Source: bench/results/allreduce_tp4_NVIDIA_H200.json (4x H200, jax 0.11.2, 2026-11-21, hidden 8192,
+# Source: bench/results/allreduce_tp4_h200_h8192.json (4x H200, jax 0.11.2, 2026-11-21, hidden 8192,
 # ours vs the best XLA option per size, 10 chained calls inside one jit): ours was faster from 2 MiB
 # (128 tokens, x1.27) to 32 MiB (2048 tokens, x1.05) and slower at 0.25-1 MiB and >= 64 MiB.
-SOURCE = "bench/results/allreduce_tp4_NVIDIA_H200.json"
+SOURCE = "bench/results/allreduce_tp4_h200_h8192.json (+ allreduce_tp4_h200_h5120_6144.json)"
 # Messages up to this size use the one-shot kernel (raw kernel timing: 15.4 us one-shot against
 # 21.1 us two-shot at 0.25 MiB, a tie at 1 MiB).
 ONESHOT_MAX_BYTES = 512 << 10
