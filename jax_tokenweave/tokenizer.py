@@ -173,9 +173,9 @@ class Tokenizer:
                              f"BPE vocabularies ('gpt2': Llama 3, Qwen2, SmolLM2) only")
         tokens = field("tokenizer.ggml.tokens")
         types = field("tokenizer.ggml.token_type") or [1] * len(tokens)
-        merges = field("tokenizer.ggml.merges")
-        if tokens is None or merges is None:
-            raise ValueError("GGUF file lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
+        merges = field("tokenizer.ggml.merges") or []
+        if tokens is None:
+            raise ValueError("GGUF file lacks tokenizer.ggml.tokens (no vocabulary)")
         spelling = _bytes_to_unicode()
         alphabet = set(spelling.values())
         # Real byte-level tokens are spelled in the byte alphabet; one that is not (rare) is

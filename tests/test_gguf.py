@@ -171,3 +171,85 @@ def test_tokenizer_matches_transformers(tokenizers, hf_tokenizer, which):
             assert ours == ref
             assert tok.encode(ours) == hf_tokenizer.encode(ref, add_special_tokens=False)
     assert tok.apply_chat_template(CHATS[0]).endswith("<|im_start|>assistant\n")
+
+
+# ------------------------------------------------------------- a tiny GGUF written here
+
+def _write_tiny_gguf(path, cfg, hf_tensors, drop=()):
+    """tiny-llama as llama.cpp's converter would write it: q/k rows permuted, F32 tensors."""
+    import gguf
+    from jax_tokenweave.tokenizer import _bytes_to_unicode
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(cfg.num_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_heads)
+    w.add_head_count_kv(cfg.num_kv_heads)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    tokens = list(_bytes_to_unicode().values())[:cfg.vocab_size - 2] + ["<s>", "</s>"]
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * (cfg.vocab_size - 2) + [3, 3])
+    w.add_token_merges([])
+    w.add_bos_token_id(cfg.vocab_size - 2)
+    w.add_eos_token_id(cfg.vocab_size - 1)
+    inverse = {}
+    for i in range(cfg.num_layers):
+        for g, h in gguf_loader._BLOCK_NAMES.items():
+            inverse[f"model.layers.{i}.{h}"] = f"blk.{i}.{g}"
+    inverse.update({h: g for g, h in gguf_loader._GLOBAL_NAMES.items()})
+    for key, t in hf_tensors.items():
+        if key in drop:
+            continue
+        n = cfg.num_heads if "q_proj" in key else cfg.num_kv_heads
+        if "q_proj" in key or "k_proj" in key:  # llama.cpp LlamaModel.permute
+            t = t.reshape(n, 2, t.shape[0] // n // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+        w.add_tensor(inverse[key], np.ascontiguousarray(t, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _tiny_hf_tensors(cfg):
+    rng = np.random.default_rng(7)
+    D, F, H, K, hd = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    out = {"model.embed_tokens.weight": (cfg.vocab_size, D), "model.norm.weight": (D,),
+           "lm_head.weight": (cfg.vocab_size, D)}
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        out.update({p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,),
+                    p + "self_attn.q_proj.weight": (H * hd, D), p + "self_attn.k_proj.weight": (K * hd, D),
+                    p + "self_attn.v_proj.weight": (K * hd, D), p + "self_attn.o_proj.weight": (D, H * hd),
+                    p + "mlp.gate_proj.weight": (F, D), p + "mlp.up_proj.weight": (F, D),
+                    p + "mlp.down_proj.weight": (D, F)})
+    return {k: rng.standard_normal(s).astype(np.float32) for k, s in out.items()}
+
+
+def test_tiny_gguf_round_trip_undoes_the_permutation(tmp_path):
+    from jax_tokenweave.checkpoint import convert_gguf_to_orbax, load_checkpoint
+    from jax_tokenweave.models.hf_keys import hf_to_param
+    cfg = get_preset("tiny-llama").replace(rope_scaling=None)
+    hf = _tiny_hf_tensors(cfg)
+    _write_tiny_gguf(tmp_path / "tiny.gguf", cfg, hf)
+    read = gguf_loader.config_from_gguf(tmp_path / "tiny.gguf")
+    assert read.replace(rms_norm_eps=cfg.rms_norm_eps) == cfg  # GGUF stores eps as float32
+    out = convert_gguf_to_orbax(tmp_path / "tiny.gguf", tmp_path / "ck", progress=False)
+    cfg2, params, tok = load_checkpoint(out, make_mesh(4))
+    assert cfg2 == read and tok.bos_id == cfg.vocab_size - 2 and tok.eos_ids == {cfg.vocab_size - 1}
+    for key, t in hf.items():
+        path, want = hf_to_param(cfg, key, t)
+        np.testing.assert_array_equal(np.asarray(params[path]), want, err_msg=key)
+
+
+def test_gguf_missing_tensor_is_named(tmp_path):
+    from jax_tokenweave.checkpoint import CheckpointError, convert_gguf_to_orbax
+    cfg = get_preset("tiny-llama").replace(rope_scaling=None)
+    _write_tiny_gguf(tmp_path / "broken.gguf", cfg, _tiny_hf_tensors(cfg),
+                     drop={"model.layers.1.mlp.up_proj.weight"})
+    with pytest.raises(CheckpointError, match="missing tensor 'model.layers.1.mlp.up_proj.weight'"):
+        convert_gguf_to_orbax(tmp_path / "broken.gguf", tmp_path / "ck", progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["broken.gguf"]
