@@ -300,3 +300,23 @@ def test_hf_key_errors(hf_dir, tmp_path):
     with pytest.raises(ValueError, match="does not have"):
         hf_keys.hf_to_param(get_preset("tiny-llama"), "model.layers.0.block_sparse_moe.gate.weight",
                             np.zeros((8, 64), np.float32))
+
+
+def test_bench_moe_smoke(tmp_path):
+    """scripts/bench_moe.py on tiny-mixtral shapes (CPU): every section runs, split and unsplit
+    layers agree, results are written."""
+    import importlib.util
+    import json
+    spec = importlib.util.spec_from_file_location(
+        "bench_moe", os.path.join(os.path.dirname(__file__), "..", "scripts", "bench_moe.py"))
+    bench_moe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_moe)
+    out = bench_moe.main(["--tiny", "--tp", "2", "--tokens", "24", "--model-tokens", "24",
+                          "--variants", "baseline,fused,tokenweave", "--moe-impls", "ragged",
+                          "--layers", "1", "--model-layers", "1", "--iters", "1", "--warmup", "0",
+                          "--out", str(tmp_path)])
+    assert out["layer"]["tokenweave"][24]["max_abs_diff_vs_fused"] < 1e-5
+    assert out["layer"]["baseline"][24]["max_abs_diff_vs_fused"] < 1e-5
+    assert "median_us" in out["model"]["tokenweave"][24] and "median_us" in out["moe"]["ragged"][24]
+    assert json.load(open(tmp_path / "bench_moe.json"))["info"]["model"] == "tiny-mixtral"
+    assert (tmp_path / "bench_moe.md").exists()

@@ -1,0 +1,380 @@
+#!/usr/bin/env python
+"""Mixtral (MoE) prefill benchmarks: baseline vs TokenWeave vs no-comm, random bf16 weights
+created sharded, experts tensor-parallel (every expert's FFN split over TP, router replicated).
+
+    python scripts/bench_moe.py                         # Mixtral-8x22B shapes, TP = all GPUs
+    python scripts/bench_moe.py --quick                 # fewer sizes, fewer iterations
+    python scripts/bench_moe.py --tiny --tp 2           # tiny-mixtral on CPU (smoke test)
+
+Sections (--sections; results in <out>/bench_moe.{json,md} and bench_moe_{layer,model}.png):
+  moe     the MoE block alone (router + grouped experts, one GPU's ffn shard, no collective):
+          --moe-impls (ragged = jax.lax.ragged_dot, capacity = [E, C, D] batched matmul with a
+          ragged fallback) next to a dense SwiGLU of the same active FLOPs (width k*F/TP). A
+          ragged time far above the dense one means XLA lowered ragged_dot densely here.
+  layer   --layers layers (same weights each, lax.scan) on one prompt of T tokens, per-layer
+          median; variants baseline (psum + add + RMSNorm, replicated residual), xla_split,
+          fused (fused AllReduce+RMSNorm, token-sharded residual), tokenweave (fused + split +
+          overlap), nocomm (reductions removed: the ideal). `threshold_estimate`: the smallest
+          measured T from which tokenweave beats fused at every larger T (TokenWeave ships 2048
+          for Mixtral; ours is this number).
+  model   full depth (--model-layers, default the model's 56) prefill of one prompt through all
+          layers + final norm (embedding and LM head left out), stacked weights, variants as in
+          `layer` minus xla_split. Mixtral-8x22B's layers take ~1.2 GB per GPU each at TP4 (bf16).
+
+Split: weave.config_for(model, TP) (tile/offset from weave_table.json); below its threshold the
+tokenweave variant is still split (threshold 2) so that every size shows split vs unsplit.
+Routing: random router and inputs give roughly balanced experts.
+"""
+import os
+
+for _k, _v in (("NCCL_NVLS_ENABLE", "0"), ("NVSHMEM_DISABLE_NVLS", "1"),
+               ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")):
+    os.environ.setdefault(_k, _v)   # NVLink multicast must never run on the lent machines
+
+import argparse
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+MOE_KEYS = ("router", "w1", "w3", "w2")
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="mixtral-8x22b", help="preset name (models/config.py)")
+    ap.add_argument("--tp", type=int, default=None, help="TP degree (default: all devices)")
+    ap.add_argument("--tokens", default="512,1024,1536,2048,3072,4096,8192,16384")
+    ap.add_argument("--model-tokens", default="2048,4096,8192,16384")
+    ap.add_argument("--sections", default="moe,layer,model")
+    ap.add_argument("--variants", default="baseline,xla_split,fused,tokenweave,nocomm")
+    ap.add_argument("--moe-impls", default="ragged,capacity",
+                    help="grouped matmul(s); the first is used by the layer/model sections")
+    ap.add_argument("--impl", default=None, help="fused impl (default p2p on GPU, xla elsewhere)")
+    ap.add_argument("--attn", default=None, help="attention: cudnn|xla (default cudnn on GPU)")
+    ap.add_argument("--layers", type=int, default=4, help="layers per call in the layer section")
+    ap.add_argument("--model-layers", type=int, default=None, help="default: the model's depth")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="fewer sizes and iterations")
+    ap.add_argument("--tiny", action="store_true", help="tiny-mixtral shapes (CPU smoke test)")
+    ap.add_argument("--out", default="bench/results")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.tokens, a.model_tokens, a.iters, a.warmup = "1024,2048,4096,8192", "4096,8192", 5, 2
+    if a.tiny:
+        a.model = "tiny-mixtral"
+        if a.tokens == ap.get_default("tokens"):
+            a.tokens = "16,32,64"
+        if a.model_tokens == ap.get_default("model_tokens"):
+            a.model_tokens = "32,64"
+    return a
+
+
+# ----------------------------------------------------------------------------- weights
+
+def moe_layer_specs(cfg, tp: int, axis: str = "tp"):
+    from jax.sharding import PartitionSpec as P
+    from jax_tokenweave import bench
+    specs = {k: v for k, v in bench.layer_specs(cfg, tp, axis).items()
+             if k not in ("w_gate", "w_up", "w_down")}
+    specs.update(router=P(), w1=P(None, None, axis), w3=P(None, None, axis), w2=P(None, axis, None))
+    return specs
+
+
+def random_moe_layer(cfg, mesh, *, dtype, num_layers=None, seed=0, axis="tp"):
+    """Attention + MoE weights of one layer (or `num_layers` stacked), created sharded."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    D, H, KVH, hd, F, E = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                           cfg.intermediate_size, cfg.num_experts)
+    shapes = dict(wq=(D, H, hd), wk=(D, KVH, hd), wv=(D, KVH, hd), wo=(H, hd, D),
+                  input_norm=(D,), post_attn_norm=(D,), router=(D, E), w1=(E, D, F), w3=(E, D, F),
+                  w2=(E, F, D))
+    fan_in = dict(wq=D, wk=D, wv=D, wo=H * hd, router=D, w1=D, w3=D, w2=F)
+    specs = moe_layer_specs(cfg, mesh.shape[axis], axis)
+    lead = () if num_layers is None else (num_layers,)
+    shard = {k: NamedSharding(mesh, P(*((None,) * len(lead)), *specs[k])) for k in shapes}
+
+    def init():
+        keys = jax.random.split(jax.random.key(seed), len(shapes))
+        out = {}
+        for key, (name, shp) in zip(keys, sorted(shapes.items())):
+            if name.endswith("norm"):
+                out[name] = jnp.ones(lead + shp, dtype)
+            else:
+                out[name] = (fan_in[name] ** -0.5 * jax.random.normal(key, lead + shp, jnp.float32)
+                             ).astype(dtype)
+        return out
+
+    return jax.jit(init, out_shardings=shard)(), {k: s.spec for k, s in shard.items()}
+
+
+# ------------------------------------------------------------------------------ layers
+
+def moe_fn(w, k: int, impl: str):
+    from jax_tokenweave.models.mixtral import moe_ffn
+    return lambda x: moe_ffn(x, w["router"], w["w1"], w["w3"], w["w2"], k=k, impl=impl)
+
+
+def stack_fn(variant, cfg, mesh, wspecs, *, tokens, num_layers, stacked, impl, comm, attn_impl,
+             split, moe_impl, axis="tp"):
+    """jitted fn(weights, partial [T, D]) -> normed [1, T, D]: `num_layers` Mixtral layers of
+    `variant` (bench.py's variants, with the MoE block in place of the dense MLP)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+    from jax_tokenweave import bench, weave
+    from jax_tokenweave.compat import shard_map
+    from jax_tokenweave.models.llama import rope_cos_sin, rope_inv_freq
+    red = bench.make_reducer(variant, cfg, impl, comm, axis)
+    spec = weave.LayerSpec(cfg.num_kv_heads, axis, attn_impl)
+    k = cfg.num_experts_per_tok
+    plan = None
+    if variant in ("xla_split", "tokenweave"):
+        plan = weave.plan_split(1, tokens, split) or weave.plan_split(
+            1, tokens, weave.SplitConfig(threshold=2, tile=split.tile, offset=split.offset))
+    streams = variant == "tokenweave" and weave.use_streams(split, red)
+    inv = rope_inv_freq(cfg)
+
+    def body(w, p):
+        D = p.shape[-1]
+        pos = jnp.arange(tokens, dtype=jnp.int32)[None]
+        norm0 = w["input_norm"][0] if stacked else w["input_norm"]
+        xs = w if stacked else None
+        pick = (lambda wl: wl) if stacked else (lambda _: w)
+        if plan is None:
+            x, r = red(p, red.init(tokens, D, p.dtype), norm0)
+            rope = rope_cos_sin(pos, inv)
+
+            def step(c, wl):
+                wl = pick(wl)
+                x, r = c
+                h, _, _ = weave.attention_block(wl, x, *rope, spec)
+                xf, r = red(h, r, wl["post_attn_norm"])
+                xf, r = red(moe_fn(wl, k, moe_impl)(xf), r, wl["input_norm"])
+                return (xf.reshape(1, tokens, D), r), None
+            (x, _), _ = jax.lax.scan(step, (x.reshape(1, tokens, D), r), xs, length=num_layers)
+            return x
+        rope0, rope1 = (rope_cos_sin(q, inv) for q in plan.split(pos))
+        p0, p1 = (a.reshape(-1, D) for a in plan.split(p.reshape(1, tokens, D)))
+        carry = weave.split_begin(p0, p1, norm0, plan, red)
+
+        def step(c, wl):
+            wl = pick(wl)
+            c, _ = weave.split_layer(wl, c, wl["input_norm"], rope0, rope1, plan=plan, spec=spec,
+                                     red=red, streams=streams, gid0=1, ffn=moe_fn(wl, k, moe_impl))
+            return c, None
+        carry, _ = jax.lax.scan(step, carry, xs, length=num_layers)
+        return weave.split_end(carry, norm0, plan, red)
+
+    fn = shard_map(body, mesh=mesh, in_specs=(wspecs, P()), out_specs=P(), check_vma=False)
+    return jax.jit(fn), plan
+
+
+def moe_alone_fn(cfg, mesh, wspecs, impl: str, axis="tp"):
+    """jitted fn(weights, x [T, D]) -> per-rank MoE partial (no reduction), or a dense SwiGLU
+    of the same active FLOPs for impl="dense_equiv" (weights w_gate/w_up/w_down)."""
+    import jax
+    from jax.sharding import PartitionSpec as P
+    from jax_tokenweave.compat import shard_map
+
+    def body(w, x):
+        if impl == "dense_equiv":
+            return ((jax.nn.silu(x @ w["w_gate"]) * (x @ w["w_up"])) @ w["w_down"])[None]
+        return moe_fn(w, cfg.num_experts_per_tok, impl)(x)[None]
+
+    fn = shard_map(body, mesh=mesh, in_specs=(wspecs, P()), out_specs=P(axis), check_vma=False)
+    return jax.jit(fn)
+
+
+# -------------------------------------------------------------------------------- main
+
+def main(argv=None):
+    a = parse(argv)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax_tokenweave import bench, weave
+    from jax_tokenweave.mesh import make_mesh
+    from jax_tokenweave.models import get_preset
+
+    cfg = get_preset(a.model)
+    if not cfg.num_experts:
+        raise SystemExit(f"{a.model} is not a mixture-of-experts preset; use scripts/bench_layer.py")
+    mesh = make_mesh(a.tp)
+    tp = mesh.shape["tp"]
+    cfg.check_tp(tp)
+    on_gpu = jax.default_backend() == "gpu"
+    impl = bench.check_impl(a.impl or bench.default_impl())
+    attn = a.attn or ("cudnn" if on_gpu else "xla")
+    sections = a.sections.split(",")
+    variants = a.variants.split(",")
+    moe_impls = a.moe_impls.split(",")
+    tokens = [int(t) for t in a.tokens.split(",")]
+    model_tokens = [int(t) for t in a.model_tokens.split(",")]
+    dtype = jnp.float32 if a.tiny and not on_gpu else jnp.bfloat16
+    comm = bench.make_comm(mesh, impl, max(tokens + model_tokens), cfg.hidden_size)
+    split = weave.config_for(cfg, tp)
+    rep = NamedSharding(mesh, P())
+    info = bench.run_info(argv if argv is not None else sys.argv)
+    info.update(model=a.model, tp=tp, impl=impl, attn=attn, moe_impl=moe_impls[0],
+                layers_per_call=a.layers, split=split.to_dict(), dtype=jnp.dtype(dtype).name)
+    print(f"# {info['device']} x{tp}, jax {info['jax']}, impl={impl}, attn={attn}, "
+          f"moe={moe_impls[0]}", flush=True)
+    out = dict(info=info)
+    os.makedirs(a.out, exist_ok=True)
+
+    def rand(shape, seed):
+        return jax.device_put(0.5 * jax.random.normal(jax.random.key(seed), shape, dtype), rep)
+
+    def timed(label, fn, *args):
+        try:
+            r = bench.time_fn(fn, *args, iters=a.iters, warmup=a.warmup)
+        except Exception as e:  # noqa: BLE001 -- keep the other numbers
+            r = dict(error=f"{type(e).__name__}: {str(e)[:400]}")
+            print(f"{label}: FAILED {r['error']}", flush=True)
+        return r
+
+    if "moe" in sections or "layer" in sections:
+        w, wspecs = random_moe_layer(cfg, mesh, dtype=dtype)
+    if "moe" in sections:
+        F_active = cfg.num_experts_per_tok * cfg.intermediate_size
+        dense_cfg = cfg.replace(model_type="llama", num_experts=0, num_experts_per_tok=0,
+                                intermediate_size=F_active)
+        wd, dspecs = bench.random_layer(dense_cfg, mesh, dtype=dtype)
+        res = {}
+        for T in tokens:
+            x = rand((T, cfg.hidden_size), T)
+            for mi in moe_impls + ["dense_equiv"]:
+                ww, ss = (wd, dspecs) if mi == "dense_equiv" else (w, wspecs)
+                r = timed(f"moe T={T} {mi}", moe_alone_fn(cfg, mesh, ss, mi), ww, x)
+                res.setdefault(mi, {})[T] = r
+                if "median_us" in r:
+                    print(f"moe   T={T:6d} {mi:12s} {r['median_us']:10.1f} us", flush=True)
+        out["moe"] = res
+        del wd
+
+    if "layer" in sections:
+        res, outs_all = {v: {} for v in variants}, {}
+        for T in tokens:
+            p, outs = rand((T, cfg.hidden_size), T), {}
+            for v in variants:
+                fn, plan = stack_fn(v, cfg, mesh, wspecs, tokens=T, num_layers=a.layers,
+                                    stacked=False, impl=impl, comm=comm, attn_impl=attn,
+                                    split=split, moe_impl=moe_impls[0])
+                r = timed(f"layer T={T} {v}", fn, w, p)
+                if "median_us" in r:
+                    r["per_layer_us"] = r["median_us"] / a.layers
+                    if plan is not None:
+                        r["split"] = dict(kind=plan.kind, tokens=plan.tokens)
+                    outs[v] = np.asarray(jax.device_get(fn(w, p)), np.float32)
+                    print(f"layer T={T:6d} {v:10s} {r['per_layer_us']:10.1f} us/layer", flush=True)
+                res[v][T] = r
+            if "fused" in outs:  # sanity: the correct variants agree (bf16 tolerance on GPU)
+                for v in ("baseline", "xla_split", "tokenweave"):
+                    if v in outs:
+                        res[v][T]["max_abs_diff_vs_fused"] = float(np.abs(outs[v] - outs["fused"]).max())
+            outs_all[T] = outs
+        per = lambda v, T: res.get(v, {}).get(T, {}).get("per_layer_us")  # noqa: E731
+        out["layer"] = res
+        out["layer_ratios"] = {T: _ratios(per, T) for T in tokens}
+        out["threshold_estimate"] = _threshold(per, tokens)
+        bench.plot_lines(os.path.join(a.out, "bench_moe_layer.png"), tokens,
+                         {v: [per(v, T) for T in tokens] for v in variants}, xlabel="tokens",
+                         ylabel="µs per layer",
+                         title=f"{a.model} layer, TP{tp}, {info['device']} (impl={impl})")
+    if "moe" in sections or "layer" in sections:
+        del w
+
+    if "model" in sections:
+        L = a.model_layers or cfg.num_layers
+        info["model_layers"] = L
+        w, wspecs = random_moe_layer(cfg, mesh, dtype=dtype, num_layers=L, seed=1)
+        res = {}
+        for v in [v for v in variants if v != "xla_split"]:
+            for T in model_tokens:
+                fn, _ = stack_fn(v, cfg, mesh, wspecs, tokens=T, num_layers=L, stacked=True,
+                                 impl=impl, comm=comm, attn_impl=attn, split=split,
+                                 moe_impl=moe_impls[0])
+                r = timed(f"model T={T} {v}", fn, w, rand((T, cfg.hidden_size), T))
+                res.setdefault(v, {})[T] = r
+                if "median_us" in r:
+                    print(f"model T={T:6d} {v:10s} {r['median_us'] / 1e3:10.2f} ms", flush=True)
+        ms = lambda v, T: res.get(v, {}).get(T, {}).get("median_us")  # noqa: E731
+        out["model"] = res
+        out["model_ratios"] = {T: _ratios(ms, T) for T in model_tokens}
+        bench.plot_lines(os.path.join(a.out, "bench_moe_model.png"), model_tokens,
+                         {v: [(ms(v, T) or float("nan")) / 1e3 for T in model_tokens] for v in res},
+                         xlabel="prompt tokens", ylabel="prefill ms",
+                         title=f"{a.model} {L} layers, TP{tp}, {info['device']} (impl={impl})")
+        del w
+
+    bench.write_json(os.path.join(a.out, "bench_moe.json"), out)
+    write_md(os.path.join(a.out, "bench_moe.md"), out, tokens, model_tokens, variants, moe_impls)
+    print(open(os.path.join(a.out, "bench_moe.md")).read())
+    return out
+
+
+def _ratios(t, T):
+    def r(a, b):
+        x, y = t(a, T), t(b, T)
+        return x / y if x and y else None
+    return {"baseline/tokenweave": r("baseline", "tokenweave"), "fused/tokenweave": r("fused", "tokenweave"),
+            "baseline/fused": r("baseline", "fused"), "tokenweave/nocomm": r("tokenweave", "nocomm")}
+
+
+def _threshold(per, tokens):
+    """Smallest measured T from which tokenweave beats fused at every larger measured T."""
+    best = None
+    for T in sorted(tokens, reverse=True):
+        tw, fu = per("tokenweave", T), per("fused", T)
+        if tw is None or fu is None or tw >= fu:
+            break
+        best = T
+    return best
+
+
+def write_md(path, out, tokens, model_tokens, variants, moe_impls):
+    info = out["info"]
+    f = lambda x, d=1: "—" if x is None else f"{x:.{d}f}"  # noqa: E731
+    lines = [f"# Mixtral benchmarks: {info['model']}, TP{info['tp']}, {info['device']}", "",
+             f"{info['date']} · jax {info['jax']} · impl={info['impl']} · attn={info['attn']} · "
+             f"moe={info['moe_impl']} · {info['dtype']} · `{info['command']}`", ""]
+    if "moe" in out:
+        impls = moe_impls + ["dense_equiv"]
+        lines += ["## MoE block alone (one GPU's shard, µs)", "",
+                  "| tokens | " + " | ".join(impls) + " |", "|" + "---|" * (len(impls) + 1)]
+        for T in tokens:
+            lines.append(f"| {T} | " + " | ".join(f(out["moe"][m][T].get("median_us")) for m in impls) + " |")
+        lines.append("")
+    if "layer" in out:
+        per = lambda v, T: out["layer"].get(v, {}).get(T, {}).get("per_layer_us")  # noqa: E731
+        lines += [f"## Layer ({info['layers_per_call']} layers/call, µs per layer)", "",
+                  "| tokens | " + " | ".join(variants) + " | baseline/tokenweave | fused/tokenweave | "
+                  "tokenweave/nocomm |", "|" + "---|" * (len(variants) + 4)]
+        for T in tokens:
+            r = out["layer_ratios"][T]
+            lines.append(f"| {T} | " + " | ".join(f(per(v, T)) for v in variants) +
+                         f" | {f(r['baseline/tokenweave'], 3)} | {f(r['fused/tokenweave'], 3)} | "
+                         f"{f(r['tokenweave/nocomm'], 3)} |")
+        lines += ["", f"Split threshold estimate (tokenweave < fused from here on): "
+                      f"{out['threshold_estimate']} tokens (TokenWeave ships 2048 for Mixtral).", ""]
+    if "model" in out:
+        vs = list(out["model"])
+        ms = lambda v, T: out["model"].get(v, {}).get(T, {}).get("median_us")  # noqa: E731
+        lines += [f"## Full model prefill ({info.get('model_layers')} layers, ms)", "",
+                  "| tokens | " + " | ".join(vs) + " | baseline/tokenweave | tokenweave/nocomm |",
+                  "|" + "---|" * (len(vs) + 3)]
+        for T in model_tokens:
+            r = out["model_ratios"][T]
+            lines.append(f"| {T} | " + " | ".join(f((ms(v, T) or 0) / 1e3 if ms(v, T) else None, 2)
+                                                  for v in vs) +
+                         f" | {f(r['baseline/tokenweave'], 3)} | {f(r['tokenweave/nocomm'], 3)} |")
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
