@@ -10,7 +10,10 @@ Sections (--sections; results in <out>/bench_moe.{json,md} and bench_moe_{layer,
   moe     the MoE block alone (router + grouped experts, one GPU's ffn shard, no collective):
           --moe-impls (ragged = jax.lax.ragged_dot, capacity = [E, C, D] batched matmul with a
           ragged fallback) next to a dense SwiGLU of the same active FLOPs (width k*F/TP). A
-          ragged time far above the dense one means XLA lowered ragged_dot densely here.
+          ragged time far above the dense one means XLA lowered ragged_dot densely here;
+          `ragged_pallas` is ragged_dot through jax's Pallas Triton grouped-GEMM lowering
+          (jax_ragged_dot_use_gpu_pallas_triton_lowering, GPU only; --ragged-lowering pallas
+          uses it in the layer/model sections too).
   layer   --layers layers (same weights each, lax.scan) on one prompt of T tokens, per-layer
           median; variants baseline (psum + add + RMSNorm, replicated residual), xla_split,
           fused (fused AllReduce+RMSNorm, token-sharded residual), tokenweave (fused + split +
@@ -49,6 +52,8 @@ def parse(argv=None):
     ap.add_argument("--variants", default="baseline,xla_split,fused,tokenweave,nocomm")
     ap.add_argument("--moe-impls", default="ragged,capacity",
                     help="grouped matmul(s); the first is used by the layer/model sections")
+    ap.add_argument("--ragged-lowering", default="default", choices=("default", "pallas"),
+                    help="ragged_dot lowering on GPU for the layer/model sections")
     ap.add_argument("--impl", default=None, help="fused impl (default p2p on GPU, xla elsewhere)")
     ap.add_argument("--attn", default=None, help="attention: cudnn|xla (default cudnn on GPU)")
     ap.add_argument("--layers", type=int, default=4, help="layers per call in the layer section")
@@ -71,6 +76,15 @@ def parse(argv=None):
 
 
 # ----------------------------------------------------------------------------- weights
+
+def ragged_lowering(pallas: bool):
+    """Context in which jit lowers ragged_dot with jax's Pallas Triton grouped GEMM (GPU) or
+    the default rule; a no-op where this jax has no such flag."""
+    import contextlib
+    from jax._src import config as jcfg
+    flag = getattr(jcfg, "jax_ragged_dot_use_gpu_pallas_triton_lowering", None)
+    return flag(pallas) if flag is not None else contextlib.nullcontext()
+
 
 def moe_layer_specs(cfg, tp: int, axis: str = "tp"):
     from jax.sharding import PartitionSpec as P
@@ -220,6 +234,7 @@ def main(argv=None):
     rep = NamedSharding(mesh, P())
     info = bench.run_info(argv if argv is not None else sys.argv)
     info.update(model=a.model, tp=tp, impl=impl, attn=attn, moe_impl=moe_impls[0],
+                ragged_lowering=a.ragged_lowering,
                 layers_per_call=a.layers, split=split.to_dict(), dtype=jnp.dtype(dtype).name)
     print(f"# {info['device']} x{tp}, jax {info['jax']}, impl={impl}, attn={attn}, "
           f"moe={moe_impls[0]}", flush=True)
@@ -229,9 +244,10 @@ def main(argv=None):
     def rand(shape, seed):
         return jax.device_put(0.5 * jax.random.normal(jax.random.key(seed), shape, dtype), rep)
 
-    def timed(label, fn, *args):
+    def timed(label, fn, *args, pallas=a.ragged_lowering == "pallas"):
         try:
-            r = bench.time_fn(fn, *args, iters=a.iters, warmup=a.warmup)
+            with ragged_lowering(pallas):  # compiled on the first call, inside the context
+                r = bench.time_fn(fn, *args, iters=a.iters, warmup=a.warmup)
         except Exception as e:  # noqa: BLE001 -- keep the other numbers
             r = dict(error=f"{type(e).__name__}: {str(e)[:400]}")
             print(f"{label}: FAILED {r['error']}", flush=True)
@@ -247,9 +263,10 @@ def main(argv=None):
         res = {}
         for T in tokens:
             x = rand((T, cfg.hidden_size), T)
-            for mi in moe_impls + ["dense_equiv"]:
+            for mi in moe_impls + ["ragged_pallas", "dense_equiv"]:
                 ww, ss = (wd, dspecs) if mi == "dense_equiv" else (w, wspecs)
-                r = timed(f"moe T={T} {mi}", moe_alone_fn(cfg, mesh, ss, mi), ww, x)
+                fn = moe_alone_fn(cfg, mesh, ss, "ragged" if mi == "ragged_pallas" else mi)
+                r = timed(f"moe T={T} {mi}", fn, ww, x, pallas=mi == "ragged_pallas")
                 res.setdefault(mi, {})[T] = r
                 if "median_us" in r:
                     print(f"moe   T={T:6d} {mi:12s} {r['median_us']:10.1f} us", flush=True)
@@ -343,7 +360,7 @@ def write_md(path, out, tokens, model_tokens, variants, moe_impls):
              f"{info['date']} · jax {info['jax']} · impl={info['impl']} · attn={info['attn']} · "
              f"moe={info['moe_impl']} · {info['dtype']} · `{info['command']}`", ""]
     if "moe" in out:
-        impls = moe_impls + ["dense_equiv"]
+        impls = moe_impls + ["ragged_pallas", "dense_equiv"]
         lines += ["## MoE block alone (one GPU's shard, µs)", "",
                   "| tokens | " + " | ".join(impls) + " |", "|" + "---|" * (len(impls) + 1)]
         for T in tokens:
