@@ -23,7 +23,15 @@ import sys
 import time
 
 # runnable from a checkout without installing
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _ROOT)
+
+import jax_tokenweave  # noqa: E402
+
+try:
+    import jax_tokenweave.models  # noqa: F401
+except ImportError:  # not pip-installed: find models/ as jax_tokenweave.models, as setup.py maps it
+    jax_tokenweave.__path__.append(_ROOT)
 
 from jax_tokenweave import distributed as dist  # noqa: E402  (imports jax, initialises no backend)
 
@@ -200,6 +208,8 @@ def main(argv=None) -> int:
     dist.sync("generate-done")
     if comm is not None:
         comm.close()
+    if jax.process_count() > 1:
+        jax.distributed.shutdown()
     return 0
 
 

@@ -13,9 +13,6 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PRESET=${1:-tiny-llama}
 OUTDIR=${OUT:-/tmp}/gen_gpu_check
 mkdir -p "$OUTDIR"
-if ! $PY -c "import jax_tokenweave.models" 2>/dev/null; then  # models/ maps to jax_tokenweave.models
-  echo "== pip install -e . (no deps)"; $PY -m pip install -q --no-deps --no-build-isolation -e . > "$OUTDIR/install.log" 2>&1 || { tail -30 "$OUTDIR/install.log"; exit 1; }
-fi
 if ! $PY -c "import jax_tokenweave._C" 2>/dev/null; then
   echo "== building the extension"; $PY setup.py build_ext --inplace > "$OUTDIR/build.log" 2>&1 || { tail -30 "$OUTDIR/build.log"; exit 1; }
 fi
