@@ -32,7 +32,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from jax_tokenweave import distributed as dist
-from jax_tokenweave.sampling import SamplingParams, as_arrays, request_keys, sample_step
+from jax_tokenweave.sampling import SamplingParams, as_arrays, request_keys, sample_and_advance
 
 MIN_PROMPT_BUCKET = 16
 
@@ -277,7 +277,8 @@ class Generator:
         cache = self._take_cache(B, cache_len)
         logits, cache = self.model.prefill(dist.replicate(tokens, mesh),
                                            dist.replicate(lengths, mesh), cache)
-        tok = sample_step(logits, keys, dist.replicate(np.int32(0), mesh), temp, top_k, top_p)
+        step_dev = dist.replicate(np.int32(0), mesh)        # the sampling step, kept on device
+        tok, step_dev = sample_and_advance(logits, keys, step_dev, temp, top_k, top_p)
         host = dist.to_host(tok)
         t_first = time.perf_counter()
 
@@ -310,7 +311,7 @@ class Generator:
             if all(done) or max(lens) + step > cache_len or (max_steps and step >= max_steps):
                 break
             logits, cache = self._decode(tok, cache)
-            tok = sample_step(logits, keys, dist.replicate(np.int32(step), mesh), temp, top_k, top_p)
+            tok, step_dev = sample_and_advance(logits, keys, step_dev, temp, top_k, top_p)
             host = dist.to_host(tok)
             decode_steps += 1
         t_end = time.perf_counter()
