@@ -284,14 +284,23 @@ class Generator:
 
         # per request: how many tokens it may still produce
         budget = [min(max_new_tokens, cache_len - L) for L in lens]
+        limit = max(budget) if max_steps is None else min(max(budget), max_steps)
         out: list[list[int]] = [[] for _ in range(n)]
         done = [False] * n
         reason = ["length"] * n
         stop_tok: list[int | None] = [None] * n
         detok = [IncrementalDetokenizer(self.tokenizer) for _ in range(n)] if detokenize else None
-        step = 0
-        decode_steps = 0
+        step = 0   # tokens produced so far, per row; `tok` holds token number `step`
         while True:
+            # Dispatch the next step before reading this one (the device runs ahead while the
+            # host checks stops and detokenizes). It writes cache position lens + step, and is
+            # needed only if some request may want token number step + 1.
+            nxt = None
+            if not all(done) and step + 1 < limit and max(lens) + step < cache_len:
+                logits, cache = self._decode(tok, cache)
+                nxt, step_dev = sample_and_advance(logits, keys, step_dev, temp, top_k, top_p)
+            if host is None:
+                host = dist.to_host(tok)
             for i in range(n):
                 if done[i]:
                     continue
@@ -307,13 +316,9 @@ class Generator:
                 if len(out[i]) >= budget[i]:
                     done[i] = True
             step += 1
-            # positions written so far: lens + step - 1; the next decode writes lens + step - 1
-            if all(done) or max(lens) + step > cache_len or (max_steps and step >= max_steps):
+            if nxt is None or all(done):
                 break
-            logits, cache = self._decode(tok, cache)
-            tok, step_dev = sample_and_advance(logits, keys, step_dev, temp, top_k, top_p)
-            host = dist.to_host(tok)
-            decode_steps += 1
+            tok, host = nxt, None
         t_end = time.perf_counter()
         self._spare_cache = ((B, cache_len), cache)
 
