@@ -177,6 +177,8 @@ class Generator:
         self.stop_ids = _stop_ids_of(tokenizer) | {int(i) for i in stop_token_ids}
         self.pad_id = pad_id
         self._spare_cache = None
+        import inspect
+        self._decode_takes_check = "check_capacity" in inspect.signature(model.decode).parameters
 
     # ---------------------------------------------------------------- prompts
     def encode_prompt(self, prompt: str | Sequence[int], *, chat: bool = False,
@@ -225,6 +227,9 @@ class Generator:
             sampling = [sampling] * len(ids)
         if len(sampling) != len(ids):
             raise ValueError(f"{len(sampling)} SamplingParams for {len(ids)} prompts")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.plan([len(x) for x in ids], max_new_tokens)   # raise now, not at the first next()
         return GenerationStream(self._run(ids, max_new_tokens, list(sampling), ignore_eos,
                                           detokenize and self.tokenizer is not None))
 
@@ -250,10 +255,9 @@ class Generator:
 
     def _decode(self, tok, cache):
         # the loop below keeps every sequence within the cache: skip the runner's host-side check
-        try:
+        if self._decode_takes_check:
             return self.model.decode(tok, cache, check_capacity=False)
-        except TypeError:
-            return self.model.decode(tok, cache)
+        return self.model.decode(tok, cache)
 
     def _run(self, ids: list[list[int]], max_new_tokens: int, sampling: list[SamplingParams],
              ignore_eos: bool, detokenize: bool, max_steps: int | None = None):

@@ -174,6 +174,12 @@ def main(argv=None) -> int:
     sampling = [SamplingParams(args.temperature, args.top_k, args.top_p, args.seed + i)
                 for i in range(len(prompts))]
 
+    try:
+        gen.plan([len(x) for x in ids], args.max_new_tokens)
+    except ValueError as e:
+        log(f"error: {e}")
+        return 2
+
     compile_s = None
     if not args.no_warmup:
         log("compiling ...")

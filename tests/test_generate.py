@@ -198,6 +198,15 @@ def test_cli_random_model_batch():
     assert "=== [1]" in out.stdout and "time to first token" in out.stderr
 
 
+def test_cli_prompt_longer_than_cache():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "generate.py"),
+                          "--random-model", "tiny-llama", "--prompt-ids", ",".join(["3"] * 20),
+                          "--max-cache-len", "16"],
+                         capture_output=True, text=True, timeout=300, env=_cpu_env(1))
+    assert out.returncode == 2
+    assert "error: prompt of 20 tokens is longer than the KV cache (16 positions" in out.stderr
+
+
 def _cpu_env(devices):
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
