@@ -317,9 +317,10 @@ def attention_block(w, x, cos, sin, spec: LayerSpec, prev_kv=None):
 
 def mlp_block(w, x):
     """x [T, D] normed -> down_proj partial [T, D]."""
+    from jax_tokenweave.models.llama import silu
     gate = x @ w["w_gate"]
     up = x @ w["w_up"]
-    return (jax.nn.silu(gate) * up) @ w["w_down"]
+    return (silu(gate) * up) @ w["w_down"]
 
 
 # ------------------------------------------------------------------------- stream placement

@@ -205,6 +205,12 @@ def _prefill_attn_impl(ctx: TPContext, q: jax.Array) -> str:
     return "xla"
 
 
+def silu(x: jax.Array) -> jax.Array:
+    # Not jax.nn.silu: that is a jit, and a nested call inside a stream-annotated region
+    # (weave.py's compute_on pairs) is rejected by XLA's GPU stream assignment.
+    return x * jax.lax.logistic(x)
+
+
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs, dtype):
         D, F = cfg.hidden_size, cfg.intermediate_size
@@ -216,7 +222,7 @@ class MLP(nnx.Module):
         """SwiGLU on x [..., D] -> down_proj partial [..., D] (column- then row-parallel)."""
         gate = jnp.einsum("...d,df->...f", x, self.gate_proj.kernel[...])
         up = jnp.einsum("...d,df->...f", x, self.up_proj.kernel[...])
-        return jnp.einsum("...f,fd->...d", jax.nn.silu(gate) * up, self.down_proj.kernel[...])
+        return jnp.einsum("...f,fd->...d", silu(gate) * up, self.down_proj.kernel[...])
 
 
 def make_ffn(cfg: ModelConfig, *, rngs, dtype) -> nnx.Module:

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jax_tokenweave.models.config import ModelConfig
-from jax_tokenweave.models.llama import Llama, Proj, _param
+from jax_tokenweave.models.llama import Llama, Proj, _param, silu
 
 MOE_IMPLS = ("ragged", "capacity")
 CAPACITY_FACTOR = 1.25
@@ -52,7 +52,10 @@ Mixtral = Llama  # the decoder; its layers build MoE blocks for mixtral configs 
 def route(router_logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """HF Mixtral routing: softmax in fp32 over experts, top-k, renormalise.
     router_logits [T, E] -> (weights [T, k] float32 summing to 1, expert ids [T, k] int32)."""
-    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
+    # softmax written out: jax.nn.softmax is a jit, which stream-annotated regions reject.
+    z = router_logits.astype(jnp.float32)
+    e = jnp.exp(z - jnp.max(z, axis=-1, keepdims=True))
+    probs = e / jnp.sum(e, axis=-1, keepdims=True)
     weights, experts = jax.lax.top_k(probs, k)
     return weights / jnp.sum(weights, axis=-1, keepdims=True), experts.astype(jnp.int32)
 
@@ -72,7 +75,7 @@ def _swiglu_ragged(xs, w1, w3, w2, group_sizes):
     """Rows xs [N, D] sorted by expert, groups of group_sizes [E] -> [N, D] (partial over tp)."""
     gate = jax.lax.ragged_dot(xs, w1, group_sizes)
     up = jax.lax.ragged_dot(xs, w3, group_sizes)
-    return jax.lax.ragged_dot(jax.nn.silu(gate) * up, w2, group_sizes)
+    return jax.lax.ragged_dot(silu(gate) * up, w2, group_sizes)
 
 
 def capacity(num_rows: int, num_experts: int, factor: float = CAPACITY_FACTOR) -> int:
@@ -91,7 +94,7 @@ def _swiglu_capacity(xs, sorted_experts, w1, w3, w2, group_sizes, cap):
     buf = jnp.zeros((E, cap, xs.shape[1]), xs.dtype).at[sorted_experts, pos].set(xs, mode="drop")
     gate = jnp.einsum("ecd,edf->ecf", buf, w1)
     up = jnp.einsum("ecd,edf->ecf", buf, w3)
-    out = jnp.einsum("ecf,efd->ecd", jax.nn.silu(gate) * up, w2)
+    out = jnp.einsum("ecf,efd->ecd", silu(gate) * up, w2)
     return out.at[sorted_experts, pos].get(mode="fill", fill_value=0)
 
 
