@@ -121,8 +121,13 @@ def load_weights(args):
 def make_comm(impl, mesh, max_tokens, hidden, itemsize):
     """(impl, Communicator or None): on GPU the fused op's CUDA path, when the extension is built."""
     import jax
-    if impl == "xla" or jax.devices()[0].platform != "gpu":
-        return "xla" if impl == "auto" else impl, None
+    if impl == "xla":
+        return "xla", None
+    if mesh.devices.size == 1 and impl in ("auto", "p2p"):
+        return "xla", None                          # one device: nothing to all-reduce
+    if jax.devices()[0].platform != "gpu":
+        # auto means xla off GPUs; an explicit CUDA impl fails in the fused op, saying why
+        return ("xla" if impl == "auto" else impl), None
     from jax_tokenweave import cuda_ops
     if not cuda_ops.available():
         if impl == "auto":
