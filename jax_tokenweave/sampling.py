@@ -101,11 +101,16 @@ def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: ja
            top_p: jax.Array) -> jax.Array:
     """Next token ids [B] int32. keys: raw key data [B, 2] uint32 for this step (see step_keys)."""
     greedy_tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    srt, order = filter_logits(logits, temperature, top_k, top_p)
-    wrapped = jax.random.wrap_key_data(keys, impl="threefry2x32")
-    pos = jax.vmap(lambda k, l: jax.random.categorical(k, l))(wrapped, srt)
-    sampled_tok = jnp.take_along_axis(order, pos[:, None], axis=-1)[:, 0].astype(jnp.int32)
-    return jnp.where(temperature > 0, sampled_tok, greedy_tok)
+
+    def sampled(_):
+        srt, order = filter_logits(logits, temperature, top_k, top_p)
+        wrapped = jax.random.wrap_key_data(keys, impl="threefry2x32")
+        pos = jax.vmap(lambda k, l: jax.random.categorical(k, l))(wrapped, srt)
+        tok = jnp.take_along_axis(order, pos[:, None], axis=-1)[:, 0].astype(jnp.int32)
+        return jnp.where(temperature > 0, tok, greedy_tok)
+
+    # an all-greedy batch skips the vocabulary sort
+    return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda _: greedy_tok, None)
 
 
 @jax.jit
