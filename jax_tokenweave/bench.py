@@ -71,17 +71,12 @@ def layer_specs(cfg, tp: int, axis: str = "tp") -> dict[str, P]:
     return specs
 
 
-def random_layer(cfg, mesh, *, seed=0, dtype=jnp.bfloat16, num_layers: int | None = None,
-                 axis: str = "tp"):
-    """One layer's weights (or `num_layers` stacked on a leading axis), created sharded on the
-    devices by a jit with out_shardings (never whole on one device)."""
-    D, H, KVH, hd, F = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                        cfg.intermediate_size)
-    shapes = dict(wq=(D, H, hd), wk=(D, KVH, hd), wv=(D, KVH, hd), wo=(H, hd, D), w_gate=(D, F),
-                  w_up=(D, F), w_down=(F, D), input_norm=(D,), post_attn_norm=(D,))
-    if cfg.attention_bias:
-        shapes.update(bq=(H, hd), bk=(KVH, hd), bv=(KVH, hd))
-    specs = layer_specs(cfg, mesh.shape[axis], axis)
+def random_sharded(mesh, shapes: dict, specs: dict, fan_in: dict, *, seed=0,
+                   dtype=jnp.bfloat16, num_layers: int | None = None):
+    """Random weights {name: shape} (or `num_layers` stacked on a leading axis), created sharded
+    on the devices by a jit with out_shardings, so a large model never sits whole on one device.
+    Norm weights are ones; biases (names starting with "b") std 0.02; the rest fan_in**-0.5.
+    Returns (weights, {name: PartitionSpec})."""
     lead = () if num_layers is None else (num_layers,)
     shard = {k: NamedSharding(mesh, P(*((None,) * len(lead)), *specs[k])) for k in shapes}
 
@@ -92,13 +87,25 @@ def random_layer(cfg, mesh, *, seed=0, dtype=jnp.bfloat16, num_layers: int | Non
             if name.endswith("norm"):
                 out[name] = jnp.ones(lead + shp, dtype)
             else:
-                fan_in = D if name in ("wq", "wk", "wv", "w_gate", "w_up") else shp[0] * (
-                    shp[1] if name == "wo" else 1)
-                std = 0.02 if name.startswith("b") else fan_in ** -0.5
+                std = 0.02 if name.startswith("b") else fan_in[name] ** -0.5
                 out[name] = (std * jax.random.normal(key, lead + shp, jnp.float32)).astype(dtype)
         return out
 
     return jax.jit(init, out_shardings=shard)(), {k: s.spec for k, s in shard.items()}
+
+
+def random_layer(cfg, mesh, *, seed=0, dtype=jnp.bfloat16, num_layers: int | None = None,
+                 axis: str = "tp"):
+    """One dense layer's weights (or `num_layers` stacked), created sharded."""
+    D, H, KVH, hd, F = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                        cfg.intermediate_size)
+    shapes = dict(wq=(D, H, hd), wk=(D, KVH, hd), wv=(D, KVH, hd), wo=(H, hd, D), w_gate=(D, F),
+                  w_up=(D, F), w_down=(F, D), input_norm=(D,), post_attn_norm=(D,))
+    if cfg.attention_bias:
+        shapes.update(bq=(H, hd), bk=(KVH, hd), bv=(KVH, hd))
+    fan_in = dict(wq=D, wk=D, wv=D, w_gate=D, w_up=D, wo=H * hd, w_down=F)
+    return random_sharded(mesh, shapes, layer_specs(cfg, mesh.shape[axis], axis), fan_in,
+                          seed=seed, dtype=dtype, num_layers=num_layers)
 
 
 def make_reducer(variant: str, cfg, impl: str, comm=None, axis: str = "tp") -> weave.Reducer:

@@ -97,31 +97,15 @@ def moe_layer_specs(cfg, tp: int, axis: str = "tp"):
 
 def random_moe_layer(cfg, mesh, *, dtype, num_layers=None, seed=0, axis="tp"):
     """Attention + MoE weights of one layer (or `num_layers` stacked), created sharded."""
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax_tokenweave import bench
     D, H, KVH, hd, F, E = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                            cfg.intermediate_size, cfg.num_experts)
     shapes = dict(wq=(D, H, hd), wk=(D, KVH, hd), wv=(D, KVH, hd), wo=(H, hd, D),
                   input_norm=(D,), post_attn_norm=(D,), router=(D, E), w1=(E, D, F), w3=(E, D, F),
                   w2=(E, F, D))
     fan_in = dict(wq=D, wk=D, wv=D, wo=H * hd, router=D, w1=D, w3=D, w2=F)
-    specs = moe_layer_specs(cfg, mesh.shape[axis], axis)
-    lead = () if num_layers is None else (num_layers,)
-    shard = {k: NamedSharding(mesh, P(*((None,) * len(lead)), *specs[k])) for k in shapes}
-
-    def init():
-        keys = jax.random.split(jax.random.key(seed), len(shapes))
-        out = {}
-        for key, (name, shp) in zip(keys, sorted(shapes.items())):
-            if name.endswith("norm"):
-                out[name] = jnp.ones(lead + shp, dtype)
-            else:
-                out[name] = (fan_in[name] ** -0.5 * jax.random.normal(key, lead + shp, jnp.float32)
-                             ).astype(dtype)
-        return out
-
-    return jax.jit(init, out_shardings=shard)(), {k: s.spec for k, s in shard.items()}
+    return bench.random_sharded(mesh, shapes, moe_layer_specs(cfg, mesh.shape[axis], axis), fan_in,
+                                seed=seed, dtype=dtype, num_layers=num_layers)
 
 
 # ------------------------------------------------------------------------------ layers
