@@ -173,31 +173,22 @@ def _plan_key(cfg: ModelConfig, key: str, shape: tuple[int, ...]) -> tuple[str |
         return None, str(e)
     if slot is not None:
         return slot, None
+    matched = hf_keys.match_key(key)
+    if matched is None:
+        return None, f"unexpected tensor {key!r}: not a parameter of a {cfg.model_type} model"
+    path, transform = matched
     shapes = hf_keys.param_shapes(cfg)
-    table = getattr(hf_keys, "_TABLE", None)
-    if table is None:  # no table to consult: check the key on a zero-stride stand-in
-        try:
-            res = hf_keys.hf_to_param(cfg, key, _zero_view(shape))
-        except ValueError as e:
-            return None, str(e)
-        return (res[0] if res else None), None
-    for pattern, template, transform in table:
-        m = pattern.fullmatch(key)
-        if m is None:
-            continue
-        path = template.format(*m.groups())
-        if path not in shapes:
-            return None, f"unexpected tensor {key!r}: the model has no {path!r}"
-        expected = shapes[path]
-        try:
-            got = tuple(transform(cfg, _zero_view(shape)).shape)
-        except ValueError:
-            got = None
-        if got != expected:
-            return path, (f"mis-shaped tensor {key!r}: shape {shape} does not give our {path!r} of "
-                          f"shape {expected}")
-        return path, None
-    return None, f"unexpected tensor {key!r}: not a parameter of a {cfg.model_type} model"
+    if path not in shapes:
+        return None, f"unexpected tensor {key!r}: the model has no {path!r}"
+    expected = shapes[path]
+    try:
+        got = tuple(transform(cfg, _zero_view(shape)).shape)
+    except ValueError:
+        got = None
+    if got != expected:
+        return path, (f"mis-shaped tensor {key!r}: shape {shape} does not give our {path!r} of "
+                      f"shape {expected}")
+    return path, None
 
 
 def _hf_name_of(path) -> str:

@@ -183,6 +183,16 @@ class ParamAssembler:
             raise ValueError(f"incomplete stacked parameters, missing experts: {missing}")
 
 
+def match_key(hf_key: str):
+    """(our path, layout transform) for an HF key of the key table, or None. No shape checks:
+    the checkpoint planner uses this to map keys without reading any tensor data."""
+    for pattern, template, transform in _TABLE:
+        m = pattern.fullmatch(hf_key)
+        if m is not None:
+            return template.format(*m.groups()), transform
+    return None
+
+
 def hf_to_param(cfg: ModelConfig, hf_key: str, tensor: np.ndarray) -> tuple[str, np.ndarray] | None:
     """One HF tensor (torch layout) -> (our path, array in our layout); None for ignored keys
     (see is_ignored). Raises ValueError naming the key for unknown keys and wrong shapes.
@@ -193,29 +203,27 @@ def hf_to_param(cfg: ModelConfig, hf_key: str, tensor: np.ndarray) -> tuple[str,
         raise ValueError(f"HF key {hf_key!r} is one expert's slice of a stacked parameter; convert "
                          f"it with hf_to_slice or ParamAssembler")
     shapes = _shapes(cfg)
-    for pattern, template, transform in _TABLE:
-        m = pattern.fullmatch(hf_key)
-        if m is None:
-            continue
-        path = template.format(*m.groups())
-        if path not in shapes:
-            raise ValueError(f"HF key {hf_key!r} maps to {path!r}, which this model does not have "
-                             f"(model_type={cfg.model_type}, num_layers={cfg.num_layers}, "
-                             f"attention_bias={cfg.attention_bias}, "
-                             f"tie_word_embeddings={cfg.tie_word_embeddings}); wrong config?")
-        expected = shapes[path]
-        tensor = np.asarray(tensor)
-        if tensor.size != int(np.prod(expected)):
-            raise ValueError(f"HF key {hf_key!r}: got shape {tuple(tensor.shape)}, which does not "
-                             f"fit our {path!r} of shape {expected}; does the config match the "
-                             f"checkpoint?")
-        out = np.ascontiguousarray(transform(cfg, tensor))
-        if tuple(out.shape) != expected:
-            raise ValueError(f"HF key {hf_key!r}: got shape {tuple(tensor.shape)}, which gives "
-                             f"{tuple(out.shape)} for {path!r}; expected {expected}")
-        return path, out
-    raise ValueError(f"unknown HF key {hf_key!r}: not a parameter of a {cfg.model_type} model "
-                     f"that jax_tokenweave knows")
+    matched = match_key(hf_key)
+    if matched is None:
+        raise ValueError(f"unknown HF key {hf_key!r}: not a parameter of a {cfg.model_type} model "
+                         f"that jax_tokenweave knows")
+    path, transform = matched
+    if path not in shapes:
+        raise ValueError(f"HF key {hf_key!r} maps to {path!r}, which this model does not have "
+                         f"(model_type={cfg.model_type}, num_layers={cfg.num_layers}, "
+                         f"attention_bias={cfg.attention_bias}, "
+                         f"tie_word_embeddings={cfg.tie_word_embeddings}); wrong config?")
+    expected = shapes[path]
+    tensor = np.asarray(tensor)
+    if tensor.size != int(np.prod(expected)):
+        raise ValueError(f"HF key {hf_key!r}: got shape {tuple(tensor.shape)}, which does not "
+                         f"fit our {path!r} of shape {expected}; does the config match the "
+                         f"checkpoint?")
+    out = np.ascontiguousarray(transform(cfg, tensor))
+    if tuple(out.shape) != expected:
+        raise ValueError(f"HF key {hf_key!r}: got shape {tuple(tensor.shape)}, which gives "
+                         f"{tuple(out.shape)} for {path!r}; expected {expected}")
+    return path, out
 
 
 def check_complete(cfg: ModelConfig, paths) -> None:
