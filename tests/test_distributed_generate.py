@@ -106,3 +106,13 @@ def test_maybe_initialize_settings(monkeypatch):
     monkeypatch.setenv("JAX_PROCESS_ID", "2")
     with pytest.raises(ValueError, match="outside 0..1"):
         dist.maybe_initialize()
+
+
+@pytest.mark.multigpu
+@pytest.mark.timeout(900)
+def test_generate_gpu_check():
+    """On the device machine (2+ GPUs): xla == p2p == jax.distributed p2p greedy tokens."""
+    p = subprocess.run(["bash", os.path.join(ROOT, "scripts", "generate_gpu_check.sh")],
+                       capture_output=True, text=True, timeout=880, cwd=ROOT)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    assert "GENERATE GPU CHECK PASSED" in p.stdout
