@@ -23,9 +23,9 @@ import sys
 import time
 from functools import partial
 
-for _k, _v in (("NCCL_NVLS_ENABLE", "0"), ("NVSHMEM_DISABLE_NVLS", "1"),
-               ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")):
-    os.environ.setdefault(_k, _v)   # NVLink multicast must never run on the lent machines
+from jax_tokenweave.gpu_env import forbid_multicast
+
+forbid_multicast()
 
 import jax
 import jax.numpy as jnp

@@ -20,14 +20,14 @@ import subprocess
 import sys
 import time
 
-for k, v in (("NCCL_NVLS_ENABLE", "0"), ("NVSHMEM_DISABLE_NVLS", "1"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")):
-    os.environ[k] = v
 os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
 os.environ.pop("JAX_TOKENWEAVE_ENABLE_MULTIMEM", None)
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
+from jax_tokenweave.gpu_env import forbid_multicast  # noqa: E402
+forbid_multicast()
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--out", default="bench/results")

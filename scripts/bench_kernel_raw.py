@@ -2,9 +2,9 @@
 launches queued on every GPU. --phases also times variants with phases switched off (wrong
 results, timing only) to see where the time goes."""
 import os, sys
-for k, v in (("NCCL_NVLS_ENABLE", "0"), ("NVSHMEM_DISABLE_NVLS", "1"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")):
-    os.environ[k] = v
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from jax_tokenweave.gpu_env import forbid_multicast  # noqa: E402
+forbid_multicast()
 import jax
 import jax_tokenweave as jtw
 from jax_tokenweave import cuda_ops

@@ -11,14 +11,12 @@ layer. Writes <out>/bench_layer.{json,md,png} (+ profile_tokenweave.png and the 
 """
 import os
 
-for _k, _v in (("NCCL_NVLS_ENABLE", "0"), ("NVSHMEM_DISABLE_NVLS", "1"),
-               ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")):
-    os.environ.setdefault(_k, _v)   # NVLink multicast must never run on the lent machines
-
 import argparse
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from jax_tokenweave.gpu_env import forbid_multicast  # noqa: E402
+forbid_multicast()
 
 
 def parse(argv=None):

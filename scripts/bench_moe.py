@@ -30,14 +30,12 @@ Routing: random router and inputs give roughly balanced experts.
 """
 import os
 
-for _k, _v in (("NCCL_NVLS_ENABLE", "0"), ("NVSHMEM_DISABLE_NVLS", "1"),
-               ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")):
-    os.environ.setdefault(_k, _v)   # NVLink multicast must never run on the lent machines
-
 import argparse
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from jax_tokenweave.gpu_env import forbid_multicast  # noqa: E402
+forbid_multicast()
 
 MOE_KEYS = ("router", "w1", "w3", "w2")
 

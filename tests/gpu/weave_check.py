@@ -8,9 +8,9 @@ bf16 one (max |diff| of logits relative to their scale). Prints one line per cas
 import os
 import sys
 
-for k, v in (("NCCL_NVLS_ENABLE", "0"), ("NVSHMEM_DISABLE_NVLS", "1"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")):
-    os.environ.setdefault(k, v)   # NVLink multicast stays off
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+from jax_tokenweave.gpu_env import forbid_multicast  # noqa: E402
+forbid_multicast()
 
 import jax
 import jax.numpy as jnp
