@@ -133,6 +133,7 @@ setup(
     python_requires=">=3.11",
     packages=["jax_tokenweave", "jax_tokenweave.models"],
     package_dir={"jax_tokenweave": "jax_tokenweave", "jax_tokenweave.models": "models"},
+    package_data={"jax_tokenweave": ["weave_table.json"]},  # the measured split settings
     ext_modules=[Extension("jax_tokenweave._C", sources=CUDA_SOURCES)],
     cmdclass={"build_ext": NvccBuildExt},
     install_requires=[

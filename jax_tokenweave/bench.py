@@ -4,10 +4,11 @@ scripts/bench_model.py and scripts/tune_split.py.
 
 Variants (all run the same attention/MLP math, weave.py's functional layer):
     baseline    XLA's native TP path: psum + residual add + RMSNorm, replicated residual, no split
-    xla_split   the same psum path with the batch split in two (weave's order, no stream
-                annotations): XLA's own async collectives do whatever overlap they can
+    xla_split   the same psum path with the batch split in two (weave's order): XLA's own async
+                collectives do whatever overlap they can
     fused       fused_allreduce_rmsnorm (token-sharded residual), no split
-    tokenweave  fused + split + overlap (stream-annotated pairs on GPU with the CUDA impl)
+    tokenweave  fused + split + overlap (start/done pairs on GPU with the CUDA impl, the
+                collective on SplitConfig.comm_ctas SMs)
     nocomm      reductions removed (residual += local partial): the ideal, not a correct model
 """
 from __future__ import annotations
@@ -108,9 +109,10 @@ def random_layer(cfg, mesh, *, seed=0, dtype=jnp.bfloat16, num_layers: int | Non
                           seed=seed, dtype=dtype, num_layers=num_layers)
 
 
-def make_reducer(variant: str, cfg, impl: str, comm=None, axis: str = "tp") -> weave.Reducer:
+def make_reducer(variant: str, cfg, impl: str, comm=None, axis: str = "tp",
+                 ctas: int = 0) -> weave.Reducer:
     kind = {"baseline": "psum", "xla_split": "psum", "nocomm": "nocomm"}.get(variant, "fused")
-    return weave.Reducer(kind, axis, cfg.rms_norm_eps, impl, comm)
+    return weave.Reducer(kind, axis, cfg.rms_norm_eps, impl, comm, ctas)
 
 
 def layer_stack_fn(variant: str, cfg, mesh, wspecs, *, tokens: int, batch: int = 1,
@@ -125,7 +127,7 @@ def layer_stack_fn(variant: str, cfg, mesh, wspecs, *, tokens: int, batch: int =
         raise ValueError(f"variant {variant!r}; choose from {VARIANTS}")
     S = tokens // batch
     split = split or weave.SplitConfig()
-    red = make_reducer(variant, cfg, impl, comm, axis)
+    red = make_reducer(variant, cfg, impl, comm, axis, split.comm_ctas)
     spec = weave.LayerSpec(cfg.num_kv_heads, axis, attn_impl)
     plan = None
     if variant in ("xla_split", "tokenweave"):
@@ -133,7 +135,7 @@ def layer_stack_fn(variant: str, cfg, mesh, wspecs, *, tokens: int, batch: int =
         if plan is None:
             plan = weave.plan_split(batch, S, weave.SplitConfig(threshold=2, tile=split.tile,
                                                                 offset=split.offset))
-    streams = variant == "tokenweave" and weave.use_streams(split, red)
+    overlap = variant == "tokenweave" and weave.use_overlap(split, red)
     inv = rope_inv_freq(cfg)
 
     def body(w, p):
@@ -166,7 +168,7 @@ def layer_stack_fn(variant: str, cfg, mesh, wspecs, *, tokens: int, batch: int =
         def step(c, wl):
             wl = pick(wl)
             c, _ = weave.split_layer(wl, c, wl["input_norm"], rope0, rope1, plan=plan, spec=spec,
-                                     red=red, streams=streams, gid0=1)
+                                     red=red, overlap=overlap)
             return c, None
         carry, _ = jax.lax.scan(step, carry, xs, length=num_layers)
         return weave.split_end(carry, norm0, plan, red)
@@ -242,7 +244,8 @@ def find_trace(log_dir: str) -> str:
 
 def _category(name: str) -> str:
     n = name.lower()
-    if any(s in n for s in ("fused_ar", "tokenweave", "allreduce", "all-reduce", "all_reduce",
+    if any(s in n for s in ("twoshot_kernel", "oneshot_kernel", "multimem_kernel", "fused_ar",
+                            "tokenweave", "allreduce", "all-reduce", "all_reduce",
                             "nccl", "reduce-scatter", "reduce_scatter", "all-gather", "allgather",
                             "all_gather", "p2p", "custom-call", "custom_call", "ffi")):
         return "communication"
@@ -348,10 +351,10 @@ def chunk_fn(variant: str, cfg, mesh, wspecs, *, chunk: int, offset: int, num_la
     first `offset` positions; its k/v written at [offset, offset+chunk). ck/cv donated."""
     from jax_tokenweave.models.llama import rope_cos_sin, rope_inv_freq
     split = split or weave.SplitConfig()
-    red = make_reducer(variant, cfg, impl, comm, axis)
+    red = make_reducer(variant, cfg, impl, comm, axis, split.comm_ctas)
     spec = weave.LayerSpec(cfg.num_kv_heads, axis, attn_impl)
     plan = weave.plan_split(1, chunk, split) if variant in ("xla_split", "tokenweave") else None
-    streams = variant == "tokenweave" and weave.use_streams(split, red)
+    overlap = variant == "tokenweave" and weave.use_overlap(split, red)
     inv = rope_inv_freq(cfg)
     cs = P(None, None, None, axis, None)
 
@@ -383,7 +386,7 @@ def chunk_fn(variant: str, cfg, mesh, wspecs, *, chunk: int, offset: int, num_la
                 wl, ckl, cvl = xs
                 c, (k0, v0, k1, v1) = weave.split_layer(
                     wl, c, wl["input_norm"], rope0, rope1, plan=plan, spec=spec, red=red,
-                    streams=streams, gid0=1, prefix_kv=prefix(ckl, cvl))
+                    overlap=overlap, prefix_kv=prefix(ckl, cvl))
                 return c, (jnp.concatenate([k0, k1], 1), jnp.concatenate([v0, v1], 1))
             carry, (ks, vs) = jax.lax.scan(step, carry, (w, ck, cv))
             x = weave.split_end(carry, norm0, plan, red)

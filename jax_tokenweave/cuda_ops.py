@@ -9,6 +9,7 @@ Extra knobs for benchmarks and tests: ``p2p_fused(..., ctas=, mode="oneshot"|"tw
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -19,6 +20,8 @@ from jax_tokenweave import fused
 from jax_tokenweave.compat import axis_size
 
 TARGET = "jax_tokenweave_fused_ar_rmsnorm"
+START_TARGET = "jax_tokenweave_fused_start"
+DONE_TARGET = "jax_tokenweave_fused_done"
 _MODES = {"auto": 0, "oneshot": 1, "twoshot": 2}
 _C = None
 _LOAD_ERROR: str | None = None
@@ -74,7 +77,8 @@ def _resolve_comm(comm, axis_name):
     return comm
 
 
-def _call(partial, residual, gamma, *, axis_name, eps, comm, ctas, mode, transport):
+def _call(partial, residual, gamma, *, axis_name, eps, comm, ctas, mode, transport, slot=None):
+    """The synchronous custom call, or (slot given) the start of an asynchronous one."""
     register_targets()
     n = axis_size(axis_name)
     if n != comm.num_ranks:
@@ -96,14 +100,35 @@ def _call(partial, residual, gamma, *, axis_name, eps, comm, ctas, mode, transpo
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {tuple(_MODES)}")
     ctas = comm.ctas if ctas is None else int(ctas)
-    call = jax.ffi.ffi_call(
-        TARGET,
-        (jax.ShapeDtypeStruct(partial.shape, partial.dtype), jax.ShapeDtypeStruct(residual.shape, residual.dtype)),
-        input_output_aliases={1: 1},  # residual -> residual_out (the kernel updates rows in place)
-    )
-    return call(partial, residual, gamma.astype(jnp.float32), comm_id=np.int64(comm.id), eps=np.float32(eps),
-                ctas=np.int64(ctas), mode=np.int64(_MODES[mode]), num_ranks=np.int64(n),
-                transport=np.int64(transport))
+    if not 1 <= ctas <= extension().MAX_CTAS:
+        raise ValueError(f"fused_allreduce_rmsnorm: ctas={ctas}; use 1..{extension().MAX_CTAS}")
+    shapes = (jax.ShapeDtypeStruct(partial.shape, partial.dtype), jax.ShapeDtypeStruct(residual.shape, residual.dtype))
+    gamma32 = gamma.astype(jnp.float32)
+    attrs = dict(comm_id=np.int64(comm.id), eps=np.float32(eps), ctas=np.int64(ctas), mode=np.int64(_MODES[mode]),
+                 num_ranks=np.int64(n), transport=np.int64(transport))
+    # residual -> residual_out: the kernel updates the rows in place.
+    if slot is None:
+        return jax.ffi.ffi_call(TARGET, shapes, input_output_aliases={1: 1})(partial, residual, gamma32, **attrs)
+    if not 0 <= slot < ASYNC_SLOTS:
+        raise ValueError(f"fused_allreduce_rmsnorm_start: slot={slot}; use 0..{ASYNC_SLOTS - 1}")
+    normed, residual_out = jax.ffi.ffi_call(START_TARGET, shapes, input_output_aliases={1: 1})(
+        partial, residual, gamma32, slot=np.int64(slot), **attrs)
+    return fused.Pending(normed, residual_out, keep_alive=(partial, gamma32),
+                         finish=functools.partial(_done, comm_id=comm.id, slot=slot))
+
+
+ASYNC_SLOTS = 4  # tw_common.h kAsyncSlots
+
+
+def _done(pending, after, *, comm_id, slot):
+    """XLA's stream waits for the kernel started in `slot`. The kernel's inputs (keep_alive) and
+    the overlapped work (after) are operands, so XLA issues the wait after that work and keeps the
+    inputs unreused until here."""
+    shapes = (jax.ShapeDtypeStruct(pending.normed.shape, pending.normed.dtype),
+              jax.ShapeDtypeStruct(pending.residual_out.shape, pending.residual_out.dtype))
+    call = jax.ffi.ffi_call(DONE_TARGET, shapes, input_output_aliases={0: 0, 1: 1})
+    return call(pending.normed, pending.residual_out, *pending.keep_alive, *after,
+                comm_id=np.int64(comm_id), slot=np.int64(slot))
 
 
 def p2p_fused(partial, residual, gamma, *, axis_name, eps=1e-5, comm=None, ctas=None, mode="auto"):
@@ -133,6 +158,13 @@ def _p2p_impl(partial, residual, gamma, *, axis_name, eps, comm):
     return p2p_fused(partial, residual, gamma, axis_name=axis_name, eps=eps, comm=comm)
 
 
+def p2p_start(partial, residual, gamma, *, axis_name, eps=1e-5, comm=None, slot=0, ctas=None, mode="auto"):
+    """The asynchronous `p2p` op: a fused.Pending for fused.fused_allreduce_rmsnorm_done."""
+    comm = _resolve_comm(comm, axis_name)
+    return _call(partial, residual, gamma, axis_name=axis_name, eps=eps, comm=comm, ctas=ctas, mode=mode,
+                 transport=0, slot=slot)
+
+
 def _multimem_impl(partial, residual, gamma, *, axis_name, eps, comm):
     return multimem_fused(partial, residual, gamma, axis_name=axis_name, eps=eps, comm=comm)
 
@@ -148,7 +180,7 @@ def _auto_chooser(partial, num_ranks):
 def register_impls() -> None:
     fused.register_impl("auto", _auto_chooser)
     if available():
-        fused.register_impl("p2p", _p2p_impl)
+        fused.register_impl("p2p", _p2p_impl, start=p2p_start)
         fused.register_impl("multimem", _multimem_impl)
 
 

@@ -25,10 +25,17 @@ Implementations, picked by ``impl``:
   ``p2p``       CUDA kernel over NVLink peer memory (needs the compiled extension and a Communicator).
   ``multimem``  CUDA kernel on an NVLS multicast object. Opt-in only.
   ``auto``      ``p2p`` where the measured table says it beats ``xla``, else ``xla``.
+
+Asynchronous form (for overlap, see weave.py): ``fused_allreduce_rmsnorm_start`` returns a
+``Pending`` handle, ``fused_allreduce_rmsnorm_done(pending, after=...)`` its two results. With the
+CUDA impls the kernel runs on the communicator's own stream between the two, beside whatever XLA
+runs on its stream; ``after`` names arrays whose computation must be issued before the wait (the
+overlapped work). Implementations without an asynchronous form compute everything in start.
 """
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -41,12 +48,34 @@ _FLOAT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 # Implementations other than `xla` register themselves here when their extension loads:
 # name -> fn(partial, residual, gamma, *, axis_name, eps, comm) -> (normed, residual_out).
 _REGISTRY: dict[str, Callable] = {}
+# name -> fn(partial, residual, gamma, *, axis_name, eps, comm, slot, ctas) -> Pending
+_START_REGISTRY: dict[str, Callable] = {}
 
 
-def register_impl(name: str, fn: Callable) -> None:
+def register_impl(name: str, fn: Callable, start: Callable | None = None) -> None:
     if name not in IMPLS or name == "xla":
         raise ValueError(f"cannot register implementation {name!r}; expected one of {IMPLS[1:]}")
     _REGISTRY[name] = fn
+    if start is not None:
+        _START_REGISTRY[name] = start
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True)
+class Pending:
+    """An issued fused reduction: its results (valid only after ``finish``), the arrays the kernel
+    still reads, and how to wait for it (``finish(pending, after)``; None: already complete)."""
+    normed: jax.Array
+    residual_out: jax.Array
+    keep_alive: tuple = ()
+    finish: Any = None
+
+    def tree_flatten(self):
+        return (self.normed, self.residual_out, self.keep_alive), self.finish
+
+    @classmethod
+    def tree_unflatten(cls, finish, children):
+        return cls(*children, finish=finish)
 
 
 def rows_per_rank(num_tokens: int, num_ranks: int) -> int:
@@ -94,15 +123,46 @@ def fused_allreduce_rmsnorm(partial: jax.Array, residual: jax.Array, gamma: jax.
         raise ValueError(f"fused_allreduce_rmsnorm: impl={impl!r} is unknown; choose one of {IMPLS}")
     n = axis_size(axis_name)
     check_args(partial, residual, gamma, n)
-    if impl == "auto":
-        impl = _REGISTRY["auto"](partial, n) if "auto" in _REGISTRY else "xla"
+    impl = _resolve_impl(impl, partial, n)
     if impl == "xla":
         return _xla_impl(partial, residual, gamma, axis_name=axis_name, eps=eps, num_ranks=n)
-    if impl not in _REGISTRY:
+    return _REGISTRY[impl](partial, residual, gamma, axis_name=axis_name, eps=eps, comm=comm)
+
+
+def _resolve_impl(impl: str, partial, n: int) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"fused_allreduce_rmsnorm: impl={impl!r} is unknown; choose one of {IMPLS}")
+    if impl == "auto":
+        impl = _REGISTRY["auto"](partial, n) if "auto" in _REGISTRY else "xla"
+    if impl != "xla" and impl not in _REGISTRY:
         raise RuntimeError(f"fused_allreduce_rmsnorm: impl={impl!r} needs the CUDA extension "
                            f"(jax_tokenweave._C), which is not built or not loadable here; see "
                            f"BUILD.md, or use impl='xla'")
-    return _REGISTRY[impl](partial, residual, gamma, axis_name=axis_name, eps=eps, comm=comm)
+    return impl
+
+
+def fused_allreduce_rmsnorm_start(partial, residual, gamma, *, axis_name: str = "tp",
+                                  eps: float = 1e-5, impl: str = "xla", comm=None, slot: int = 0,
+                                  ctas: int | None = None) -> Pending:
+    """Issue the fused op and return a ``Pending``; ``slot`` (0..3) tells pending calls of one
+    device apart (one per token half); ``ctas`` overrides the communicator's CTA count."""
+    n = axis_size(axis_name)
+    check_args(partial, residual, gamma, n)
+    impl = _resolve_impl(impl, partial, n)
+    if impl in _START_REGISTRY:
+        return _START_REGISTRY[impl](partial, residual, gamma, axis_name=axis_name, eps=eps,
+                                     comm=comm, slot=slot, ctas=ctas)
+    normed, residual_out = fused_allreduce_rmsnorm(partial, residual, gamma, axis_name=axis_name,
+                                                   eps=eps, impl=impl, comm=comm)
+    return Pending(normed, residual_out)
+
+
+def fused_allreduce_rmsnorm_done(pending: Pending, *, after=()) -> tuple[jax.Array, jax.Array]:
+    """Wait for ``pending`` (after the computation of the arrays in ``after`` has been issued)
+    and return ``(normed, residual_out)``."""
+    if pending.finish is None:
+        return pending.normed, pending.residual_out
+    return pending.finish(pending, tuple(jax.tree_util.tree_leaves(after)))
 
 
 def _xla_impl(partial, residual, gamma, *, axis_name, eps, num_ranks):

@@ -31,13 +31,15 @@ The overlapped layer (TokenWeave's order; half 1 lags half 0 by one step)
         pair 4:  x0, r0 = fused(m0, r0, next_norm)       ||  p1 = m1 = mlp(x1)
 
     The first fused call (half 0's embedding) runs alone; the last (half 1's final norm) too.
-    Streams (DESIGN.md §4, measured): in each pair the fused call runs in
-    ``compute_on("gpu_stream:1")``, the compute in ``compute_on("gpu_stream:2")``, both inside
-    ``set_xla_metadata(_scheduling_group_id=<distinct id per pair>)``. KV-cache writes, splits and
-    joins stay on the main stream (outside the annotated calls, so no cache buffer crosses a
-    non-inlined call boundary). Annotations are applied only on GPU backends and only for the
-    custom-call impls (``p2p``/``auto``/``multimem``); with ``impl="xla"`` the split relies on XLA's
-    own async collectives. On CPU the math is identical, without annotations.
+    How the pair overlaps (``overlap_pair``): the collective is *started* (the kernel goes to the
+    communicator's own high-priority stream, ordered after its inputs by a CUDA event), the other
+    half's compute is issued on XLA's stream, then *done* makes XLA's stream wait for the kernel.
+    An optimization barrier puts the compute after the start; passing the compute's outputs to
+    done puts the wait after the compute. The collective takes ``SplitConfig.comm_ctas`` SMs, the
+    matmuls the rest. Used on GPU for the custom-call impls (``p2p``/``auto``/``multimem``); with
+    ``impl="xla"`` the split relies on XLA's own async collectives. On CPU the math is identical.
+    (DESIGN.md §4's stream annotations were tried first: the fused calls ran on their own streams
+    but serialised against the matmuls, 0 µs of overlap; bench/results/README.md.)
 
 Reductions (for benchmarks; the model always uses ``fused``):
     ``fused``   fused_allreduce_rmsnorm (token-sharded residual [R, D]) with ctx.impl
@@ -48,7 +50,6 @@ Reductions (for benchmarks; the model always uses ``fused``):
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -57,9 +58,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from jax_tokenweave import compat
 from jax_tokenweave.compat import axis_size
-from jax_tokenweave.fused import fused_allreduce_rmsnorm, rmsnorm, rows_per_rank
+from jax_tokenweave.fused import (Pending, fused_allreduce_rmsnorm, fused_allreduce_rmsnorm_done,
+                                  fused_allreduce_rmsnorm_start, rmsnorm, rows_per_rank)
 
 TABLE_PATH = os.path.join(os.path.dirname(__file__), "weave_table.json")
 CUSTOM_CALL_IMPLS = ("p2p", "auto", "multimem")
@@ -75,15 +76,19 @@ class SplitConfig:
     offset: int = 0                # tokens added to the rounded half (tuned; may be negative)
     offsets: tuple = ()            # ((min_tokens, offset), ...): per-size offsets, override `offset`
     max_imbalance: float = 0.125   # `batch` kind only if |b*S - t0| <= max(tile, this * T)
-    streams: str = "auto"          # "auto": annotate for custom-call impls on GPU; "on": on GPU
-                                   # for any impl; "off"; "force": everywhere (lowering tests only)
+    comm_ctas: int = 0             # CTAs (SMs) of an overlapped collective; 0: the communicator's
+    overlap: str = "auto"          # "auto": start/done overlap for custom-call impls on GPU;
+                                   # "off"; "force": the start/done structure everywhere (tests)
 
     def __post_init__(self):
         if self.threshold < 2 or self.tile < 1:
             raise ValueError(f"SplitConfig: threshold ({self.threshold}) must be >= 2 and tile "
                              f"({self.tile}) >= 1")
-        if self.streams not in ("auto", "on", "off", "force"):
-            raise ValueError(f"SplitConfig.streams={self.streams!r}; use auto/on/off/force")
+        if self.overlap not in ("auto", "off", "force"):
+            raise ValueError(f"SplitConfig.overlap={self.overlap!r}; use auto, off or force")
+        if self.comm_ctas < 0:
+            raise ValueError(f"SplitConfig.comm_ctas={self.comm_ctas}; use 0 (the communicator's "
+                             f"default) or a positive CTA count")
 
     def offset_for(self, num_tokens: int) -> int:
         off = self.offset
@@ -200,6 +205,7 @@ class Reducer:
     eps: float
     impl: str = "xla"
     comm: Any = None
+    ctas: int = 0        # overlapped (started) calls only; 0: the communicator's count
 
     def __post_init__(self):
         if self.kind not in ("fused", "psum", "nocomm"):
@@ -218,17 +224,26 @@ class Reducer:
         h = residual + s
         return rmsnorm(h, gamma, self.eps).astype(partial.dtype), h
 
+    def start(self, partial, residual, gamma, slot: int) -> Pending:
+        if self.kind != "fused":
+            return Pending(*self(partial, residual, gamma))
+        return fused_allreduce_rmsnorm_start(partial, residual, gamma, axis_name=self.axis_name,
+                                             eps=self.eps, impl=self.impl, comm=self.comm,
+                                             slot=slot, ctas=self.ctas or None)
+
     @property
     def custom_call(self) -> bool:
         return self.kind == "fused" and self.impl in CUSTOM_CALL_IMPLS
 
 
-def use_streams(split: SplitConfig, red: Reducer) -> bool:
-    if split.streams == "force":
+def use_overlap(split: SplitConfig, red: Reducer) -> bool:
+    """Whether split layers issue their collectives as start/done pairs around the other half's
+    compute (see the module doc)."""
+    if split.overlap == "force":
         return True
-    if split.streams == "off" or jax.default_backend() not in ("gpu", "cuda", "rocm"):
+    if split.overlap == "off" or jax.default_backend() not in ("gpu", "cuda"):
         return False
-    return split.streams == "on" or red.custom_call
+    return red.custom_call
 
 
 # ------------------------------------------------------------------------- layer computations
@@ -323,27 +338,20 @@ def mlp_block(w, x):
     return (silu(gate) * up) @ w["w_down"]
 
 
-# ------------------------------------------------------------------------- stream placement
+# ------------------------------------------------------------------------- overlap
 
-def _stream(fn: Callable, stream: int, enabled: bool) -> Callable:
-    return compat.compute_on(fn, f"gpu_stream:{stream}") if enabled else fn
-
-
-def _group(gid: int, enabled: bool):
-    return compat.xla_metadata(_scheduling_group_id=str(gid)) if enabled else contextlib.nullcontext()
-
-
-def overlap_pair(gid: int, enabled: bool, comm_fn, comm_args, compute_fn, compute_args):
-    """Run comm_fn (a fused collective) beside compute_fn (the other half's compute): on GPU with
-    annotations, the collective on gpu_stream:1 and the compute on gpu_stream:2, both in
-    scheduling group `gid`. Returns (comm outputs, compute outputs)."""
-    def comm(*a):   # a plain function (compute_on wants one), whatever comm_fn is
-        return comm_fn(*a)
-
-    with jax.named_scope(f"pair{gid}"), _group(gid, enabled):
-        c = _stream(comm, 1, enabled)(*comm_args)
-        y = _stream(compute_fn, 2, enabled)(*compute_args)
-    return c, y
+def overlap_pair(name: str, overlap: bool, red: Reducer, comm_args, slot: int, compute_fn,
+                 compute_args):
+    """Run the reduction red(*comm_args) beside compute_fn(*compute_args) (the other half's work).
+    overlap: start the collective, issue the compute, then wait (module doc); else one after the
+    other. Returns (reduction outputs, compute outputs)."""
+    with jax.named_scope(name):
+        if not overlap:
+            return red(*comm_args), compute_fn(*compute_args)
+        pending = red.start(*comm_args, slot=slot)
+        pending, compute_args = jax.lax.optimization_barrier((pending, compute_args))
+        y = compute_fn(*compute_args)
+        return fused_allreduce_rmsnorm_done(pending, after=y), y
 
 
 # ------------------------------------------------------------------------- the layers
@@ -365,8 +373,7 @@ def plain_layer(w, x, res, next_norm, rope, *, spec: LayerSpec, red: Reducer, pr
 
 
 def split_layer(w, carry, next_norm, rope0, rope1, *, plan: SplitPlan, spec: LayerSpec,
-                red: Reducer, streams: bool, gid0: int = 1, ffn: Callable | None = None,
-                prefix_kv=None):
+                red: Reducer, overlap: bool, ffn: Callable | None = None, prefix_kv=None):
     """One overlapped layer (TokenWeave's order, module doc). carry = (x0 [B0,S0,D] normed,
     r0, p1 [T1, D] pending partial of half 1, r1). Returns (carry, (k0, v0, k1, v1)).
     ffn: x [T, D] -> partial, replacing the dense SwiGLU on w's w_gate/w_up/w_down (e.g. MoE).
@@ -395,17 +402,19 @@ def split_layer(w, carry, next_norm, rope0, rope1, *, plan: SplitPlan, spec: Lay
 
     wa = {k: v for k, v in w.items() if k not in ("w_gate", "w_up", "w_down")}
     wm = {k: w[k] for k in ("w_gate", "w_up", "w_down") if k in w}
+    # slot = the half whose collective is pending (a half has at most one pending at a time).
     (x1, r1), (h0, k0, v0) = overlap_pair(
-        gid0, streams, red, (p1, r1, w["input_norm"]), attn0, (wa, x0, *rope0, *(prefix_kv or ())))
+        "pair1", overlap, red, (p1, r1, w["input_norm"]), 1, attn0,
+        (wa, x0, *rope0, *(prefix_kv or ())))
     if seq_kind:
         (x0f, r0), (h1, k1, v1) = overlap_pair(
-            gid0 + 1, streams, red, (h0, r0, w["post_attn_norm"]), attn1,
+            "pair2", overlap, red, (h0, r0, w["post_attn_norm"]), 0, attn1,
             (wa, x1, *rope1, k0, v0, *(prefix_kv or ())))
     else:
         (x0f, r0), (h1, k1, v1) = overlap_pair(
-            gid0 + 1, streams, red, (h0, r0, w["post_attn_norm"]), attn1_indep, (wa, x1, *rope1))
-    (x1, r1), m0 = overlap_pair(gid0 + 2, streams, red, (h1, r1, w["post_attn_norm"]), mlp, (wm, x0f))
-    (x0f, r0), m1 = overlap_pair(gid0 + 3, streams, red, (m0, r0, next_norm), mlp, (wm, x1))
+            "pair2", overlap, red, (h0, r0, w["post_attn_norm"]), 0, attn1_indep, (wa, x1, *rope1))
+    (x1, r1), m0 = overlap_pair("pair3", overlap, red, (h1, r1, w["post_attn_norm"]), 1, mlp, (wm, x0f))
+    (x0f, r0), m1 = overlap_pair("pair4", overlap, red, (m0, r0, next_norm), 0, mlp, (wm, x1))
     return (x0f.reshape(B0, S0, D), r0, m1, r1), (k0, v0, k1, v1)
 
 
@@ -434,9 +443,9 @@ def weave_forward(model, tokens, positions, plan: SplitPlan, *, ctx, mode: str =
     forward, final normed hidden [B, S, D] and the cache (both halves written)."""
     from jax_tokenweave.models.llama import rope_cos_sin, rope_inv_freq
     cfg = model.cfg
-    red = Reducer("fused", ctx.axis_name, cfg.rms_norm_eps, ctx.impl, ctx.comm)
+    red = Reducer("fused", ctx.axis_name, cfg.rms_norm_eps, ctx.impl, ctx.comm, ctx.split.comm_ctas)
     spec = LayerSpec(cfg.num_kv_heads, ctx.axis_name, ctx.attn_impl)
-    streams = use_streams(ctx.split, red)
+    overlap = use_overlap(ctx.split, red)
     tok0, tok1 = plan.split(tokens)
     pos0, pos1 = plan.split(positions)
     inv = rope_inv_freq(cfg)
@@ -453,8 +462,7 @@ def weave_forward(model, tokens, positions, plan: SplitPlan, *, ctx, mode: str =
         ffn = None if "w_gate" in w else (lambda x, _l=layer: _l.mlp(x, ctx))  # e.g. MoE
         with jax.named_scope(f"layer_{i}"):
             carry, (k0, v0, k1, v1) = split_layer(w, carry, norms[i], rope0, rope1, plan=plan,
-                                                  spec=spec, red=red, streams=streams,
-                                                  gid0=4 * i + 1, ffn=ffn)
+                                                  spec=spec, red=red, overlap=overlap, ffn=ffn)
         if mode == "prefill":
             cache = write_cache(cache, i, plan, k0, v0, k1, v1)
     with jax.named_scope("fused_final"):

@@ -206,8 +206,6 @@ def _prefill_attn_impl(ctx: TPContext, q: jax.Array) -> str:
 
 
 def silu(x: jax.Array) -> jax.Array:
-    # Not jax.nn.silu: that is a jit, and a nested call inside a stream-annotated region
-    # (weave.py's compute_on pairs) is rejected by XLA's GPU stream assignment.
     return x * jax.lax.logistic(x)
 
 

@@ -52,10 +52,7 @@ Mixtral = Llama  # the decoder; its layers build MoE blocks for mixtral configs 
 def route(router_logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """HF Mixtral routing: softmax in fp32 over experts, top-k, renormalise.
     router_logits [T, E] -> (weights [T, k] float32 summing to 1, expert ids [T, k] int32)."""
-    # softmax written out: jax.nn.softmax is a jit, which stream-annotated regions reject.
-    z = router_logits.astype(jnp.float32)
-    e = jnp.exp(z - jnp.max(z, axis=-1, keepdims=True))
-    probs = e / jnp.sum(e, axis=-1, keepdims=True)
+    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
     weights, experts = jax.lax.top_k(probs, k)
     return weights / jnp.sum(weights, axis=-1, keepdims=True), experts.astype(jnp.int32)
 

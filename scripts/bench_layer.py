@@ -12,6 +12,7 @@ layer. Writes <out>/bench_layer.{json,md,png} (+ profile_tokenweave.png and the 
 import os
 
 import argparse
+import dataclasses
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -33,6 +34,7 @@ def parse(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--tile", type=int, default=None, help="override the table's split tile")
     ap.add_argument("--offset", type=int, default=None, help="override the table's split offset")
+    ap.add_argument("--comm-ctas", type=int, default=None, help="override the table's CTAs per overlapped collective")
     ap.add_argument("--quick", action="store_true", help="tokens 2048,8192; 5 iters")
     ap.add_argument("--profile", action="store_true", help="trace one TokenWeave run + PNG")
     ap.add_argument("--profile-tokens", type=int, default=4096)
@@ -64,9 +66,10 @@ def main(argv=None):
     comm = bench.make_comm(mesh, impl, max(tokens), cfg.hidden_size)
     split = weave.config_for(cfg, tp)
     if a.tile is not None or a.offset is not None:
-        import dataclasses
         split = dataclasses.replace(split, tile=a.tile or split.tile,
                                     offset=split.offset if a.offset is None else a.offset, offsets=())
+    if a.comm_ctas is not None:
+        split = dataclasses.replace(split, comm_ctas=a.comm_ctas)
     dtype = jnp.float32 if a.tiny and not on_gpu else jnp.bfloat16
     w, wspecs = bench.random_layer(cfg, mesh, dtype=dtype)
     variants = a.variants.split(",")

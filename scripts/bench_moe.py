@@ -123,14 +123,14 @@ def stack_fn(variant, cfg, mesh, wspecs, *, tokens, num_layers, stacked, impl, c
     from jax_tokenweave import bench, weave
     from jax_tokenweave.compat import shard_map
     from jax_tokenweave.models.llama import rope_cos_sin, rope_inv_freq
-    red = bench.make_reducer(variant, cfg, impl, comm, axis)
+    red = bench.make_reducer(variant, cfg, impl, comm, axis, split.comm_ctas)
     spec = weave.LayerSpec(cfg.num_kv_heads, axis, attn_impl)
     k = cfg.num_experts_per_tok
     plan = None
     if variant in ("xla_split", "tokenweave"):
         plan = weave.plan_split(1, tokens, split) or weave.plan_split(
             1, tokens, weave.SplitConfig(threshold=2, tile=split.tile, offset=split.offset))
-    streams = variant == "tokenweave" and weave.use_streams(split, red)
+    overlap = variant == "tokenweave" and weave.use_overlap(split, red)
     inv = rope_inv_freq(cfg)
 
     def body(w, p):
@@ -159,7 +159,7 @@ def stack_fn(variant, cfg, mesh, wspecs, *, tokens, num_layers, stacked, impl, c
         def step(c, wl):
             wl = pick(wl)
             c, _ = weave.split_layer(wl, c, wl["input_norm"], rope0, rope1, plan=plan, spec=spec,
-                                     red=red, streams=streams, gid0=1, ffn=moe_fn(wl, k, moe_impl))
+                                     red=red, overlap=overlap, ffn=moe_fn(wl, k, moe_impl))
             return c, None
         carry, _ = jax.lax.scan(step, carry, xs, length=num_layers)
         return weave.split_end(carry, norm0, plan, red)

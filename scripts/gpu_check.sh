@@ -33,7 +33,7 @@ for i in $(seq 0 $((N-1))); do
   timeout 300 $PY tests/gpu/fused_check.py proc $i $N > /tmp/tw_proc_$i.log 2>&1 & pids+=($!)
 done
 for i in $(seq 0 $((N-1))); do wait ${pids[$i]} || status=1; done
-for i in $(seq 0 $((N-1))); do echo "-- process $i"; filt < /tmp/tw_proc_$i.log | tail -9; done
+for i in $(seq 0 $((N-1))); do echo "-- process $i"; filt < /tmp/tw_proc_$i.log | tail -10; done
 # ranks in different processes must agree bitwise: compare the per-case digests
 if [ "$(for i in $(seq 0 $((N-1))); do grep -o 'T=.*normed_sha=[0-9a-f]*' /tmp/tw_proc_$i.log | sed 's/max_rel_err.*normed_sha/sha/' | md5sum; done | sort -u | wc -l)" != "1" ]; then
   echo "FAIL: processes disagree on normed digests"; status=1

@@ -1,12 +1,16 @@
 #!/usr/bin/env python
-"""Measure the TokenWeave layer time over candidate split tiles/offsets and write the best into
+"""Measure the TokenWeave layer over candidate split settings and write the best into
 jax_tokenweave/weave_table.json (entry weave.model_key(model, tp)).
 
     python scripts/tune_split.py --model llama-3.3-70b            # TP = all GPUs
     python scripts/tune_split.py --quick --dry-run                # print, do not write
+    python scripts/tune_split.py --table $OUT/weave_table.json    # write elsewhere (device runs)
 
-For every token count the best offset (per tile) is kept; the table entry gets the tile with
-the lowest summed time, its per-size offsets (SplitConfig.offsets) and --threshold.
+Three steps, each at every token count: (1) the CTA count of the overlapped collective
+(SplitConfig.comm_ctas) at offset 0, best summed over the sizes; (2) the split offset with that
+count, best per size (SplitConfig.offsets); (3) the threshold: the smallest measured size at
+which the tuned TokenWeave layer beats the unsplit fused layer (if none does, the threshold is
+set above the largest measured size, i.e. never split).
 """
 import os
 
@@ -23,20 +27,20 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama-3.3-70b")
     ap.add_argument("--tp", type=int, default=None)
-    ap.add_argument("--tokens", default="1024,2048,4096,8192,16384")
-    ap.add_argument("--tiles", default="128,256")
-    ap.add_argument("--offsets", default="-256,-128,0,128,256")
-    ap.add_argument("--threshold", type=int, default=1024)
+    ap.add_argument("--tokens", default="1024,2048,4096,8192")
+    ap.add_argument("--tile", type=int, default=128)
+    ap.add_argument("--comm-ctas", default="16,32,64,0", help="candidates (0: the communicator's default)")
+    ap.add_argument("--offsets", default="-256,-128,128,256", help="tried besides 0")
     ap.add_argument("--impl", default=None)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--quick", action="store_true", help="tokens 2048,8192; offsets -128,0,128; tile 128")
+    ap.add_argument("--quick", action="store_true", help="tokens 2048,8192; offsets -128,128; 5 iters")
     ap.add_argument("--tiny", action="store_true", help="tiny-llama (CPU smoke test)")
     ap.add_argument("--table", default=None, help="table path (default: the package's)")
     ap.add_argument("--dry-run", action="store_true")
     a = ap.parse_args(argv)
     if a.quick:
-        a.tokens, a.offsets, a.tiles, a.iters = "2048,8192", "-128,0,128", "128", 5
+        a.tokens, a.offsets, a.iters = "2048,8192", "-128,128", 5
 
     import jax
     import jax.numpy as jnp
@@ -55,38 +59,53 @@ def main(argv=None):
     dtype = jnp.bfloat16 if on_gpu else jnp.float32
     w, wspecs = bench.random_layer(cfg, mesh, dtype=dtype)
     attn = "cudnn" if on_gpu else "xla"
-    measured = {}
-    for tile in (int(t) for t in a.tiles.split(",")):
-        for T in tokens:
-            p = jax.device_put(0.5 * jax.random.normal(jax.random.key(T), (T, cfg.hidden_size), dtype),
-                               NamedSharding(mesh, P()))
-            for off in (int(o) for o in a.offsets.split(",")):
-                split = weave.SplitConfig(threshold=2, tile=tile, offset=off)
-                fn, plan = bench.layer_stack_fn("tokenweave", cfg, mesh, wspecs, tokens=T,
-                                                num_layers=a.layers, impl=impl, comm=comm,
-                                                attn_impl=attn, split=split)
-                us = bench.time_fn(fn, w, p, iters=a.iters)["median_us"] / a.layers
-                measured.setdefault(tile, {}).setdefault(T, {})[off] = us
-                print(f"tile={tile:4d} T={T:6d} offset={off:+5d} split={plan.tokens} {us:9.1f} us/layer",
-                      flush=True)
-    best_tile = min(measured, key=lambda t: sum(min(r.values()) for r in measured[t].values()))
-    offsets = {T: min(r, key=r.get) for T, r in measured[best_tile].items()}
-    entry = weave.SplitConfig(threshold=a.threshold, tile=best_tile, offset=0,
-                              offsets=tuple(sorted(offsets.items())))
+    inputs = {T: jax.device_put(0.5 * jax.random.normal(jax.random.key(T), (T, cfg.hidden_size), dtype),
+                                NamedSharding(mesh, P())) for T in tokens}
+
+    def layer_us(variant, T, **split_kw):
+        split = weave.SplitConfig(threshold=2, tile=a.tile, **split_kw)
+        fn, plan = bench.layer_stack_fn(variant, cfg, mesh, wspecs, tokens=T, num_layers=a.layers,
+                                        impl=impl, comm=comm, attn_impl=attn, split=split)
+        us = bench.time_fn(fn, w, inputs[T], iters=a.iters)["median_us"] / a.layers
+        print(f"{variant:10s} T={T:6d} {split_kw} split={plan.tokens if plan else None} {us:9.1f} us/layer",
+              flush=True)
+        return us
+
+    fused = {T: layer_us("fused", T) for T in tokens}
+    by_ctas = {c: {T: layer_us("tokenweave", T, comm_ctas=c) for T in tokens}
+               for c in (int(x) for x in a.comm_ctas.split(","))}
+    ctas = min(by_ctas, key=lambda c: sum(by_ctas[c].values()))
+    by_offset = {T: {0: by_ctas[ctas][T]} for T in tokens}
+    for T in tokens:
+        for off in (int(o) for o in a.offsets.split(",") if o):
+            by_offset[T][off] = layer_us("tokenweave", T, comm_ctas=ctas, offset=off)
+    offsets = {T: min(r, key=r.get) for T, r in by_offset.items()}
+    wins = [T for T in tokens if by_offset[T][offsets[T]] < fused[T]]
+    threshold = min(wins) if wins else 2 * max(tokens)
+    entry = weave.SplitConfig(threshold=threshold, tile=a.tile, offset=0, comm_ctas=ctas,
+                              offsets=tuple(sorted((T, o) for T, o in offsets.items() if o)))
     key = weave.model_key(cfg, tp)
     print(f"{key}: {entry.to_dict()}")
     if a.dry_run:
-        return entry, measured
+        return entry
     path = a.table or weave.TABLE_PATH
     raw = json.load(open(path)) if os.path.exists(path) else {"default": weave.SplitConfig().to_dict()}
     raw[key] = entry.to_dict()
-    raw[key]["_measured"] = dict(device=bench.run_info()["device"], jax=jax.__version__, impl=impl,
-                                 us_per_layer={str(t): {str(T): r for T, r in m.items()}
-                                               for t, m in measured.items()})
-    with open(path, "w") as f:
+    info = bench.run_info(argv if argv is not None else sys.argv)
+    raw[key]["_measured"] = dict(device=info["device"], device_count=info["device_count"], jax=info["jax"],
+                                 date=info["date"], command=info["command"], impl=impl,
+                                 layers_per_call=a.layers, us_per_layer=dict(
+                                     fused={str(T): v for T, v in fused.items()},
+                                     tokenweave_by_comm_ctas={str(c): {str(T): v for T, v in r.items()}
+                                                              for c, r in by_ctas.items()},
+                                     tokenweave_by_offset={str(T): {str(o): v for o, v in r.items()}
+                                                           for T, r in by_offset.items()}))
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
         json.dump(raw, f, indent=1)
+    os.replace(tmp, path)
     print(f"wrote {path}")
-    return entry, measured
+    return entry
 
 
 if __name__ == "__main__":

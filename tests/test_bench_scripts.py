@@ -49,12 +49,17 @@ def test_bench_model_smoke(tmp_path):
 
 def test_tune_split_smoke(tmp_path):
     table = tmp_path / "table.json"
-    entry, measured = _script("tune_split").main(["--tiny", "--tp", "2", "--tokens", "64",
-                                                  "--offsets=-8,0", "--tiles", "16",
-                                                  "--layers", "1", "--iters", "1",
-                                                  "--table", str(table)])
-    cfg = weave.load_table(str(table))[weave.model_key(get_preset("tiny-llama"), 2)]
-    assert cfg == entry and cfg.tile == 16 and dict(cfg.offsets)[64] in (-8, 0)
+    entry = _script("tune_split").main(["--tiny", "--tp", "2", "--tokens", "32,64",
+                                        "--offsets=-8", "--tile", "16", "--comm-ctas", "0,4",
+                                        "--layers", "1", "--iters", "1", "--table", str(table)])
+    raw = json.load(open(table))
+    key = weave.model_key(get_preset("tiny-llama"), 2)
+    cfg = weave.load_table(str(table))[key]
+    assert cfg == entry and cfg.tile == 16 and cfg.comm_ctas in (0, 4)
+    assert set(dict(cfg.offsets).values()) <= {-8}
+    measured = raw[key]["_measured"]["us_per_layer"]
+    assert set(measured["fused"]) == {"32", "64"}
+    assert cfg.threshold in (32, 64, 128)   # a measured size, or above all (never split)
 
 
 def test_chunked_prefill_matches_one_shot():

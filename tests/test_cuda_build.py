@@ -53,15 +53,57 @@ def test_extension_builds_and_exports_handler():
         so = glob.glob(os.path.join(ROOT, "jax_tokenweave", "_C*" + sysconfig.get_config_var("EXT_SUFFIX")))
     assert so, "setup.py did not produce jax_tokenweave/_C"
     syms = subprocess.run(["nm", "-D", so[0]], check=True, capture_output=True, text=True).stdout
-    assert " T TwFusedAllReduceRMSNorm" in syms and " T PyInit__C" in syms
+    for sym in ("TwFusedAllReduceRMSNorm", "TwFusedStart", "TwFusedDone", "PyInit__C"):
+        assert f" T {sym}" in syms, sym
     deps = subprocess.run(["ldd", so[0]], capture_output=True, text=True).stdout
     assert "libcuda.so" not in deps, "the extension must not link libcuda (driver API is resolved at run time)"
     from jax_tokenweave import cuda_ops
     C = cuda_ops.extension()
-    assert "jax_tokenweave_fused_ar_rmsnorm" in C.handlers()
+    assert set(C.handlers()) == {cuda_ops.TARGET, cuda_ops.START_TARGET, cuda_ops.DONE_TARGET}
     cuda_ops.register_targets()
     from jax_tokenweave import fused
     assert {"p2p", "multimem", "auto"} <= set(fused._REGISTRY)
+    assert "p2p" in fused._START_REGISTRY
+
+
+class _FakeComm:
+    """Stands in for a Communicator (which needs GPUs) when only lowering is checked."""
+    id, num_ranks, max_bytes, ctas, axis_name, closed, transport = 7, 2, 1 << 20, 132, "tp", False, "p2p"
+
+
+@needs_nvcc
+def test_async_pair_lowering():
+    """start -> barrier -> the overlapped matmul -> done, where done takes the kernel's inputs
+    (kept alive) and the matmul's output (issued before the wait), and aliases start's results."""
+    import re
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+    from jax_tokenweave import cuda_ops, fused
+    from jax_tokenweave.mesh import make_mesh
+
+    def f(x, r, g, a):
+        pend = cuda_ops.p2p_start(x, r, g, axis_name="tp", comm=_FakeComm(), slot=1, ctas=24)
+        pend, a = jax.lax.optimization_barrier((pend, a))
+        y = a @ a
+        n, r2 = fused.fused_allreduce_rmsnorm_done(pend, after=y)
+        return n, r2, y
+    mesh = make_mesh(2)
+    sm = jax.shard_map(f, mesh=mesh, in_specs=(P("tp"), P("tp"), P(), P()),
+                       out_specs=(P("tp"), P("tp"), P()), check_vma=False)
+    bf = jnp.bfloat16
+    txt = jax.jit(sm).lower(jax.ShapeDtypeStruct((32, 64), bf), jax.ShapeDtypeStruct((16, 64), bf),
+                            jax.ShapeDtypeStruct((64,), bf), jax.ShapeDtypeStruct((128, 128), bf)).as_text()
+    lines = txt.splitlines()
+    start = next(i for i, l in enumerate(lines) if cuda_ops.START_TARGET in l)
+    barrier = next(i for i, l in enumerate(lines) if "optimization_barrier" in l)
+    dot = next(i for i, l in enumerate(lines) if "dot_general" in l)
+    done = next(i for i, l in enumerate(lines) if cuda_ops.DONE_TARGET in l)
+    assert start < barrier < dot < done
+    assert "slot = 1" in lines[start] and "ctas = 24" in lines[start]
+    operands = re.search(r"custom_call @" + cuda_ops.DONE_TARGET + r"\(([^)]*)\)", lines[done]).group(1)
+    assert len(operands.split(",")) == 5          # normed, residual_out, partial, gamma32, y
+    assert "output_operand_aliases" in lines[done] or "output_operand_aliases" in txt[txt.index(cuda_ops.DONE_TARGET):]
 
 
 def test_without_nvcc_setup_skips_cleanly(tmp_path):

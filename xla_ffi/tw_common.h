@@ -9,6 +9,7 @@ constexpr int kMaxRanks = 8;        // ranks of one communicator
 constexpr int kMaxBlocks = 512;     // CTAs of one launch (flag slots per rank)
 constexpr int kThreads = 512;       // threads per CTA (128 registers each)
 constexpr int kMaxVecPerThread = 4; // 16-B vectors of one row held per thread in the norm phase
+constexpr int kAsyncSlots = 4;      // start/done pairs of one device that may be pending at once
 
 // Workspace layout, identical on every rank (offsets from the workspace base).
 //   [0, kFlagBytes)                    flags[kMaxBlocks][kMaxRanks] uint32: flags[b][src] is written by
@@ -39,7 +40,8 @@ struct Params {
   int* err;                   // host-mapped error record: {code, rank, missing peer, seq, block}
   size_t in_off, out_off, os_off, os_stride;
   int dbg;                    // benchmarking only: bit 0 skips the push/copy-in phase, bit 1 the
-                              // pull phase, bit 2 the reduce+norm phase (results are then wrong)
+                              // pull phase, bit 2 the reduce+norm phase (results are then wrong);
+                              // bit 3: two-shot copies with 16 loads in flight per thread, not 8
 };
 
 }  // namespace tw

@@ -136,6 +136,15 @@ void register_rank(int64_t comm_id, int ordinal, int rank, int n, const std::vec
     std::memset(st->err_host, 0, 8 * sizeof(int));
     check(cudaHostGetDevicePointer(reinterpret_cast<void**>(&st->err_dev), st->err_host, 0), "cudaHostGetDevicePointer");
     check(warm_up_kernels(), "loading the kernels on device " + std::to_string(ordinal));
+    // Highest priority: when a matmul on XLA's stream retires CTAs, the waiting collective gets
+    // the freed SMs first (its peers are spinning on it).
+    int lo = 0, hi = 0;
+    check(cudaDeviceGetStreamPriorityRange(&lo, &hi), "cudaDeviceGetStreamPriorityRange");
+    check(cudaStreamCreateWithPriority(&st->side, cudaStreamNonBlocking, hi), "cudaStreamCreateWithPriority");
+    for (int k = 0; k < kAsyncSlots; ++k) {
+      check(cudaEventCreateWithFlags(&st->ready[k], cudaEventDisableTiming), "cudaEventCreate");
+      check(cudaEventCreateWithFlags(&st->finished[k], cudaEventDisableTiming), "cudaEventCreate");
+    }
   }
   std::lock_guard<std::mutex> lk(g_mu);
   g_states[{comm_id, ordinal}] = std::move(st);
@@ -156,6 +165,11 @@ void destroy_comm(int64_t comm_id) {
     for (int r = 0; r < st->n; ++r) if (st->ipc[r]) cudaIpcCloseMemHandle(st->ws[r]);
     if (st->owns_local) cudaFree(st->ws[st->rank]);
     if (st->err_host) cudaFreeHost(st->err_host);
+    for (int k = 0; k < kAsyncSlots; ++k) {
+      if (st->ready[k]) cudaEventDestroy(st->ready[k]);
+      if (st->finished[k]) cudaEventDestroy(st->finished[k]);
+    }
+    if (st->side) cudaStreamDestroy(st->side);
   }
 }
 
@@ -186,10 +200,17 @@ static int dtype_code(ffi::DataType t) {
   }
 }
 
-static ffi::Error FusedImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer partial, ffi::AnyBuffer residual,
-                            ffi::Buffer<ffi::F32> gamma, ffi::Result<ffi::AnyBuffer> normed,
-                            ffi::Result<ffi::AnyBuffer> residual_out, int64_t comm_id, float eps, int64_t ctas,
-                            int64_t mode, int64_t num_ranks, int64_t transport) {
+// Everything a launch needs, checked and resolved on the host (the same for the synchronous call
+// and the start of an asynchronous one).
+struct Launch {
+  DeviceState* st = nullptr;
+  Params p{};
+  int dtype = 0, mode = 0, grid = 0, transport = 0;
+};
+
+static ffi::Error Prepare(int32_t ordinal, ffi::AnyBuffer partial, ffi::AnyBuffer residual, ffi::Buffer<ffi::F32> gamma,
+                          ffi::AnyBuffer normed, ffi::AnyBuffer residual_out, int64_t comm_id, float eps, int64_t ctas,
+                          int64_t mode, int64_t num_ranks, int64_t transport, Launch* L) {
   std::string why;
   DeviceState* st = find_state(comm_id, ordinal, &why);
   if (!st) return ffi::Error::InvalidArgument("jax_tokenweave: " + why);
@@ -207,7 +228,8 @@ static ffi::Error FusedImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer
   const int dt = dtype_code(partial.element_type());
   if (dt < 0 || partial.element_type() != residual.element_type())
     return ffi::Error::InvalidArgument("jax_tokenweave: partial and residual must both be bf16, f16 or f32");
-  Params p{};
+  Params& p = L->p;
+  p = Params{};
   p.T = pd[0]; p.D = pd[1]; p.R = rd[0];
   const int elt = dt == kF32 ? 4 : 2;
   if (p.D % 8 != 0 || p.D / (16 / elt) > int64_t(kMaxVecPerThread) * kThreads)
@@ -219,19 +241,17 @@ static ffi::Error FusedImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer
   p.N = st->n; p.rank = st->rank; p.eps = eps; p.timeout_ns = st->timeout_ns; p.err = st->err_dev;
   for (int r = 0; r < st->n; ++r) p.ws[r] = st->ws[r];
   p.partial = partial.untyped_data(); p.residual = residual.untyped_data(); p.gamma = gamma.typed_data();
-  p.normed = normed->untyped_data(); p.residual_out = residual_out->untyped_data();
+  p.normed = normed.untyped_data(); p.residual_out = residual_out.untyped_data();
   p.in_off = st->layout.in_off; p.out_off = st->layout.out_off; p.os_off = st->layout.os_off;
   const int g = int(ctas > 0 ? ctas : st->ctas);
   if (g < 1 || g > kMaxBlocks) return ffi::Error::InvalidArgument("jax_tokenweave: ctas out of range");
+  L->st = st; L->dtype = dt; L->grid = g; L->transport = int(transport);
 
-  cudaError_t e;
   if (transport == 1) {
     if (!st->mc_base) return ffi::Error::InvalidArgument("jax_tokenweave: impl='multimem' needs a Communicator built with transport='multimem'");
     if (dt != kBF16) return ffi::Error::InvalidArgument("jax_tokenweave: the multimem transport supports bfloat16 only");
     if (msg > st->mm_cap) return ffi::Error::InvalidArgument("jax_tokenweave: message larger than the multicast region");
     p.mc_base = st->mc_base; p.uc_base = st->uc_base; p.in_off = st->mm_in_off; p.out_off = st->mm_out_off;
-    p.seq = st->seq.fetch_add(1);
-    e = launch_multimem(p, g, stream);
   } else {
     if (msg > st->layout.cap)
       return ffi::Error::InvalidArgument("jax_tokenweave: message of " + std::to_string(msg) + " bytes exceeds the communicator's " +
@@ -243,10 +263,91 @@ static ffi::Error FusedImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer
     if (m == kModeOneShot && !os_fits)
       return ffi::Error::InvalidArgument("jax_tokenweave: message too large for the one-shot region (raise oneshot_max_bytes)");
     p.os_stride = st->layout.os_stride;
-    p.seq = st->seq.fetch_add(1);
-    e = launch_p2p(p, dt, m, g, stream);
+    L->mode = m;
   }
+  // Every rank prepares its calls in the same program order, so the counters agree across ranks.
+  p.seq = st->seq.fetch_add(1);
+  return ffi::Error::Success();
+}
+
+static ffi::Error Enqueue(const Launch& L, cudaStream_t stream) {
+  const cudaError_t e = L.transport == 1 ? launch_multimem(L.p, L.grid, stream)
+                                         : launch_p2p(L.p, L.dtype, L.mode, L.grid, stream);
   if (e != cudaSuccess) return ffi::Error::Internal(std::string("jax_tokenweave: kernel launch failed: ") + cudaGetErrorString(e));
+  return ffi::Error::Success();
+}
+
+// Synchronous: the kernel runs on XLA's stream.
+static ffi::Error FusedImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer partial, ffi::AnyBuffer residual,
+                            ffi::Buffer<ffi::F32> gamma, ffi::Result<ffi::AnyBuffer> normed,
+                            ffi::Result<ffi::AnyBuffer> residual_out, int64_t comm_id, float eps, int64_t ctas,
+                            int64_t mode, int64_t num_ranks, int64_t transport) {
+  Launch L;
+  ffi::Error err = Prepare(ordinal, partial, residual, gamma, *normed, *residual_out, comm_id, eps, ctas, mode,
+                           num_ranks, transport, &L);
+  if (err.failure()) return err;
+  for (int k = 0; k < kAsyncSlots; ++k) {
+    if (!L.st->pending[k]) continue;
+    const cudaError_t e = cudaStreamWaitEvent(stream, L.st->finished[k], 0);
+    if (e != cudaSuccess) return ffi::Error::Internal(std::string("jax_tokenweave: cudaStreamWaitEvent: ") + cudaGetErrorString(e));
+  }
+  return Enqueue(L, stream);
+}
+
+static ffi::Error CheckSlot(int64_t slot) {
+  if (slot < 0 || slot >= kAsyncSlots)
+    return ffi::Error::InvalidArgument("jax_tokenweave: async slot " + std::to_string(slot) + " out of [0, " +
+                                       std::to_string(kAsyncSlots) + ")");
+  return ffi::Error::Success();
+}
+
+// Start of an asynchronous call: the kernel goes to the communicator's side stream, after
+// everything XLA has queued so far (which produced partial and residual). XLA's stream does not
+// wait; the matching Done makes it wait. The buffers the kernel reads (partial, gamma) are passed
+// to Done as well, so XLA keeps them alive, unreused, until then; the buffers it writes are
+// Start's results, which only Done consumes.
+static ffi::Error FusedStartImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer partial, ffi::AnyBuffer residual,
+                                 ffi::Buffer<ffi::F32> gamma, ffi::Result<ffi::AnyBuffer> normed,
+                                 ffi::Result<ffi::AnyBuffer> residual_out, int64_t comm_id, float eps, int64_t ctas,
+                                 int64_t mode, int64_t num_ranks, int64_t transport, int64_t slot) {
+  ffi::Error err = CheckSlot(slot);
+  if (err.failure()) return err;
+  Launch L;
+  err = Prepare(ordinal, partial, residual, gamma, *normed, *residual_out, comm_id, eps, ctas, mode, num_ranks,
+                transport, &L);
+  if (err.failure()) return err;
+  DeviceState* st = L.st;
+  cudaError_t e = cudaEventRecord(st->ready[slot], stream);
+  if (e == cudaSuccess) e = cudaStreamWaitEvent(st->side, st->ready[slot], 0);
+  if (e != cudaSuccess) return ffi::Error::Internal(std::string("jax_tokenweave: ordering the side stream: ") + cudaGetErrorString(e));
+  err = Enqueue(L, st->side);
+  if (err.failure()) return err;
+  // Waiting on a later record of the same slot is still correct (the side stream is in order).
+  e = cudaEventRecord(st->finished[slot], st->side);
+  if (e != cudaSuccess) return ffi::Error::Internal(std::string("jax_tokenweave: cudaEventRecord: ") + cudaGetErrorString(e));
+  st->pending[slot] = true;
+  return ffi::Error::Success();
+}
+
+// Done: XLA's stream waits for the kernel of the same slot. Results alias the first two operands
+// (Start's results); the rest are only kept alive.
+static ffi::Error FusedDoneImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer normed_in, ffi::AnyBuffer residual_in,
+                                ffi::RemainingArgs keep_alive, ffi::Result<ffi::AnyBuffer> normed,
+                                ffi::Result<ffi::AnyBuffer> residual_out, int64_t comm_id, int64_t slot) {
+  (void)keep_alive;
+  ffi::Error err = CheckSlot(slot);
+  if (err.failure()) return err;
+  std::string why;
+  DeviceState* st = find_state(comm_id, ordinal, &why);
+  if (!st) return ffi::Error::InvalidArgument("jax_tokenweave: " + why);
+  cudaError_t e = cudaStreamWaitEvent(stream, st->finished[slot], 0);
+  st->pending[slot] = false;
+  // Aliasing makes these the same buffers; if XLA ever gave us copies, copy after the wait.
+  if (e == cudaSuccess && normed->untyped_data() != normed_in.untyped_data())
+    e = cudaMemcpyAsync(normed->untyped_data(), normed_in.untyped_data(), normed_in.size_bytes(), cudaMemcpyDeviceToDevice, stream);
+  if (e == cudaSuccess && residual_out->untyped_data() != residual_in.untyped_data())
+    e = cudaMemcpyAsync(residual_out->untyped_data(), residual_in.untyped_data(), residual_in.size_bytes(), cudaMemcpyDeviceToDevice, stream);
+  if (e != cudaSuccess) return ffi::Error::Internal(std::string("jax_tokenweave: waiting for the collective: ") + cudaGetErrorString(e));
   return ffi::Error::Success();
 }
 
@@ -267,6 +368,35 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TwFusedAllReduceRMSNorm, tw::FusedImpl,
                                   .Attr<int64_t>("mode")
                                   .Attr<int64_t>("num_ranks")
                                   .Attr<int64_t>("transport"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TwFusedStart, tw::FusedStartImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::AnyBuffer>()          // partial
+                                  .Arg<ffi::AnyBuffer>()          // residual
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // gamma (fp32)
+                                  .Ret<ffi::AnyBuffer>()          // normed (valid after Done)
+                                  .Ret<ffi::AnyBuffer>()          // residual_out (valid after Done)
+                                  .Attr<int64_t>("comm_id")
+                                  .Attr<float>("eps")
+                                  .Attr<int64_t>("ctas")
+                                  .Attr<int64_t>("mode")
+                                  .Attr<int64_t>("num_ranks")
+                                  .Attr<int64_t>("transport")
+                                  .Attr<int64_t>("slot"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TwFusedDone, tw::FusedDoneImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::AnyBuffer>()          // Start's normed
+                                  .Arg<ffi::AnyBuffer>()          // Start's residual_out
+                                  .RemainingArgs()                // buffers to keep alive until here
+                                  .Ret<ffi::AnyBuffer>()          // normed (aliases arg 0)
+                                  .Ret<ffi::AnyBuffer>()          // residual_out (aliases arg 1)
+                                  .Attr<int64_t>("comm_id")
+                                  .Attr<int64_t>("slot"));
 
 namespace tw {
 // Benchmark helper, no XLA: launches the p2p kernel `iters` times on every local device of a

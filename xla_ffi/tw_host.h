@@ -38,6 +38,17 @@ struct DeviceState {
   uint64_t timeout_ns = 0;
   int ctas = 0;
   size_t oneshot_max = 0;         // auto mode: one-shot when T*D*elt <= this
+  // Asynchronous calls (start/done pairs): the kernel runs on `side`, a high-priority stream of
+  // our own, so that XLA's stream can run the other half's matmuls meanwhile. ready[s] orders the
+  // launch after the inputs (recorded on XLA's stream), finished[s] orders the consumers after the
+  // kernel (recorded on `side`). One slot per concurrently pending call (one per token half).
+  // pending[s]: a Start of slot s was issued and its Done not yet (host program order, which is
+  // the same on every rank). A synchronous call waits for the pending ones first, so that a
+  // device never runs two of its communicator's kernels at once, whatever order XLA chose.
+  cudaStream_t side = nullptr;
+  cudaEvent_t ready[kAsyncSlots] = {};
+  cudaEvent_t finished[kAsyncSlots] = {};
+  bool pending[kAsyncSlots] = {};
   // multimem (NVLS), set only by the opt-in set-up
   void* mc_base = nullptr;
   void* uc_base = nullptr;

@@ -256,7 +256,7 @@ __global__ void __launch_bounds__(kThreads) twoshot_kernel(const Params p) {
   char* my_ws = static_cast<char*>(p.ws[p.rank]);
 
   // Phase 1: rows [o*R + r0, o*R + r1) of our partial -> owner o's input slot [rank].
-  copy_items<kUnroll>((p.dbg & 1) ? 0u : uint32_t(p.N - 1) * per, [&](uint32_t idx, const void*& s, void*& d) {
+  auto push = [&](uint32_t idx, const void*& s, void*& d) {
     const uint32_t k = idx / per, rem = idx - k * per, i = r0 + rem / V, v = rem % V;
     const int o = int(k) + (int(k) >= p.rank);
     const uint32_t g = uint32_t(o) * R + i;
@@ -264,7 +264,10 @@ __global__ void __launch_bounds__(kThreads) twoshot_kernel(const Params p) {
     s = part + g * rb + size_t(v) * 16;
     d = static_cast<char*>(p.ws[o]) + p.in_off + (size_t(p.rank) * R + i) * rb + size_t(v) * 16;
     return true;
-  });
+  };
+  const uint32_t n_copy = uint32_t(p.N - 1) * per;
+  if (p.dbg & 8) copy_items<2 * kUnroll>((p.dbg & 1) ? 0u : n_copy, push);
+  else copy_items<kUnroll>((p.dbg & 1) ? 0u : n_copy, push);
   block_barrier(p, p.seq * 4u + 1u);  // inputs of our rows from every peer's block b are visible
 
   // Phase 2: our rows [r0, r1): sum in rank order, add residual, norm, write result + workspace.
@@ -286,7 +289,7 @@ __global__ void __launch_bounds__(kThreads) twoshot_kernel(const Params p) {
   block_barrier(p, p.seq * 4u + 2u);  // every owner's normalised rows [r0, r1) are visible
 
   // Phase 3: pull the other owners' normalised rows [r0, r1) into our result.
-  copy_items<kUnroll>((p.dbg & 2) ? 0u : uint32_t(p.N - 1) * per, [&](uint32_t idx, const void*& s, void*& d) {
+  auto pull = [&](uint32_t idx, const void*& s, void*& d) {
     const uint32_t k = idx / per, rem = idx - k * per, i = r0 + rem / V, v = rem % V;
     const int o = int(k) + (int(k) >= p.rank);
     const uint32_t g = uint32_t(o) * R + i;
@@ -294,7 +297,9 @@ __global__ void __launch_bounds__(kThreads) twoshot_kernel(const Params p) {
     s = static_cast<const char*>(p.ws[o]) + p.out_off + i * rb + size_t(v) * 16;
     d = static_cast<char*>(p.normed) + g * rb + size_t(v) * 16;
     return true;
-  });
+  };
+  if (p.dbg & 8) copy_items<2 * kUnroll>((p.dbg & 2) ? 0u : n_copy, pull);
+  else copy_items<kUnroll>((p.dbg & 2) ? 0u : n_copy, pull);
 }
 
 // ----------------------------------------------------------------------------------------------

@@ -12,6 +12,8 @@
 namespace py = pybind11;
 
 extern "C" XLA_FFI_Error* TwFusedAllReduceRMSNorm(XLA_FFI_CallFrame* call_frame);
+extern "C" XLA_FFI_Error* TwFusedStart(XLA_FFI_CallFrame* call_frame);
+extern "C" XLA_FFI_Error* TwFusedDone(XLA_FFI_CallFrame* call_frame);
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "jax_tokenweave CUDA extension: fused AllReduce + residual + RMSNorm (XLA FFI)";
@@ -19,6 +21,8 @@ PYBIND11_MODULE(_C, m) {
     py::dict d;
     d["jax_tokenweave_fused_ar_rmsnorm"] =
         py::capsule(reinterpret_cast<void*>(&TwFusedAllReduceRMSNorm), "xla._CUSTOM_CALL_TARGET");
+    d["jax_tokenweave_fused_start"] = py::capsule(reinterpret_cast<void*>(&TwFusedStart), "xla._CUSTOM_CALL_TARGET");
+    d["jax_tokenweave_fused_done"] = py::capsule(reinterpret_cast<void*>(&TwFusedDone), "xla._CUSTOM_CALL_TARGET");
     return d;
   });
   m.def("layout", [](size_t cap, size_t os_cap, int n) {

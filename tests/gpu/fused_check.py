@@ -3,6 +3,10 @@
     python tests/gpu/fused_check.py single            # one process, all local GPUs (TP 2 and 4)
     python tests/gpu/fused_check.py proc RANK NPROC   # one of NPROC jax.distributed processes
     python tests/gpu/fused_check.py hang              # a missing peer must fail, not hang
+    python tests/gpu/fused_check.py async             # only the asynchronous cases (TP 2 and 4)
+
+Besides the synchronous op, the asynchronous form (start / matmuls beside it / done, two slots
+chained through the residual, as the split layer uses it) must give the synchronous op's bits.
 
 Fresh random inputs each case (never zeros); the normed output memory is poisoned (the allocator's
 free blocks are filled with NaN) before every checked call; every element is compared; ranks must
@@ -33,7 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jax_tokenweave as jtw
 from jax_tokenweave import cuda_ops
-from jax_tokenweave.fused import fused_allreduce_rmsnorm, rows_per_rank
+from jax_tokenweave.fused import (fused_allreduce_rmsnorm, fused_allreduce_rmsnorm_done, rows_per_rank)
 from jax_tokenweave.mesh import make_mesh
 
 FAILS = []
@@ -136,6 +140,64 @@ def run_case(mesh, n, comm, T, D, dtype, mode, seed, eps=1e-5):
         FAILS.append(line)
 
 
+def run_async_case(mesh, n, comm, T, D, seed, ctas=(16, 32), eps=1e-5):
+    """start(slot 0) || matmuls || done, then start(slot 1) on its outputs || matmuls || done:
+    equal bit for bit to the same two synchronous calls, and close to xla."""
+    R = rows_per_rank(T, n)
+    ks = jax.random.split(jax.random.key(seed), 5)
+    shx = NamedSharding(mesh, P("tp", None))
+    mk = lambda a: jax.make_array_from_callback(a.shape, shx, lambda i: a[i])  # noqa: E731
+    xs = np.asarray(jax.random.normal(ks[0], (n * T, D), jnp.float32).astype(jnp.bfloat16))
+    rs = np.asarray((jax.random.normal(ks[1], (n * R, D), jnp.float32) * 2).astype(jnp.bfloat16))
+    gs = np.asarray((1 + 0.1 * jax.random.normal(ks[2], (D,), jnp.float32)).astype(jnp.bfloat16))
+    a_s = np.asarray(jax.random.normal(ks[3], (n * 2048, 4096), jnp.float32).astype(jnp.bfloat16))
+    b_s = np.asarray((jax.random.normal(ks[4], (4096, 4096), jnp.float32) / 64).astype(jnp.bfloat16))
+    x, r, a = mk(xs), mk(rs), mk(a_s)
+    g = jax.make_array_from_callback(gs.shape, NamedSharding(mesh, P(None)), lambda i: gs[i])
+    b = jax.make_array_from_callback(b_s.shape, NamedSharding(mesh, P(None)), lambda i: b_s[i])
+
+    def body(kind):
+        def f(x, r, g, a, b):
+            if kind == "async":
+                pend = cuda_ops.p2p_start(x, r, g, axis_name="tp", eps=eps, comm=comm, slot=0, ctas=ctas[0])
+                pend, a = jax.lax.optimization_barrier((pend, a))
+                y = (a @ b) @ b
+                n0, r0 = fused_allreduce_rmsnorm_done(pend, after=y)
+                pend = cuda_ops.p2p_start(n0, r0, g, axis_name="tp", eps=eps, comm=comm, slot=1, ctas=ctas[1])
+                pend, y = jax.lax.optimization_barrier((pend, y))
+                y = (y @ b) @ b
+                n1, r1 = fused_allreduce_rmsnorm_done(pend, after=y)
+                return n0, n1, r1, y
+            impl = "xla" if kind == "xla" else "p2p"
+            y = (((a @ b) @ b) @ b) @ b
+            n0, r0 = fused_allreduce_rmsnorm(x, r, g, axis_name="tp", eps=eps, impl=impl, comm=comm)
+            n1, r1 = fused_allreduce_rmsnorm(n0, r0, g, axis_name="tp", eps=eps, impl=impl, comm=comm)
+            return n0, n1, r1, y
+        return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(shx.spec,) * 2 + (P(None), shx.spec, P(None)),
+                                     out_specs=(shx.spec,) * 4, check_vma=False))
+    ref = [local_blocks(o) for o in body("xla")(x, r, g, a, b)]
+    sync = [local_blocks(o) for o in body("sync")(x, r, g, a, b)]
+    f_async = body("async")
+    ok, why, worst = True, [], 0.0
+    for rep in range(3):
+        poison(mesh, T * D * 2)
+        got = [local_blocks(o) for o in f_async(x, r, g, a, b)]
+        for k, name in enumerate(("normed0", "normed1", "residual1", "matmul")):
+            for dev in got[k]:
+                if not np.array_equal(got[k][dev].view(np.uint8), sync[k][dev].view(np.uint8)):
+                    ok = False; why.append(f"run {rep} {name} dev{dev} differs from the synchronous op")
+                if k < 3:
+                    e = np.abs(got[k][dev].astype(np.float32) - ref[k][dev].astype(np.float32))
+                    worst = max(worst, float((e / (np.abs(ref[k][dev].astype(np.float32)) + 1)).max()))
+    if worst > 4 * tol(jnp.bfloat16):
+        ok = False; why.append(f"error vs xla {worst:.2e}")
+    line = (f"tp={n} T={T:5d} D={D:5d} async start/matmul/done x2 ctas={ctas} max_rel_err_vs_xla={worst:.1e} "
+            f"{'OK (bitwise = synchronous)' if ok else 'FAIL ' + '; '.join(sorted(set(why))[:4])}")
+    print(line, flush=True)
+    if not ok:
+        FAILS.append(line)
+
+
 def sweep(mesh, n, comm, quick=False):
     seed = int(time.time()) % 100000  # fresh data every run
     tokens = [1, 3, 16, 17, 64, 255, 1024, 4097, 16384] if not quick else [1, 16, 17, 1000, 4096]
@@ -153,6 +215,9 @@ def sweep(mesh, n, comm, quick=False):
         for T, D, m in ((16, 4096, "oneshot"), (1000, 4096, "twoshot"), (5, 8, "auto")):
             seed += 1
             run_case(mesh, n, comm, T, D, dtype, m, seed)
+    for T, D in ((16, 8192), (1000, 8192), (4096, 8192), (2048, 5120)):
+        seed += 1
+        run_async_case(mesh, n, comm, T, D, seed)
 
 
 def main():
@@ -183,6 +248,14 @@ def main():
                 FAILS.append("mesh mismatch was not refused")
             except ValueError as e:
                 print("OK refused wrong mesh:", str(e)[:120])
+    elif MODE == "async":
+        for n in (2, 4):
+            if n <= jax.local_device_count():
+                mesh = make_mesh(n)
+                comm = jtw.Communicator(mesh, "tp", max_bytes=4096 * 8192 * 2, timeout_s=20)
+                for T, D in ((16, 8192), (1000, 8192), (4096, 8192), (2048, 5120)):
+                    run_async_case(mesh, n, comm, T, D, int(time.time()) % 100000 + T)
+                comm.close()
     elif MODE == "proc":
         n = jax.device_count()
         mesh = make_mesh(n)
@@ -191,6 +264,7 @@ def main():
         for T, D, m in ((1, 4096, "oneshot"), (16, 8192, "oneshot"), (64, 5120, "twoshot"), (1000, 8192, "auto"),
                         (4096, 8192, "auto"), (777, 2048, "auto")):
             run_case(mesh, n, comm, T, D, jnp.bfloat16, m, 1234 + T)
+        run_async_case(mesh, n, comm, 2048, 8192, 99)
         jax.distributed.shutdown()
     elif MODE == "hang":
         # Rank 0 of a 2-GPU communicator runs alone: it must fail within the timeout, not hang.

@@ -1,5 +1,5 @@
-"""GPU check of the split schedule: TPModel logits with TokenWeave splitting (impl p2p, stream-
-annotated overlap, cuDNN attention) against the unsplit model (impl xla), both split kinds, TP =
+"""GPU check of the split schedule: TPModel logits with TokenWeave splitting (impl p2p, start/done
+overlap, cuDNN attention) against the unsplit model (impl xla), both split kinds, TP =
 all local GPUs; then prefill-with-split + decode against unsplit. bf16 weights, so the bound is a
 bf16 one (max |diff| of logits relative to their scale). Prints one line per case and 'ALL OK'.
 

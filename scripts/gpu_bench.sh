@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Everything that needs the GPUs, in stages, from the repository root of the device machine:
+#     OUT=/path bash scripts/gpu_bench.sh check,allreduce,tune,layer,model,moe
+# Stages (each time-boxed; its log and result files go to $OUT/<stage>/):
+#   asynccheck  the asynchronous fused op (start || matmuls || done) vs the synchronous op and xla
+#   check       scripts/gpu_check.sh: the fused op's full GPU correctness check, both process modes
+#   weavecheck  tests/gpu/weave_check.py: split + overlap model logits vs the unsplit xla model
+#   allreduce   scripts/bench_allreduce.py at hidden 8192 (and 5120/6144 with ALLREDUCE_HIDDEN)
+#   tune        scripts/tune_split.py: writes jax_tokenweave/weave_table.json (copied to $OUT/tune)
+#   layer       scripts/bench_layer.py, five variants + a TokenWeave profile PNG
+#   kernel      scripts/bench_kernel_raw.py --phases (the kernel alone, CUDA events, no XLA)
+#   model       scripts/bench_model.py --quick (80-layer prefill, chunked prefill + decode)
+#   moe         scripts/bench_moe.py --quick (Mixtral-8x22B block, layer, 56-layer prefill)
+# At the end everything under $OUT is packed into $OUT/results.tgz (the device tool returns at
+# most 8 files), and a one-line-per-stage summary is printed. NVLink multicast stays off.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+export CUDA_MODULE_LOADING=EAGER PYTHONUNBUFFERED=1
+unset JAX_TOKENWEAVE_ENABLE_MULTIMEM
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+[ -e jax_tokenweave/models ] || ln -sfn ../models jax_tokenweave/models   # no pip install offline
+PY=${PYTHON:-python3}
+R=${OUT:-/tmp/tw_out}
+mkdir -p "$R"
+STAGES=${1:-asynccheck,weavecheck,allreduce,tune,layer,model,moe}
+if ! $PY -c "import jax_tokenweave._C" 2>/dev/null; then
+  $PY setup.py build_ext --inplace > "$R/build.log" 2>&1 || { tail -30 "$R/build.log"; exit 1; }
+fi
+filt() { grep -v "^W0000\|^I0000\|^E0000\|^WARNING: All log" ; }
+SUMMARY=()
+stage() {  # stage NAME SECONDS CMD...
+  local name=$1 secs=$2; shift 2
+  local d="$R/$name"; mkdir -p "$d"
+  local t0=$SECONDS
+  echo "=== $name (limit ${secs}s)"
+  OUT="$d" timeout "$secs" "$@" > "$d/log.txt" 2>&1
+  local rc=$?
+  filt < "$d/log.txt" | tail -"${TAIL:-25}"
+  SUMMARY+=("$(printf '%-11s rc=%-3s %4ds' "$name" "$rc" $((SECONDS - t0)))")
+}
+for s in ${STAGES//,/ }; do
+  case $s in
+    asynccheck) stage asynccheck 240 $PY tests/gpu/fused_check.py async ;;
+    check)      TAIL=40 stage check 420 bash scripts/gpu_check.sh ;;
+    weavecheck) stage weavecheck 240 $PY tests/gpu/weave_check.py ;;
+    allreduce)  stage allreduce 300 $PY scripts/bench_allreduce.py --hidden "${ALLREDUCE_HIDDEN:-8192}" \
+                  --reps 7 --out "$R/allreduce" ;;
+    tune)       stage tune 330 $PY scripts/tune_split.py --tokens "${TUNE_TOKENS:-2048,4096,8192}" \
+                  --comm-ctas "${TUNE_CTAS:-16,32,64,0}" --offsets=-128,128 --iters 5
+                cp jax_tokenweave/weave_table.json "$R/tune/" ;;
+    layer)      stage layer 360 $PY scripts/bench_layer.py --tokens 1024,2048,4096,8192,16384 \
+                  --iters 5 --warmup 2 --layers 4 --profile --out "$R/layer" ;;
+    kernel)     stage kernel 120 $PY scripts/bench_kernel_raw.py --phases ;;
+    model)      stage model 400 $PY scripts/bench_model.py --quick --out "$R/model" ;;
+    moe)        stage moe 400 $PY scripts/bench_moe.py --quick --sections layer,model --out "$R/moe" ;;
+    *) echo "unknown stage $s"; exit 2 ;;
+  esac
+done
+find "$R" -name "*.xplane.pb" -delete 2>/dev/null
+(cd "$R" && tar czf results.tgz --exclude=results.tgz --exclude='*.trace.json.gz' . )
+echo "=== summary"; printf '%s\n' "${SUMMARY[@]}"
