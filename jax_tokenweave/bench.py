@@ -110,9 +110,10 @@ def random_layer(cfg, mesh, *, seed=0, dtype=jnp.bfloat16, num_layers: int | Non
 
 
 def make_reducer(variant: str, cfg, impl: str, comm=None, axis: str = "tp",
-                 ctas: int = 0) -> weave.Reducer:
+                 split: weave.SplitConfig | None = None) -> weave.Reducer:
     kind = {"baseline": "psum", "xla_split": "psum", "nocomm": "nocomm"}.get(variant, "fused")
-    return weave.Reducer(kind, axis, cfg.rms_norm_eps, impl, comm, ctas)
+    split = split or weave.SplitConfig()
+    return weave.Reducer(kind, axis, cfg.rms_norm_eps, impl, comm, split.comm_ctas, split.comm_ctas_mlp)
 
 
 def layer_stack_fn(variant: str, cfg, mesh, wspecs, *, tokens: int, batch: int = 1,
@@ -127,7 +128,7 @@ def layer_stack_fn(variant: str, cfg, mesh, wspecs, *, tokens: int, batch: int =
         raise ValueError(f"variant {variant!r}; choose from {VARIANTS}")
     S = tokens // batch
     split = split or weave.SplitConfig()
-    red = make_reducer(variant, cfg, impl, comm, axis, split.comm_ctas)
+    red = make_reducer(variant, cfg, impl, comm, axis, split)
     spec = weave.LayerSpec(cfg.num_kv_heads, axis, attn_impl)
     plan = None
     if variant in ("xla_split", "tokenweave"):
@@ -351,7 +352,7 @@ def chunk_fn(variant: str, cfg, mesh, wspecs, *, chunk: int, offset: int, num_la
     first `offset` positions; its k/v written at [offset, offset+chunk). ck/cv donated."""
     from jax_tokenweave.models.llama import rope_cos_sin, rope_inv_freq
     split = split or weave.SplitConfig()
-    red = make_reducer(variant, cfg, impl, comm, axis, split.comm_ctas)
+    red = make_reducer(variant, cfg, impl, comm, axis, split)
     spec = weave.LayerSpec(cfg.num_kv_heads, axis, attn_impl)
     plan = weave.plan_split(1, chunk, split) if variant in ("xla_split", "tokenweave") else None
     overlap = variant == "tokenweave" and weave.use_overlap(split, red)

@@ -35,8 +35,8 @@ The overlapped layer (TokenWeave's order; half 1 lags half 0 by one step)
     communicator's own high-priority stream, ordered after its inputs by a CUDA event), the other
     half's compute is issued on XLA's stream, then *done* makes XLA's stream wait for the kernel.
     An optimization barrier puts the compute after the start; passing the compute's outputs to
-    done puts the wait after the compute. The collective takes ``SplitConfig.comm_ctas`` SMs, the
-    matmuls the rest. Used on GPU for the custom-call impls (``p2p``/``auto``/``multimem``); with
+    done puts the wait after the compute. The collective takes ``SplitConfig.comm_ctas`` SMs
+    beside attention and ``comm_ctas_mlp`` beside the (longer) MLP; the matmuls get the rest. Used on GPU for the custom-call impls (``p2p``/``auto``/``multimem``); with
     ``impl="xla"`` the split relies on XLA's own async collectives. On CPU the math is identical.
     (DESIGN.md §4's stream annotations were tried first: the fused calls ran on their own streams
     but serialised against the matmuls, 0 µs of overlap; bench/results/README.md.)
@@ -76,7 +76,9 @@ class SplitConfig:
     offset: int = 0                # tokens added to the rounded half (tuned; may be negative)
     offsets: tuple = ()            # ((min_tokens, offset), ...): per-size offsets, override `offset`
     max_imbalance: float = 0.125   # `batch` kind only if |b*S - t0| <= max(tile, this * T)
-    comm_ctas: int = 0             # CTAs (SMs) of an overlapped collective; 0: the communicator's
+    comm_ctas: int = 0             # CTAs (SMs) of a collective overlapped with attention; 0: the
+                                   # communicator's count
+    comm_ctas_mlp: int = 0         # the same beside the MLP (longer: fewer SMs suffice); 0: comm_ctas
     overlap: str = "auto"          # "auto": start/done overlap for custom-call impls on GPU;
                                    # "off"; "force": the start/done structure everywhere (tests)
 
@@ -86,9 +88,9 @@ class SplitConfig:
                              f"({self.tile}) >= 1")
         if self.overlap not in ("auto", "off", "force"):
             raise ValueError(f"SplitConfig.overlap={self.overlap!r}; use auto, off or force")
-        if self.comm_ctas < 0:
-            raise ValueError(f"SplitConfig.comm_ctas={self.comm_ctas}; use 0 (the communicator's "
-                             f"default) or a positive CTA count")
+        if self.comm_ctas < 0 or self.comm_ctas_mlp < 0:
+            raise ValueError(f"SplitConfig.comm_ctas={self.comm_ctas}, comm_ctas_mlp="
+                             f"{self.comm_ctas_mlp}; use 0 (the default) or a positive CTA count")
 
     def offset_for(self, num_tokens: int) -> int:
         off = self.offset
@@ -205,7 +207,8 @@ class Reducer:
     eps: float
     impl: str = "xla"
     comm: Any = None
-    ctas: int = 0        # overlapped (started) calls only; 0: the communicator's count
+    ctas: int = 0        # overlapped (started) calls beside attention; 0: the communicator's
+    ctas_mlp: int = 0    # ... beside the MLP; 0: ctas
 
     def __post_init__(self):
         if self.kind not in ("fused", "psum", "nocomm"):
@@ -224,12 +227,13 @@ class Reducer:
         h = residual + s
         return rmsnorm(h, gamma, self.eps).astype(partial.dtype), h
 
-    def start(self, partial, residual, gamma, slot: int) -> Pending:
+    def start(self, partial, residual, gamma, slot: int, beside_mlp: bool = False) -> Pending:
         if self.kind != "fused":
             return Pending(*self(partial, residual, gamma))
+        ctas = (self.ctas_mlp or self.ctas) if beside_mlp else self.ctas
         return fused_allreduce_rmsnorm_start(partial, residual, gamma, axis_name=self.axis_name,
                                              eps=self.eps, impl=self.impl, comm=self.comm,
-                                             slot=slot, ctas=self.ctas or None)
+                                             slot=slot, ctas=ctas or None)
 
     @property
     def custom_call(self) -> bool:
@@ -341,14 +345,14 @@ def mlp_block(w, x):
 # ------------------------------------------------------------------------- overlap
 
 def overlap_pair(name: str, overlap: bool, red: Reducer, comm_args, slot: int, compute_fn,
-                 compute_args):
+                 compute_args, beside_mlp: bool = False):
     """Run the reduction red(*comm_args) beside compute_fn(*compute_args) (the other half's work).
     overlap: start the collective, issue the compute, then wait (module doc); else one after the
     other. Returns (reduction outputs, compute outputs)."""
     with jax.named_scope(name):
         if not overlap:
             return red(*comm_args), compute_fn(*compute_args)
-        pending = red.start(*comm_args, slot=slot)
+        pending = red.start(*comm_args, slot=slot, beside_mlp=beside_mlp)
         pending, compute_args = jax.lax.optimization_barrier((pending, compute_args))
         y = compute_fn(*compute_args)
         return fused_allreduce_rmsnorm_done(pending, after=y), y
@@ -413,8 +417,10 @@ def split_layer(w, carry, next_norm, rope0, rope1, *, plan: SplitPlan, spec: Lay
     else:
         (x0f, r0), (h1, k1, v1) = overlap_pair(
             "pair2", overlap, red, (h0, r0, w["post_attn_norm"]), 0, attn1_indep, (wa, x1, *rope1))
-    (x1, r1), m0 = overlap_pair("pair3", overlap, red, (h1, r1, w["post_attn_norm"]), 1, mlp, (wm, x0f))
-    (x0f, r0), m1 = overlap_pair("pair4", overlap, red, (m0, r0, next_norm), 0, mlp, (wm, x1))
+    (x1, r1), m0 = overlap_pair("pair3", overlap, red, (h1, r1, w["post_attn_norm"]), 1, mlp,
+                                (wm, x0f), beside_mlp=True)
+    (x0f, r0), m1 = overlap_pair("pair4", overlap, red, (m0, r0, next_norm), 0, mlp, (wm, x1),
+                                 beside_mlp=True)
     return (x0f.reshape(B0, S0, D), r0, m1, r1), (k0, v0, k1, v1)
 
 
@@ -443,7 +449,8 @@ def weave_forward(model, tokens, positions, plan: SplitPlan, *, ctx, mode: str =
     forward, final normed hidden [B, S, D] and the cache (both halves written)."""
     from jax_tokenweave.models.llama import rope_cos_sin, rope_inv_freq
     cfg = model.cfg
-    red = Reducer("fused", ctx.axis_name, cfg.rms_norm_eps, ctx.impl, ctx.comm, ctx.split.comm_ctas)
+    red = Reducer("fused", ctx.axis_name, cfg.rms_norm_eps, ctx.impl, ctx.comm, ctx.split.comm_ctas,
+                  ctx.split.comm_ctas_mlp)
     spec = LayerSpec(cfg.num_kv_heads, ctx.axis_name, ctx.attn_impl)
     overlap = use_overlap(ctx.split, red)
     tok0, tok1 = plan.split(tokens)

@@ -123,7 +123,7 @@ def stack_fn(variant, cfg, mesh, wspecs, *, tokens, num_layers, stacked, impl, c
     from jax_tokenweave import bench, weave
     from jax_tokenweave.compat import shard_map
     from jax_tokenweave.models.llama import rope_cos_sin, rope_inv_freq
-    red = bench.make_reducer(variant, cfg, impl, comm, axis, split.comm_ctas)
+    red = bench.make_reducer(variant, cfg, impl, comm, axis, split)
     spec = weave.LayerSpec(cfg.num_kv_heads, axis, attn_impl)
     k = cfg.num_experts_per_tok
     plan = None

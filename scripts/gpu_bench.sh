@@ -9,7 +9,7 @@
 #   tune        scripts/tune_split.py: writes jax_tokenweave/weave_table.json (copied to $OUT/tune)
 #   layer       scripts/bench_layer.py, five variants + a TokenWeave profile PNG
 #   kernel      scripts/bench_kernel_raw.py --phases (the kernel alone, CUDA events, no XLA)
-#   model       scripts/bench_model.py --quick (80-layer prefill, chunked prefill + decode)
+#   model       scripts/bench_model.py (80-layer prefill 1K-16K, chunked prefill + decode, attention)
 #   moe         scripts/bench_moe.py --quick (Mixtral-8x22B block, layer, 56-layer prefill)
 # At the end everything under $OUT is packed into $OUT/results.tgz (the device tool returns at
 # most 8 files), and a one-line-per-stage summary is printed. NVLink multicast stays off.
@@ -42,17 +42,18 @@ stage() {  # stage NAME SECONDS CMD...
 for s in ${STAGES//,/ }; do
   case $s in
     asynccheck) stage asynccheck 240 $PY tests/gpu/fused_check.py async ;;
-    check)      TAIL=40 stage check 420 bash scripts/gpu_check.sh ;;
+    check)      TAIL=40 stage check 200 bash scripts/gpu_check.sh ;;
     weavecheck) stage weavecheck 240 $PY tests/gpu/weave_check.py ;;
     allreduce)  stage allreduce 300 $PY scripts/bench_allreduce.py --hidden "${ALLREDUCE_HIDDEN:-8192}" \
                   --reps 7 --out "$R/allreduce" ;;
-    tune)       stage tune 330 $PY scripts/tune_split.py --tokens "${TUNE_TOKENS:-2048,4096,8192}" \
-                  --comm-ctas "${TUNE_CTAS:-16,32,64,0}" --offsets=-128,128 --iters 5
+    tune)       stage tune 120 $PY scripts/tune_split.py --tokens "${TUNE_TOKENS:-2048,4096,8192}" \
+                  --comm-ctas "${TUNE_CTAS:-32,48,64,96}" --comm-ctas-mlp 16,24,32 --offsets=-128,128 --iters 5
                 cp jax_tokenweave/weave_table.json "$R/tune/" ;;
-    layer)      stage layer 360 $PY scripts/bench_layer.py --tokens 1024,2048,4096,8192,16384 \
+    layer)      stage layer 120 $PY scripts/bench_layer.py --tokens 1024,2048,4096,8192,16384 \
                   --iters 5 --warmup 2 --layers 4 --profile --out "$R/layer" ;;
     kernel)     stage kernel 120 $PY scripts/bench_kernel_raw.py --phases ;;
-    model)      stage model 400 $PY scripts/bench_model.py --quick --out "$R/model" ;;
+    model)      stage model 220 $PY scripts/bench_model.py --tokens 1024,2048,4096,8192,16384 --iters 3 \
+                  --warmup 1 --decode-steps 8 --out "$R/model" ;;
     moe)        stage moe 400 $PY scripts/bench_moe.py --quick --sections layer,model --out "$R/moe" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac

@@ -6,11 +6,13 @@ jax_tokenweave/weave_table.json (entry weave.model_key(model, tp)).
     python scripts/tune_split.py --quick --dry-run                # print, do not write
     python scripts/tune_split.py --table $OUT/weave_table.json    # write elsewhere (device runs)
 
-Three steps, each at every token count: (1) the CTA count of the overlapped collective
-(SplitConfig.comm_ctas) at offset 0, best summed over the sizes; (2) the split offset with that
-count, best per size (SplitConfig.offsets); (3) the threshold: the smallest measured size at
-which the tuned TokenWeave layer beats the unsplit fused layer (if none does, the threshold is
-set above the largest measured size, i.e. never split).
+Four steps, each at every token count: (1) the CTA count of the overlapped collectives
+(SplitConfig.comm_ctas, all pairs alike) at offset 0, best summed over the sizes; (2) a smaller
+count for the collectives beside the MLP (comm_ctas_mlp; the MLP is longer than attention, so
+fewer SMs may still hide them); (3) the split offset with those counts, best per size
+(SplitConfig.offsets); (4) the threshold: the smallest measured size at which the tuned
+TokenWeave layer beats the unsplit fused layer (if none does, the threshold is set above the
+largest measured size, i.e. never split).
 """
 import os
 
@@ -30,6 +32,7 @@ def main(argv=None):
     ap.add_argument("--tokens", default="1024,2048,4096,8192")
     ap.add_argument("--tile", type=int, default=128)
     ap.add_argument("--comm-ctas", default="16,32,64,0", help="candidates (0: the communicator's default)")
+    ap.add_argument("--comm-ctas-mlp", default="8,16,32", help="candidates beside the MLP (below step 1's)")
     ap.add_argument("--offsets", default="-256,-128,128,256", help="tried besides 0")
     ap.add_argument("--impl", default=None)
     ap.add_argument("--layers", type=int, default=4)
@@ -75,15 +78,21 @@ def main(argv=None):
     by_ctas = {c: {T: layer_us("tokenweave", T, comm_ctas=c) for T in tokens}
                for c in (int(x) for x in a.comm_ctas.split(","))}
     ctas = min(by_ctas, key=lambda c: sum(by_ctas[c].values()))
-    by_offset = {T: {0: by_ctas[ctas][T]} for T in tokens}
+    by_ctas_mlp = {0: by_ctas[ctas]}
+    for c in (int(x) for x in a.comm_ctas_mlp.split(",") if x):
+        if 0 < c < (ctas or 10 ** 9):
+            by_ctas_mlp[c] = {T: layer_us("tokenweave", T, comm_ctas=ctas, comm_ctas_mlp=c) for T in tokens}
+    ctas_mlp = min(by_ctas_mlp, key=lambda c: sum(by_ctas_mlp[c].values()))
+    by_offset = {T: {0: by_ctas_mlp[ctas_mlp][T]} for T in tokens}
     for T in tokens:
         for off in (int(o) for o in a.offsets.split(",") if o):
-            by_offset[T][off] = layer_us("tokenweave", T, comm_ctas=ctas, offset=off)
+            by_offset[T][off] = layer_us("tokenweave", T, comm_ctas=ctas, comm_ctas_mlp=ctas_mlp,
+                                         offset=off)
     offsets = {T: min(r, key=r.get) for T, r in by_offset.items()}
     wins = [T for T in tokens if by_offset[T][offsets[T]] < fused[T]]
     threshold = min(wins) if wins else 2 * max(tokens)
     entry = weave.SplitConfig(threshold=threshold, tile=a.tile, offset=0, comm_ctas=ctas,
-                              offsets=tuple(sorted((T, o) for T, o in offsets.items() if o)))
+                              comm_ctas_mlp=ctas_mlp, offsets=tuple(sorted((T, o) for T, o in offsets.items() if o)))
     key = weave.model_key(cfg, tp)
     print(f"{key}: {entry.to_dict()}")
     if a.dry_run:
@@ -98,6 +107,8 @@ def main(argv=None):
                                      fused={str(T): v for T, v in fused.items()},
                                      tokenweave_by_comm_ctas={str(c): {str(T): v for T, v in r.items()}
                                                               for c, r in by_ctas.items()},
+                                     tokenweave_by_comm_ctas_mlp={str(c): {str(T): v for T, v in r.items()}
+                                                                  for c, r in by_ctas_mlp.items()},
                                      tokenweave_by_offset={str(T): {str(o): v for o, v in r.items()}
                                                            for T, r in by_offset.items()}))
     tmp = path + ".tmp"

@@ -50,12 +50,12 @@ def test_bench_model_smoke(tmp_path):
 def test_tune_split_smoke(tmp_path):
     table = tmp_path / "table.json"
     entry = _script("tune_split").main(["--tiny", "--tp", "2", "--tokens", "32,64",
-                                        "--offsets=-8", "--tile", "16", "--comm-ctas", "0,4",
+                                        "--offsets=-8", "--tile", "16", "--comm-ctas", "0,4", "--comm-ctas-mlp", "2",
                                         "--layers", "1", "--iters", "1", "--table", str(table)])
     raw = json.load(open(table))
     key = weave.model_key(get_preset("tiny-llama"), 2)
     cfg = weave.load_table(str(table))[key]
-    assert cfg == entry and cfg.tile == 16 and cfg.comm_ctas in (0, 4)
+    assert cfg == entry and cfg.tile == 16 and cfg.comm_ctas in (0, 4) and cfg.comm_ctas_mlp in (0, 2)
     assert set(dict(cfg.offsets).values()) <= {-8}
     measured = raw[key]["_measured"]["us_per_layer"]
     assert set(measured["fused"]) == {"32", "64"}
