@@ -4,6 +4,7 @@
 # Stages (each time-boxed; its log and result files go to $OUT/<stage>/):
 #   asynccheck  the asynchronous fused op (start || matmuls || done) vs the synchronous op and xla
 #   check       scripts/gpu_check.sh: the fused op's full GPU correctness check, both process modes
+#   checkdist   only its jax.distributed part (4 processes x 1 GPU, CUDA IPC)
 #   weavecheck  tests/gpu/weave_check.py: split + overlap model logits vs the unsplit xla model
 #   allreduce   scripts/bench_allreduce.py at hidden 8192 (and 5120/6144 with ALLREDUCE_HIDDEN)
 #   tune        scripts/tune_split.py: writes jax_tokenweave/weave_table.json (copied to $OUT/tune)
@@ -42,7 +43,8 @@ stage() {  # stage NAME SECONDS CMD...
 for s in ${STAGES//,/ }; do
   case $s in
     asynccheck) stage asynccheck 240 $PY tests/gpu/fused_check.py async ;;
-    check)      TAIL=40 stage check 200 bash scripts/gpu_check.sh ;;
+    check)      TAIL=40 stage check 420 bash scripts/gpu_check.sh ;;
+    checkdist)  TAIL=30 stage checkdist 150 bash scripts/gpu_check.sh dist ;;
     weavecheck) stage weavecheck 240 $PY tests/gpu/weave_check.py ;;
     allreduce)  stage allreduce 300 $PY scripts/bench_allreduce.py --hidden "${ALLREDUCE_HIDDEN:-8192}" \
                   --reps 7 --out "$R/allreduce" ;;
@@ -52,8 +54,9 @@ for s in ${STAGES//,/ }; do
     layer)      stage layer 120 $PY scripts/bench_layer.py --tokens 1024,2048,4096,8192,16384 \
                   --iters 5 --warmup 2 --layers 4 --profile --out "$R/layer" ;;
     kernel)     stage kernel 120 $PY scripts/bench_kernel_raw.py --phases ;;
-    model)      stage model 220 $PY scripts/bench_model.py --tokens 1024,2048,4096,8192,16384 --iters 3 \
-                  --warmup 1 --decode-steps 8 --out "$R/model" ;;
+    model)      XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 stage model 220 $PY scripts/bench_model.py \
+                  --tokens 1024,2048,4096,8192,16384 --iters 3 --warmup 1 --decode-batch 8 \
+                  --decode-steps 8 --out "$R/model" ;;
     moe)        stage moe 400 $PY scripts/bench_moe.py --quick --sections layer,model --out "$R/moe" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
