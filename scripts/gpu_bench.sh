@@ -11,6 +11,7 @@
 #   layer       scripts/bench_layer.py, five variants + a TokenWeave profile PNG
 #   kernel      scripts/bench_kernel_raw.py --phases (the kernel alone, CUDA events, no XLA)
 #   model       scripts/bench_model.py (80-layer prefill 1K-16K, chunked prefill + decode, attention)
+#   attention   scripts/bench_model.py --sections attention (cuDNN vs XLA vs Pallas Mosaic GPU)
 #   moe         scripts/bench_moe.py --quick (Mixtral-8x22B block, layer, 56-layer prefill)
 # At the end everything under $OUT is packed into $OUT/results.tgz (the device tool returns at
 # most 8 files), and a one-line-per-stage summary is printed. NVLink multicast stays off.
@@ -57,6 +58,8 @@ for s in ${STAGES//,/ }; do
     model)      XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 stage model 220 $PY scripts/bench_model.py \
                   --tokens 1024,2048,4096,8192,16384 --iters 3 --warmup 1 --decode-batch 8 \
                   --decode-steps 8 --out "$R/model" ;;
+    attention)  stage attention 120 $PY scripts/bench_model.py --tokens 1024,2048,4096,8192,16384 --layers 1 \
+                  --sections attention --out "$R/attention" ;;
     moe)        stage moe 400 $PY scripts/bench_moe.py --quick --sections layer,model --out "$R/moe" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
