@@ -1,9 +1,11 @@
 """jax_tokenweave: TokenWeave-style compute-communication overlap for tensor-parallel inference."""
-from jax_tokenweave.fused import fused_allreduce_rmsnorm, rows_per_rank, rmsnorm
+from jax_tokenweave.fused import (fused_allreduce_rmsnorm, fused_allreduce_rmsnorm_done,
+                                  fused_allreduce_rmsnorm_start, rmsnorm, rows_per_rank)
 from jax_tokenweave import cuda_ops as _cuda_ops  # registers p2p/multimem/auto when the extension loads
 from jax_tokenweave.communicator import Communicator
 
-__all__ = ["fused_allreduce_rmsnorm", "rows_per_rank", "rmsnorm", "Communicator", "TPModel", "KVCache", "to_host"]
+__all__ = ["fused_allreduce_rmsnorm", "fused_allreduce_rmsnorm_start", "fused_allreduce_rmsnorm_done",
+           "rows_per_rank", "rmsnorm", "Communicator", "TPModel", "KVCache", "to_host"]
 
 
 def __getattr__(name):

@@ -8,14 +8,14 @@ where it was measured and falls back to xla where it was not.
 from __future__ import annotations
 
 # Source: bench/results/allreduce_tp4_h200_h8192.json (4x H200, jax 0.11.2, 2026-11-21, hidden 8192,
-# ours vs the best XLA option per size, 10 chained calls inside one jit): ours was faster from 2 MiB
-# (128 tokens, x1.27) to 32 MiB (2048 tokens, x1.05) and slower at 0.25-1 MiB and >= 64 MiB.
-SOURCE = "bench/results/allreduce_tp4_h200_h8192.json (+ allreduce_tp4_h200_h5120_6144.json)"
-# Messages up to this size use the one-shot kernel (raw kernel timing: 15.4 us one-shot against
-# 21.1 us two-shot at 0.25 MiB, a tie at 1 MiB).
+# ours vs the best XLA option per size; per-call slope timing): ours was faster at 0.25 MiB (16
+# tokens, x1.36) and 0.5 MiB (32 tokens, x2.09), slower from 1 MiB on except a tie at 16 MiB (x1.00).
+SOURCE = "bench/results/allreduce_tp4_h200_h8192.json"
+# Messages up to this size use the one-shot kernel (raw kernel timing: 15-18 us one-shot against
+# 21-27 us two-shot at 0.25 MiB, a tie at 1 MiB).
 ONESHOT_MAX_BYTES = 512 << 10
 TABLE: dict[int, list[tuple[int, str]]] = {
-    4: [(1 << 20, "xla"), (32 << 20, "p2p")],
+    4: [(512 << 10, "p2p")],
 }
 
 
