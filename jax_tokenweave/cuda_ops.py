@@ -109,15 +109,13 @@ def _call(partial, residual, gamma, *, axis_name, eps, comm, ctas, mode, transpo
     # residual -> residual_out: the kernel updates the rows in place.
     if slot is None:
         return jax.ffi.ffi_call(TARGET, shapes, input_output_aliases={1: 1})(partial, residual, gamma32, **attrs)
-    if not 0 <= slot < ASYNC_SLOTS:
-        raise ValueError(f"fused_allreduce_rmsnorm_start: slot={slot}; use 0..{ASYNC_SLOTS - 1}")
+    slots = extension().ASYNC_SLOTS
+    if not 0 <= slot < slots:
+        raise ValueError(f"fused_allreduce_rmsnorm_start: slot={slot}; use 0..{slots - 1}")
     normed, residual_out = jax.ffi.ffi_call(START_TARGET, shapes, input_output_aliases={1: 1})(
         partial, residual, gamma32, slot=np.int64(slot), **attrs)
     return fused.Pending(normed, residual_out, keep_alive=(partial, gamma32),
                          finish=functools.partial(_done, comm_id=comm.id, slot=slot))
-
-
-ASYNC_SLOTS = 4  # tw_common.h kAsyncSlots
 
 
 def _done(pending, after, *, comm_id, slot):

@@ -353,38 +353,29 @@ static ffi::Error FusedDoneImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBu
 
 }  // namespace tw
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(TwFusedAllReduceRMSNorm, tw::FusedImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
-                                  .Arg<ffi::AnyBuffer>()          // partial
-                                  .Arg<ffi::AnyBuffer>()          // residual
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // gamma (fp32)
-                                  .Ret<ffi::AnyBuffer>()          // normed
-                                  .Ret<ffi::AnyBuffer>()          // residual_out
-                                  .Attr<int64_t>("comm_id")
-                                  .Attr<float>("eps")
-                                  .Attr<int64_t>("ctas")
-                                  .Attr<int64_t>("mode")
-                                  .Attr<int64_t>("num_ranks")
-                                  .Attr<int64_t>("transport"));
+namespace {
+// The synchronous call and Start take the same operands, results and attributes (Start adds a slot).
+auto FusedBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::PlatformStream<cudaStream_t>>()
+      .Ctx<ffi::DeviceOrdinal>()
+      .Arg<ffi::AnyBuffer>()          // partial
+      .Arg<ffi::AnyBuffer>()          // residual
+      .Arg<ffi::Buffer<ffi::F32>>()   // gamma (fp32)
+      .Ret<ffi::AnyBuffer>()          // normed (Start: valid after Done)
+      .Ret<ffi::AnyBuffer>()          // residual_out (Start: valid after Done)
+      .Attr<int64_t>("comm_id")
+      .Attr<float>("eps")
+      .Attr<int64_t>("ctas")
+      .Attr<int64_t>("mode")
+      .Attr<int64_t>("num_ranks")
+      .Attr<int64_t>("transport");
+}
+}  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(TwFusedStart, tw::FusedStartImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
-                                  .Arg<ffi::AnyBuffer>()          // partial
-                                  .Arg<ffi::AnyBuffer>()          // residual
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // gamma (fp32)
-                                  .Ret<ffi::AnyBuffer>()          // normed (valid after Done)
-                                  .Ret<ffi::AnyBuffer>()          // residual_out (valid after Done)
-                                  .Attr<int64_t>("comm_id")
-                                  .Attr<float>("eps")
-                                  .Attr<int64_t>("ctas")
-                                  .Attr<int64_t>("mode")
-                                  .Attr<int64_t>("num_ranks")
-                                  .Attr<int64_t>("transport")
-                                  .Attr<int64_t>("slot"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TwFusedAllReduceRMSNorm, tw::FusedImpl, FusedBinding());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TwFusedStart, tw::FusedStartImpl, FusedBinding().Attr<int64_t>("slot"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TwFusedDone, tw::FusedDoneImpl,
                               ffi::Ffi::Bind()

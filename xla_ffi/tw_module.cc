@@ -34,6 +34,7 @@ PYBIND11_MODULE(_C, m) {
   });
   m.attr("MAX_RANKS") = tw::kMaxRanks;
   m.attr("MAX_CTAS") = tw::kMaxBlocks;
+  m.attr("ASYNC_SLOTS") = tw::kAsyncSlots;
   m.attr("THREADS") = tw::kThreads;
   m.attr("MAX_HIDDEN_BF16") = tw::kMaxVecPerThread * tw::kThreads * 8;
   m.def("device_count", []() { int n = 0; cudaError_t e = cudaGetDeviceCount(&n); return e == cudaSuccess ? n : 0; });
