@@ -14,8 +14,6 @@ SOURCE = "bench/results/allreduce_tp4_h200_h8192.json"
 # Messages up to this size use the one-shot kernel (raw kernel timing: 15-18 us one-shot against
 # 21-27 us two-shot at 0.25 MiB, a tie at 1 MiB).
 ONESHOT_MAX_BYTES = 512 << 10
-# Two-shot messages from this size on move their bytes by copy engines (kernel CTAs only reduce).
-COPY_ENGINE_MIN_BYTES = 4 << 20
 TABLE: dict[int, list[tuple[int, str]]] = {
     4: [(512 << 10, "p2p")],
 }

@@ -44,14 +44,11 @@ class Communicator:
     _defaults: dict[str, "Communicator"] = {}
 
     def __init__(self, mesh, axis_name: str = "tp", *, max_bytes: int = 64 << 20,
-                 oneshot_max_bytes: int | None = None, copy_engine_min_bytes: int | None = None,
-                 ctas: int | None = None, timeout_s: float = 30.0,
+                 oneshot_max_bytes: int | None = None, ctas: int | None = None, timeout_s: float = 30.0,
                  transport: str = "p2p", set_default: bool = True):
         """max_bytes: largest message (tokens x hidden x itemsize, tokens rounded up to a multiple
         of the axis size) a call may carry. oneshot_max_bytes: messages up to this size use the
-        one-shot kernel (default from the measured table). copy_engine_min_bytes: two-shot
-        messages from this size on move their bytes with copy engines, so the kernel's CTAs only
-        reduce (default from the measured table; 0: never). ctas: CTAs per launch (default: one
+        one-shot kernel (default from the measured table). ctas: CTAs per launch (default: one
         per SM). timeout_s: how long a kernel waits for a peer before it fails with an error."""
         C = cuda_ops.extension()
         cuda_ops.register_targets()
@@ -74,10 +71,6 @@ class Communicator:
         self.id = next(_ids)
         from jax_tokenweave import auto_table
         self.oneshot_max_bytes = int(auto_table.ONESHOT_MAX_BYTES if oneshot_max_bytes is None else oneshot_max_bytes)
-        self.copy_engine_min_bytes = int(auto_table.COPY_ENGINE_MIN_BYTES if copy_engine_min_bytes is None
-                                         else copy_engine_min_bytes)
-        if self.copy_engine_min_bytes < 0:
-            raise ValueError("Communicator: copy_engine_min_bytes must be >= 0 (0: never use copy engines)")
         self.max_bytes = int(max_bytes)
         os_cap = min(self.max_bytes, max(self.oneshot_max_bytes, 1 << 16))
         layout = C.layout(self.max_bytes, os_cap, n)
@@ -102,7 +95,7 @@ class Communicator:
             table, ipc = self._exchange_ipc(C, local[0][0], ords[local[0][0]], ptrs[local[0][0]], n)
         for r in ords:
             C.register_rank(self.id, ords[r], r, n, table[r], ipc[r], True, self.max_bytes, os_cap,
-                            int(self.timeout_s * 1e9), self.ctas, self.oneshot_max_bytes, self.copy_engine_min_bytes)
+                            int(self.timeout_s * 1e9), self.ctas, self.oneshot_max_bytes)
         self.closed = False
         if transport == "multimem":
             if multiprocess:

@@ -5,10 +5,7 @@ How a call finds its communicator: pass ``comm=`` to ``fused_allreduce_rmsnorm``
 leave it None and the communicator created last for that axis name (``Communicator(...,
 set_default=True)``, the default) is used.
 
-Extra knobs for benchmarks and tests: ``p2p_fused(..., ctas=, mode="oneshot"|"twoshot"|"copyengine"|"auto")``
-("copyengine": the two-shot's bytes move by copy-engine memcpys, the kernel only reduces; "auto":
-one-shot up to the communicator's ``oneshot_max_bytes``, copy engines from its
-``copy_engine_min_bytes``, SM-driven two-shot between).
+Extra knobs for benchmarks and tests: ``p2p_fused(..., ctas=, mode="oneshot"|"twoshot"|"auto")``.
 """
 from __future__ import annotations
 
@@ -25,7 +22,7 @@ from jax_tokenweave.compat import axis_size
 TARGET = "jax_tokenweave_fused_ar_rmsnorm"
 START_TARGET = "jax_tokenweave_fused_start"
 DONE_TARGET = "jax_tokenweave_fused_done"
-_MODES = {"auto": 0, "oneshot": 1, "twoshot": 2, "copyengine": 3}
+_MODES = {"auto": 0, "oneshot": 1, "twoshot": 2}
 _C = None
 _LOAD_ERROR: str | None = None
 _REGISTERED = False
@@ -133,8 +130,7 @@ def _done(pending, after, *, comm_id, slot):
 
 
 def p2p_fused(partial, residual, gamma, *, axis_name, eps=1e-5, comm=None, ctas=None, mode="auto"):
-    """The `p2p` implementation (NVLink peer memory): one-shot for small messages, else two-shot
-    (SM-driven, or its bytes moved by copy engines from the communicator's copy_engine_min_bytes)."""
+    """The `p2p` implementation (NVLink peer memory): one-shot for small messages, else two-shot."""
     comm = _resolve_comm(comm, axis_name)
     return _call(partial, residual, gamma, axis_name=axis_name, eps=eps, comm=comm, ctas=ctas, mode=mode,
                  transport=0)

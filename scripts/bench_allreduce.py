@@ -37,8 +37,6 @@ ap.add_argument("--hidden", default="8192,5120,6144")
 ap.add_argument("--tokens", default="16,32,64,128,256,512,1024,2048,4096,8192,16384")
 ap.add_argument("--reps", type=int, default=15)
 ap.add_argument("--ctas", default="8,16,32,64,132")
-ap.add_argument("--ce-ctas", type=int, default=32, help="CTAs of the copy-engine mode's reduce kernel")
-ap.add_argument("--ce-from", type=int, default=1 << 20, help="time the copy-engine mode from this message size (bytes)")
 ap.add_argument("--only-xla", action="store_true", help="only the XLA psum baseline (used for the collective-kernels column)")
 ap.add_argument("--no-xla-ck", action="store_true")
 args = ap.parse_args()
@@ -162,11 +160,7 @@ for H in hiddens:
             row["ours_oneshot_ctas"] = min(sms, T)
         row["ours_twoshot_us"] = chain(T, H, "p2p", mode="twoshot", ctas=sms)
         row["ours_twoshot_ctas"] = min(sms, R)
-        if msg >= args.ce_from:
-            row["ours_copyengine_us"] = chain(T, H, "p2p", mode="copyengine", ctas=args.ce_ctas)
-            row["ours_copyengine_ctas"] = min(args.ce_ctas, R)
-        best_mode = min((k for k in ("ours_oneshot_us", "ours_twoshot_us", "ours_copyengine_us") if k in row),
-                        key=lambda k: row[k])
+        best_mode = min((k for k in ("ours_oneshot_us", "ours_twoshot_us") if k in row), key=lambda k: row[k])
         row["ours_us"] = row[best_mode]
         row["ours_mode"] = best_mode.split("_")[1]
         row["ours_sms"] = row[f"ours_{row['ours_mode']}_ctas"]
@@ -190,8 +184,7 @@ for T in (1024, 64):
     base = next(r["xla_psum_norm_us"] for r in rows if r["hidden"] == H and r["tokens"] == T) if T in tokens else xla_psum_norm(T, H)
     for c in [int(c) for c in args.ctas.split(",")]:
         c = min(c, sms)
-        modes = ("twoshot",) if T * H * 2 > comm.oneshot_max_bytes else ("oneshot", "twoshot")
-        for mode in modes + (("copyengine",) if T * H * 2 >= args.ce_from else ()):
+        for mode in (("twoshot",) if T * H * 2 > comm.oneshot_max_bytes else ("oneshot", "twoshot")):
             t = chain(T, H, "p2p", mode=mode, ctas=c)
             cta_rows.append(dict(tokens=T, hidden=H, ctas=c, mode=mode, us=t, xla_psum_norm_us=base, speedup=base / t))
             print(f"CTAs {c:4d} T={T} {mode}: {t:7.1f} us  x{base/t:.2f} vs xla psum+norm", flush=True)

@@ -21,8 +21,7 @@ constexpr int kAsyncSlots = 4;      // start/done pairs of one device that may b
 constexpr size_t kFlagBytes = size_t(kMaxBlocks) * kMaxRanks * sizeof(uint32_t);
 
 enum DType : int { kBF16 = 0, kF16 = 1, kF32 = 2 };
-// kModeCopyEngine: two-shot whose push and pull are copy-engine memcpys (no SM moves the bytes).
-enum Mode : int { kModeAuto = 0, kModeOneShot = 1, kModeTwoShot = 2, kModeCopyEngine = 3 };
+enum Mode : int { kModeAuto = 0, kModeOneShot = 1, kModeTwoShot = 2 };
 
 struct Params {
   void* ws[kMaxRanks];        // base address of every rank's workspace, as mapped on this device

@@ -1,7 +1,6 @@
 // Communicator registry, workspace management and the XLA FFI handlers.
 #include "tw_host.h"
 
-#include <algorithm>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -121,7 +120,7 @@ void enable_peer_access(const std::vector<int>& ordinals) {
 
 void register_rank(int64_t comm_id, int ordinal, int rank, int n, const std::vector<uintptr_t>& ws,
                    const std::vector<bool>& ipc, bool owns_local, size_t cap, size_t os_cap,
-                   uint64_t timeout_ns, int ctas, size_t oneshot_max, size_t ce_min_bytes) {
+                   uint64_t timeout_ns, int ctas, size_t oneshot_max) {
   if (n < 1 || n > kMaxRanks) throw std::runtime_error("jax_tokenweave: " + std::to_string(n) + " ranks; at most " + std::to_string(kMaxRanks) + " are supported");
   if (int(ws.size()) != n || int(ipc.size()) != n) throw std::runtime_error("jax_tokenweave: register_rank needs one workspace per rank");
   if (ctas < 1 || ctas > kMaxBlocks) throw std::runtime_error("jax_tokenweave: ctas must be in [1, " + std::to_string(kMaxBlocks) + "]");
@@ -130,7 +129,7 @@ void register_rank(int64_t comm_id, int ordinal, int rank, int n, const std::vec
   st->layout = make_layout(cap, os_cap, n);
   for (int r = 0; r < n; ++r) { st->ws[r] = reinterpret_cast<void*>(ws[r]); st->ipc[r] = ipc[r]; }
   st->owns_local = owns_local;
-  st->timeout_ns = timeout_ns; st->ctas = ctas; st->oneshot_max = oneshot_max; st->ce_min_bytes = ce_min_bytes;
+  st->timeout_ns = timeout_ns; st->ctas = ctas; st->oneshot_max = oneshot_max;
   {
     DeviceGuard g(ordinal);
     check(cudaHostAlloc(&st->err_host, 8 * sizeof(int), cudaHostAllocMapped | cudaHostAllocPortable), "cudaHostAlloc");
@@ -145,11 +144,6 @@ void register_rank(int64_t comm_id, int ordinal, int rank, int n, const std::vec
     for (int k = 0; k < kAsyncSlots; ++k) {
       check(cudaEventCreateWithFlags(&st->ready[k], cudaEventDisableTiming), "cudaEventCreate");
       check(cudaEventCreateWithFlags(&st->finished[k], cudaEventDisableTiming), "cudaEventCreate");
-    }
-    check(cudaEventCreateWithFlags(&st->ce_fork, cudaEventDisableTiming), "cudaEventCreate");
-    for (int k = 0; k + 1 < n; ++k) {
-      check(cudaStreamCreateWithPriority(&st->ce[k], cudaStreamNonBlocking, hi), "cudaStreamCreateWithPriority");
-      check(cudaEventCreateWithFlags(&st->ce_join[k], cudaEventDisableTiming), "cudaEventCreate");
     }
   }
   std::lock_guard<std::mutex> lk(g_mu);
@@ -176,11 +170,6 @@ void destroy_comm(int64_t comm_id) {
       if (st->finished[k]) cudaEventDestroy(st->finished[k]);
     }
     if (st->side) cudaStreamDestroy(st->side);
-    if (st->ce_fork) cudaEventDestroy(st->ce_fork);
-    for (int k = 0; k + 1 < st->n; ++k) {
-      if (st->ce[k]) cudaStreamDestroy(st->ce[k]);
-      if (st->ce_join[k]) cudaEventDestroy(st->ce_join[k]);
-    }
   }
 }
 
@@ -270,10 +259,7 @@ static ffi::Error Prepare(int32_t ordinal, ffi::AnyBuffer partial, ffi::AnyBuffe
     const size_t os_need = size_t(p.T + p.R) * p.D * elt;
     const bool os_fits = os_need <= st->layout.os_stride;
     int m = int(mode);
-    if (m == kModeAuto) {
-      if (os_fits && size_t(p.T) * p.D * elt <= st->oneshot_max) m = kModeOneShot;
-      else m = (st->ce_min_bytes && msg >= st->ce_min_bytes) ? kModeCopyEngine : kModeTwoShot;
-    }
+    if (m == kModeAuto) m = (os_fits && size_t(p.T) * p.D * elt <= st->oneshot_max) ? kModeOneShot : kModeTwoShot;
     if (m == kModeOneShot && !os_fits)
       return ffi::Error::InvalidArgument("jax_tokenweave: message too large for the one-shot region (raise oneshot_max_bytes)");
     p.os_stride = st->layout.os_stride;
@@ -284,47 +270,9 @@ static ffi::Error Prepare(int32_t ordinal, ffi::AnyBuffer partial, ffi::AnyBuffe
   return ffi::Error::Success();
 }
 
-// Copy-engine two-shot on stream s: N-1 pushes (our partial rows of owner o -> o's input slot
-// [rank]) on N-1 streams, the reduce kernel, N-1 pulls (o's normalised rows -> our result). Each
-// phase forks from s with one event and joins back with one event per stream, all device-side.
-// The kernel's barriers give the cross-rank order (see twoshot_kernel); the events only the
-// order on this device. An event may be re-recorded once the waits on it are enqueued (a wait
-// uses the record that precedes it in host order).
-cudaError_t enqueue_copy_engine(DeviceState& st, const Params& p, int dtype, int ctas, cudaStream_t s) {
-  const size_t rb = size_t(p.D) * (dtype == kF32 ? 4 : 2);
-  const size_t slab = size_t(p.R) * rb;  // one owner's rows
-  auto fan_out = [&](auto copy) {
-    cudaError_t e = cudaEventRecord(st.ce_fork, s);
-    for (int k = 0; k + 1 < p.N && e == cudaSuccess; ++k) {
-      const int o = k + (k >= p.rank);
-      const int64_t rows = std::min<int64_t>(p.T - int64_t(o) * p.R, p.R);
-      if (rows <= 0) continue;  // an owner of padding rows only
-      e = cudaStreamWaitEvent(st.ce[k], st.ce_fork, 0);
-      if (e == cudaSuccess) e = copy(o, size_t(rows) * rb, st.ce[k]);
-      if (e == cudaSuccess) e = cudaEventRecord(st.ce_join[k], st.ce[k]);
-      if (e == cudaSuccess) e = cudaStreamWaitEvent(s, st.ce_join[k], 0);
-    }
-    return e;
-  };
-  char* const* ws = reinterpret_cast<char* const*>(p.ws);
-  cudaError_t e = cudaSuccess;
-  if (!(p.dbg & 1))
-    e = fan_out([&](int o, size_t bytes, cudaStream_t cs) {
-      return cudaMemcpyAsync(ws[o] + p.in_off + size_t(p.rank) * slab, static_cast<const char*>(p.partial) + o * slab,
-                             bytes, cudaMemcpyDefault, cs);
-    });
-  if (e == cudaSuccess) e = launch_p2p(p, dtype, kModeCopyEngine, ctas, s);
-  if (e == cudaSuccess && !(p.dbg & 2))
-    e = fan_out([&](int o, size_t bytes, cudaStream_t cs) {
-      return cudaMemcpyAsync(static_cast<char*>(p.normed) + o * slab, ws[o] + p.out_off, bytes, cudaMemcpyDefault, cs);
-    });
-  return e;
-}
-
 static ffi::Error Enqueue(const Launch& L, cudaStream_t stream) {
-  const cudaError_t e = L.transport == 1             ? launch_multimem(L.p, L.grid, stream)
-                        : L.mode == kModeCopyEngine ? enqueue_copy_engine(*L.st, L.p, L.dtype, L.grid, stream)
-                                                    : launch_p2p(L.p, L.dtype, L.mode, L.grid, stream);
+  const cudaError_t e = L.transport == 1 ? launch_multimem(L.p, L.grid, stream)
+                                         : launch_p2p(L.p, L.dtype, L.mode, L.grid, stream);
   if (e != cudaSuccess) return ffi::Error::Internal(std::string("jax_tokenweave: kernel launch failed: ") + cudaGetErrorString(e));
   return ffi::Error::Success();
 }
@@ -480,9 +428,7 @@ std::vector<double> bench_raw(int64_t comm_id, const std::vector<int>& ordinals,
     for (int i = 0; i < n; ++i) {
       DeviceGuard g(ordinals[i]);
       ps[i].seq = sts[i]->seq.fetch_add(1);
-      check(mode == kModeCopyEngine ? enqueue_copy_engine(*sts[i], ps[i], kBF16, ctas, streams[i])
-                                    : launch_p2p(ps[i], kBF16, mode, ctas, streams[i]),
-            "launch");
+      check(launch_p2p(ps[i], kBF16, mode, ctas, streams[i]), "launch");
     }
   };
   for (int k = 0; k < 5; ++k) launch_all(k);

@@ -15,8 +15,6 @@ namespace tw {
 cudaError_t launch_p2p(const Params& p, int dtype, int mode, int ctas, cudaStream_t s);
 cudaError_t launch_multimem(const Params& p, int ctas, cudaStream_t s);
 cudaError_t warm_up_kernels();
-struct DeviceState;
-cudaError_t enqueue_copy_engine(DeviceState& st, const Params& p, int dtype, int ctas, cudaStream_t s);
 
 struct Layout {
   size_t cap = 0, os_cap = 0, os_stride = 0;
@@ -51,14 +49,6 @@ struct DeviceState {
   cudaEvent_t ready[kAsyncSlots] = {};
   cudaEvent_t finished[kAsyncSlots] = {};
   bool pending[kAsyncSlots] = {};
-  // Copy-engine two-shot (kModeCopyEngine): one stream per peer, so that the N-1 memcpys of a
-  // phase run on several copy engines at once; ce_fork orders them after the caller's stream,
-  // ce_join[k] orders the caller's stream after memcpy k. auto picks it from ce_min_bytes on
-  // (0: never).
-  cudaStream_t ce[kMaxRanks - 1] = {};
-  cudaEvent_t ce_fork = nullptr;
-  cudaEvent_t ce_join[kMaxRanks - 1] = {};
-  size_t ce_min_bytes = 0;
   // multimem (NVLS), set only by the opt-in set-up
   void* mc_base = nullptr;
   void* uc_base = nullptr;
@@ -75,7 +65,7 @@ uintptr_t ipc_open(int ordinal, const std::string& handle);
 void enable_peer_access(const std::vector<int>& ordinals);
 void register_rank(int64_t comm_id, int ordinal, int rank, int n, const std::vector<uintptr_t>& ws,
                    const std::vector<bool>& ipc, bool owns_local, size_t cap, size_t os_cap,
-                   uint64_t timeout_ns, int ctas, size_t oneshot_max, size_t ce_min_bytes);
+                   uint64_t timeout_ns, int ctas, size_t oneshot_max);
 void destroy_comm(int64_t comm_id);
 std::vector<int> last_error(int64_t comm_id, int ordinal);
 void set_multimem(int64_t comm_id, int ordinal, uintptr_t mc, uintptr_t uc, size_t in_off, size_t out_off, size_t cap);

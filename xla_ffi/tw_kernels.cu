@@ -17,9 +17,6 @@
 //    2 of call k: the writer passed barrier 2 of call k, which every reader reached after reading.
 //  * two-shot output rows are written after barrier 1 of call k+1 (all peers are in call k+1, so
 //    they finished pulling call k's rows).
-//  * copy-engine two-shot: the same two rules, with "the writer's memcpy of call k+1" enqueued after
-//    its kernel of call k (stream order), and a peer's pulls of call k completed before its kernel
-//    of call k+1 starts, i.e. before it releases barrier 1 of call k+1.
 //  * one-shot slots are written before the only barrier, so they alternate by call parity: call k+2
 //    writes the parity of call k only after passing the barrier of call k+1, when every reader of
 //    call k has finished call k.
@@ -250,13 +247,7 @@ constexpr int kUnroll = 16;
 
 // ----------------------------------------------------------------------------------------------
 // Two-shot: push (reduce-scatter into owners' workspaces), owner reduces + norms its rows, pull.
-// kCopyEngine: the push and the pull are copy-engine memcpys enqueued around this kernel by the
-// host (tw_host.cc, enqueue_copy_engine), so the kernel only meets its peers and reduces. Barrier 1
-// then orders the peers' memcpys, not stores of this kernel: a peer's kernel starts only after its
-// pushes have completed (stream order), so its release of flag 1 comes after data that already
-// sits in our memory. Barrier 2 is what the pulls after the kernel rely on: this rank's kernel
-// ends only when every block saw every peer's block publish its normalised rows.
-template <typename T, int NR, bool kCopyEngine>
+template <typename T, int NR>
 __global__ void __launch_bounds__(kThreads) twoshot_kernel(const Params p) {
   __shared__ float smem[33];
   constexpr int E = Vec<T>::E;
@@ -279,7 +270,7 @@ __global__ void __launch_bounds__(kThreads) twoshot_kernel(const Params p) {
     return true;
   };
   const uint32_t n_copy = uint32_t(p.N - 1) * per;
-  if (!kCopyEngine) copy_items<kUnroll>((p.dbg & 1) ? 0u : n_copy, push);
+  copy_items<kUnroll>((p.dbg & 1) ? 0u : n_copy, push);
   block_barrier(p, p.seq * 4u + 1u);  // inputs of our rows from every peer's block b are visible
 
   // Phase 2: our rows [r0, r1): sum in rank order, add residual, norm, write result + workspace.
@@ -310,7 +301,7 @@ __global__ void __launch_bounds__(kThreads) twoshot_kernel(const Params p) {
     d = static_cast<char*>(p.normed) + g * rb + size_t(v) * 16;
     return true;
   };
-  if (!kCopyEngine) copy_items<kUnroll>((p.dbg & 2) ? 0u : n_copy, pull);
+  copy_items<kUnroll>((p.dbg & 2) ? 0u : n_copy, pull);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -449,12 +440,9 @@ cudaError_t launch_nr(const Params& p, int mode, int ctas, cudaStream_t s) {
   if (mode == kModeOneShot) {
     const int g = int(std::min<int64_t>(ctas, p.T));
     oneshot_kernel<T, NR><<<g, kThreads, 0, s>>>(p);
-  } else if (mode == kModeCopyEngine) {
-    const int g = int(std::min<int64_t>(ctas, p.R));
-    twoshot_kernel<T, NR, true><<<g, kThreads, 0, s>>>(p);
   } else {
     const int g = int(std::min<int64_t>(ctas, p.R));
-    twoshot_kernel<T, NR, false><<<g, kThreads, 0, s>>>(p);
+    twoshot_kernel<T, NR><<<g, kThreads, 0, s>>>(p);
   }
   return cudaGetLastError();
 }
@@ -493,12 +481,9 @@ cudaError_t launch_multimem(const Params& p, int ctas, cudaStream_t s) {
 cudaError_t warm_up_kernels() {
   cudaError_t e = cudaSuccess;
 #define TW_TOUCH(T)                                                                   \
-  if (e == cudaSuccess) e = touch(twoshot_kernel<T, 2, false>);                       \
-  if (e == cudaSuccess) e = touch(twoshot_kernel<T, 4, false>);                       \
-  if (e == cudaSuccess) e = touch(twoshot_kernel<T, 8, false>);                       \
-  if (e == cudaSuccess) e = touch(twoshot_kernel<T, 2, true>);                        \
-  if (e == cudaSuccess) e = touch(twoshot_kernel<T, 4, true>);                        \
-  if (e == cudaSuccess) e = touch(twoshot_kernel<T, 8, true>);                        \
+  if (e == cudaSuccess) e = touch(twoshot_kernel<T, 2>);                              \
+  if (e == cudaSuccess) e = touch(twoshot_kernel<T, 4>);                              \
+  if (e == cudaSuccess) e = touch(twoshot_kernel<T, 8>);                              \
   if (e == cudaSuccess) e = touch(oneshot_kernel<T, 2>);                              \
   if (e == cudaSuccess) e = touch(oneshot_kernel<T, 4>);                              \
   if (e == cudaSuccess) e = touch(oneshot_kernel<T, 8>);
