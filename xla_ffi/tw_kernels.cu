@@ -150,31 +150,44 @@ __device__ __forceinline__ void copy_items(uint32_t n, Map map) {
   }
 }
 
-__device__ __forceinline__ float block_sum(float v, float* smem) {
+// A block normalises G rows at once: its threads split into G groups of kThreads/G, one row per
+// group, G as large as lets a thread hold at most kMaxVecPerThread vectors of its row (capped at 8
+// groups of 2 warps). More rows per pass = more independent loads in flight per SM, which is what
+// the norm phase is bound by when the collective runs on few CTAs. G depends on D only, so every
+// rank and every kernel of a call uses the same grouping (and so the same bits).
+struct RowGroups {
+  uint32_t G, threads, warps, group, lane;
+  __device__ explicit RowGroups(uint32_t V) {
+    G = 1;
+    while (G < 8 && uint32_t(kMaxVecPerThread) * (kThreads / (2 * G)) >= V) G *= 2;
+    threads = kThreads / G; warps = threads / 32;
+    group = threadIdx.x / threads; lane = threadIdx.x % threads;
+  }
+};
+
+__device__ __forceinline__ float group_sum(float v, float* smem, const RowGroups& rg) {
   // Fixed butterfly + fixed warp order: the same bits on every rank and every run.
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  const int w = threadIdx.x >> 5, l = threadIdx.x & 31;
-  if (l == 0) smem[w] = v;
+  const uint32_t w = threadIdx.x >> 5;
+  if ((threadIdx.x & 31) == 0) smem[w] = v;
   __syncthreads();
-  if (w == 0) {
-    v = (l < int(blockDim.x >> 5)) ? smem[l] : 0.f;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    if (l == 0) smem[32] = v;
-  }
-  __syncthreads();
-  const float r = smem[32];
-  __syncthreads();  // smem is reused by the next row
-  return r;
+  const uint32_t w0 = rg.group * rg.warps;
+  float s = 0.f;
+  for (uint32_t i = 0; i < rg.warps; ++i) s += smem[w0 + i];
+  __syncthreads();  // smem is reused by the next pass
+  return s;
 }
 
-// One row: acc = sum of the N partials (fp32, rank order, by `sum_vec`), r = round(acc + residual),
-// store r to rout (if any), normed = round(f32(r) * rsqrt(mean(r^2) + eps) * gamma) to out0/out1/
-// (multicast out_mc). Must be called by the whole block (it synchronises).
+// One row per thread group: acc = sum of the N partials (fp32, rank order, by `sum_vec`),
+// r = round(acc + residual), store r to rout (if any), normed = round(f32(r) * rsqrt(mean(r^2) +
+// eps) * gamma) to out0/out1/(multicast out_mc). Called by the whole block (it synchronises); a
+// group without a row this pass passes active = false. All loads of a thread's vectors are issued
+// before its first store (residual_out may alias residual: the same thread reads, then writes).
 template <typename T, typename SumVec, typename OutMc>
-__device__ __forceinline__ void norm_row(const Params& p, SumVec sum_vec, const char* res, char* rout,
-                                         char* out0, char* out1, OutMc out_mc, float* smem) {
+__device__ __forceinline__ void norm_row(const Params& p, const RowGroups& rg, bool active, SumVec sum_vec,
+                                         const char* res, char* rout, char* out0, char* out1, OutMc out_mc,
+                                         float* smem) {
   using VT = Vec<T>;
   constexpr int E = VT::E;
   const uint32_t V = uint32_t(p.D / E);
@@ -182,8 +195,8 @@ __device__ __forceinline__ void norm_row(const Params& p, SumVec sum_vec, const 
   float ss = 0.f;
 #pragma unroll
   for (int k = 0; k < kMaxVecPerThread; ++k) {
-    const uint32_t v = threadIdx.x + k * blockDim.x;
-    if (v < V) {
+    const uint32_t v = rg.lane + k * rg.threads;
+    if (active && v < V) {
       float acc[E];
       sum_vec(v, acc);
       float fr[E];
@@ -195,13 +208,20 @@ __device__ __forceinline__ void norm_row(const Params& p, SumVec sum_vec, const 
       VT::to_f32(rv[k], g);
 #pragma unroll
       for (int e = 0; e < E; ++e) ss += g[e] * g[e];
-      if (rout) st_plain(rout + size_t(v) * 16, rv[k]);
     }
   }
-  const float inv = rsqrtf(block_sum(ss, smem) / float(p.D) + p.eps);
+  // The stores come after every load of the row (no store between two loads keeps the compiler
+  // from issuing all of them up front).
 #pragma unroll
   for (int k = 0; k < kMaxVecPerThread; ++k) {
-    const uint32_t v = threadIdx.x + k * blockDim.x;
+    const uint32_t v = rg.lane + k * rg.threads;
+    if (active && v < V && rout) st_plain(rout + size_t(v) * 16, rv[k]);
+  }
+  const float inv = rsqrtf(group_sum(ss, smem, rg) / float(p.D) + p.eps);
+  if (!active) return;
+#pragma unroll
+  for (int k = 0; k < kMaxVecPerThread; ++k) {
+    const uint32_t v = rg.lane + k * rg.threads;
     if (v < V) {
       float g[E], w[E];
       VT::to_f32(rv[k], g);
@@ -273,21 +293,23 @@ __global__ void __launch_bounds__(kThreads) twoshot_kernel(const Params p) {
   copy_items<kUnroll>((p.dbg & 1) ? 0u : n_copy, push);
   block_barrier(p, p.seq * 4u + 1u);  // inputs of our rows from every peer's block b are visible
 
-  // Phase 2: our rows [r0, r1): sum in rank order, add residual, norm, write result + workspace.
-  for (uint32_t i = r0; i < ((p.dbg & 4) ? r0 : r1); ++i) {
+  // Phase 2: our rows [r0, r1), G at a time: sum in rank order, add residual, norm, write result +
+  // workspace.
+  const RowGroups rg(V);
+  const uint32_t r_end = (p.dbg & 4) ? r0 : r1;
+  for (uint32_t base = r0; base < r_end; base += rg.G) {
+    const uint32_t i = base + rg.group;
     const uint32_t g = uint32_t(p.rank) * R + i;
-    const char* res = static_cast<const char*>(p.residual) + i * rb;
-    char* rout = static_cast<char*>(p.residual_out) + i * rb;
-    if (g >= Tn) {  // padding row: residual_out keeps the input residual (same thread reads, writes)
-      for (uint32_t v = threadIdx.x; v < V; v += blockDim.x) st_plain(rout + size_t(v) * 16, ld_plain(res + size_t(v) * 16));
-      continue;
-    }
+    const char* res = static_cast<const char*>(p.residual) + size_t(i) * rb;
+    char* rout = static_cast<char*>(p.residual_out) + size_t(i) * rb;
+    if (i < r_end && g >= Tn)  // padding row: residual_out keeps the input residual (same thread reads, writes)
+      for (uint32_t v = rg.lane; v < V; v += rg.threads) st_plain(rout + size_t(v) * 16, ld_plain(res + size_t(v) * 16));
     const char* src[NR];
 #pragma unroll
     for (int r = 0; r < NR; ++r)
-      src[r] = (r == p.rank) ? part + g * rb : my_ws + p.in_off + (size_t(r) * R + i) * rb;
-    norm_row<T>(p, [&](uint32_t v, float* acc) { sum_partials<T, NR>(p, src, v, acc); }, res, rout,
-                static_cast<char*>(p.normed) + g * rb, my_ws + p.out_off + i * rb, NoMc{}, smem);
+      src[r] = (r == p.rank) ? part + size_t(g) * rb : my_ws + p.in_off + (size_t(r) * R + i) * rb;
+    norm_row<T>(p, rg, i < r_end && g < Tn, [&](uint32_t v, float* acc) { sum_partials<T, NR>(p, src, v, acc); },
+                res, rout, static_cast<char*>(p.normed) + size_t(g) * rb, my_ws + p.out_off + size_t(i) * rb, NoMc{}, smem);
   }
   block_barrier(p, p.seq * 4u + 2u);  // every owner's normalised rows [r0, r1) are visible
 
@@ -344,17 +366,20 @@ __global__ void __launch_bounds__(kThreads) oneshot_kernel(const Params p) {
   });
   block_barrier(p, p.seq * 4u + 1u);  // every peer's rows [j0, j1) (and their residuals) are visible
 
-  // Phase 2: rows [j0, j1), everyone computes them identically.
-  for (uint32_t g = j0; g < ((p.dbg & 4) ? j0 : j1); ++g) {
+  // Phase 2: rows [j0, j1), G at a time, everyone computes them identically.
+  const RowGroups rg(V);
+  const uint32_t j_end = (p.dbg & 4) ? j0 : j1;
+  for (uint32_t base = j0; base < j_end; base += rg.G) {
+    const uint32_t g = min(base + rg.group, j_end - 1);  // an idle group points at a valid row
     const int o = int(g / R);
     const uint32_t i = g - uint32_t(o) * R;
     const char* src[NR];
 #pragma unroll
-    for (int r = 0; r < NR; ++r) src[r] = (r == p.rank) ? part + g * rb : slot(p.rank, r) + g * rb;
-    const char* res = (o == p.rank) ? resid + i * rb : slot(p.rank, o) + (size_t(Tn) + i) * rb;
-    char* rout = (o == p.rank) ? static_cast<char*>(p.residual_out) + i * rb : nullptr;
-    norm_row<T>(p, [&](uint32_t v, float* acc) { sum_partials<T, NR>(p, src, v, acc); }, res, rout,
-                static_cast<char*>(p.normed) + g * rb, nullptr, NoMc{}, smem);
+    for (int r = 0; r < NR; ++r) src[r] = (r == p.rank) ? part + size_t(g) * rb : slot(p.rank, r) + size_t(g) * rb;
+    const char* res = (o == p.rank) ? resid + size_t(i) * rb : slot(p.rank, o) + (size_t(Tn) + i) * rb;
+    char* rout = (o == p.rank) ? static_cast<char*>(p.residual_out) + size_t(i) * rb : nullptr;
+    norm_row<T>(p, rg, base + rg.group < j_end, [&](uint32_t v, float* acc) { sum_partials<T, NR>(p, src, v, acc); },
+                res, rout, static_cast<char*>(p.normed) + size_t(g) * rb, nullptr, NoMc{}, smem);
   }
   // Our padding rows (global index >= T): residual_out = residual. Local, no ordering needed.
   for (uint32_t i = (own_lo < Tn ? Tn - own_lo : 0) + b; i < R; i += G) {
@@ -405,18 +430,18 @@ __global__ void __launch_bounds__(kThreads) multimem_kernel(const Params p) {
   });
   block_barrier(p, p.seq * 4u + 1u);  // every rank's copy of rows (owner, [r0, r1)) is in place
 
-  for (uint32_t i = r0; i < r1; ++i) {
+  const RowGroups rg(V);
+  for (uint32_t base = r0; base < r1; base += rg.G) {
+    const uint32_t i = base + rg.group;
     const uint32_t g = uint32_t(p.rank) * R + i;
-    const char* res = static_cast<const char*>(p.residual) + i * rb;
-    char* rout = static_cast<char*>(p.residual_out) + i * rb;
-    if (g >= Tn) {
-      for (uint32_t v = threadIdx.x; v < V; v += blockDim.x) st_plain(rout + size_t(v) * 16, ld_plain(res + size_t(v) * 16));
-      continue;
-    }
-    const char* mrow = mc + p.in_off + g * rb;
-    char* mout = mc + p.out_off + g * rb;
-    norm_row<T>(p, [&](uint32_t v, float* acc) { mm_ld_reduce_bf16x8(mrow + size_t(v) * 16, acc); }, res, rout,
-                static_cast<char*>(p.normed) + g * rb, nullptr,
+    const char* res = static_cast<const char*>(p.residual) + size_t(i) * rb;
+    char* rout = static_cast<char*>(p.residual_out) + size_t(i) * rb;
+    if (i < r1 && g >= Tn)
+      for (uint32_t v = rg.lane; v < V; v += rg.threads) st_plain(rout + size_t(v) * 16, ld_plain(res + size_t(v) * 16));
+    const char* mrow = mc + p.in_off + size_t(g) * rb;
+    char* mout = mc + p.out_off + size_t(g) * rb;
+    norm_row<T>(p, rg, i < r1 && g < Tn, [&](uint32_t v, float* acc) { mm_ld_reduce_bf16x8(mrow + size_t(v) * 16, acc); },
+                res, rout, static_cast<char*>(p.normed) + size_t(g) * rb, nullptr,
                 [&](uint32_t v, const uint4& o) { mm_st_v4(mout + size_t(v) * 16, o); }, smem);
   }
   // The multimem stores must be visible in every rank's memory before the peers' blocks b read
