@@ -153,13 +153,14 @@ __device__ __forceinline__ void copy_items(uint32_t n, Map map) {
 // A block normalises G rows at once: its threads split into G groups of kThreads/G, one row per
 // group, G as large as lets a thread hold at most kMaxVecPerThread vectors of its row (capped at 8
 // groups of 2 warps). More rows per pass = more independent loads in flight per SM, which is what
-// the norm phase is bound by when the collective runs on few CTAs. G depends on D only, so every
-// rank and every kernel of a call uses the same grouping (and so the same bits).
+// the norm phase is bound by when the two-shot runs on few CTAs. The one-shot keeps one row per
+// pass (max_g = 1): it is latency-bound, with about one row per CTA. G depends on D and the kernel
+// only, not on the CTA count, so every rank, every CTA count and every run gives the same bits.
 struct RowGroups {
   uint32_t G, threads, warps, group, lane;
-  __device__ explicit RowGroups(uint32_t V) {
+  __device__ RowGroups(uint32_t V, uint32_t max_g) {
     G = 1;
-    while (G < 8 && uint32_t(kMaxVecPerThread) * (kThreads / (2 * G)) >= V) G *= 2;
+    while (G < max_g && uint32_t(kMaxVecPerThread) * (kThreads / (2 * G)) >= V) G *= 2;
     threads = kThreads / G; warps = threads / 32;
     group = threadIdx.x / threads; lane = threadIdx.x % threads;
   }
@@ -295,7 +296,7 @@ __global__ void __launch_bounds__(kThreads) twoshot_kernel(const Params p) {
 
   // Phase 2: our rows [r0, r1), G at a time: sum in rank order, add residual, norm, write result +
   // workspace.
-  const RowGroups rg(V);
+  const RowGroups rg(V, 8);
   const uint32_t r_end = (p.dbg & 4) ? r0 : r1;
   for (uint32_t base = r0; base < r_end; base += rg.G) {
     const uint32_t i = base + rg.group;
@@ -366,8 +367,8 @@ __global__ void __launch_bounds__(kThreads) oneshot_kernel(const Params p) {
   });
   block_barrier(p, p.seq * 4u + 1u);  // every peer's rows [j0, j1) (and their residuals) are visible
 
-  // Phase 2: rows [j0, j1), G at a time, everyone computes them identically.
-  const RowGroups rg(V);
+  // Phase 2: rows [j0, j1), everyone computes them identically.
+  const RowGroups rg(V, 1);
   const uint32_t j_end = (p.dbg & 4) ? j0 : j1;
   for (uint32_t base = j0; base < j_end; base += rg.G) {
     const uint32_t g = min(base + rg.group, j_end - 1);  // an idle group points at a valid row
@@ -430,7 +431,7 @@ __global__ void __launch_bounds__(kThreads) multimem_kernel(const Params p) {
   });
   block_barrier(p, p.seq * 4u + 1u);  // every rank's copy of rows (owner, [r0, r1)) is in place
 
-  const RowGroups rg(V);
+  const RowGroups rg(V, 8);
   for (uint32_t base = r0; base < r1; base += rg.G) {
     const uint32_t i = base + rg.group;
     const uint32_t g = uint32_t(p.rank) * R + i;
