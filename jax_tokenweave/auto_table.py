@@ -1,27 +1,39 @@
 """Measured choice between `p2p` and `xla` for impl="auto" (see scripts/bench_allreduce.py).
 
-TABLE[num_ranks] is a list of (max_message_bytes, impl) in increasing size; a message
-(tokens x hidden x itemsize) takes the first entry whose bound it does not exceed. Sizes beyond the
-last entry, and axis sizes that were not measured, use "xla", so "auto" is never slower than xla
-where it was measured and falls back to xla where it was not.
+A table is a list of (max_message_bytes, impl) in increasing size; a message (tokens x hidden x
+itemsize) takes the first entry whose bound it does not exceed. BY_HIDDEN[(num_ranks, hidden)] is
+used where that hidden size was measured, else TABLE[num_ranks]. Sizes beyond the last entry, and
+axis sizes that were not measured, use "xla", so "auto" is never slower than xla where it was
+measured and falls back to xla where it was not. Bounds sit where ours was faster than the best XLA
+option in every run (run-to-run noise on the shared machine is about ±10% at these sizes).
 """
 from __future__ import annotations
 
-# Source: bench/results/allreduce_tp4_h200_h8192.json (4x H200, jax 0.11.2, 2026-11-21, hidden 8192,
-# ours vs the best XLA option per size; per-call slope timing): ours was faster at 0.25 MiB (16
-# tokens, x1.36) and 0.5 MiB (32 tokens, x2.09), slower from 1 MiB on except a tie at 16 MiB (x1.00).
-SOURCE = "bench/results/allreduce_tp4_h200_h8192.json"
+# Sources (4x H200, jax 0.11.2, 2026-11-21, slope timing, ours vs the best XLA option per size):
+#   bench/results/allreduce_tp4_h200_h8192.json: x1.14 / 1.28 / 1.14 at 0.25 / 0.5 / 1 MiB, 0.87 at
+#     2 MiB, ~1.0 at 4-8 MiB, 0.87 at 16 MiB, 0.72-0.76 from 64 MiB. The run before it had x0.95 at
+#     1 MiB, so the bound stays at 0.5 MiB.
+#   bench/results/allreduce_tp4_h200_h5120_6144.json: hidden 5120 x1.20-1.49 up to 2.5 MiB, 0.99 at
+#     5 MiB; hidden 6144 x1.04-1.46 up to 3 MiB, 1.03-1.06 at 6-12 MiB (too close to call), 0.87 at
+#     24 MiB.
+SOURCE = "bench/results/allreduce_tp4_h200_h8192.json, bench/results/allreduce_tp4_h200_h5120_6144.json"
 # Messages up to this size use the one-shot kernel (raw kernel timing: 15-18 us one-shot against
 # 21-27 us two-shot at 0.25 MiB, a tie at 1 MiB).
 ONESHOT_MAX_BYTES = 512 << 10
 TABLE: dict[int, list[tuple[int, str]]] = {
     4: [(512 << 10, "p2p")],
 }
+BY_HIDDEN: dict[tuple[int, int], list[tuple[int, str]]] = {
+    (4, 5120): [(5 << 19, "p2p")],     # 2.5 MiB
+    (4, 6144): [(3 << 20, "p2p")],
+    (4, 8192): [(512 << 10, "p2p")],
+}
 
 
 def choose(tokens: int, hidden: int, itemsize: int, num_ranks: int) -> str:
     msg = tokens * hidden * itemsize
-    for bound, impl in TABLE.get(num_ranks, ()):
+    table = BY_HIDDEN.get((num_ranks, hidden), TABLE.get(num_ranks, ()))
+    for bound, impl in table:
         if msg <= bound:
             return impl
     return "xla"

@@ -185,3 +185,17 @@ def test_fused_op_reference_semantics():
     h = 1.0 + total  # every rank's residual rows start at 1
     want_normed = 2.0 * h / np.sqrt(np.mean(np.square(h), axis=-1, keepdims=True) + 1e-5)
     np.testing.assert_allclose(normed, want_normed, rtol=1e-5)
+
+
+def test_auto_table_bounds():
+    """impl='auto' takes p2p only up to each measured bound, per hidden size where one was
+    measured, and xla beyond it and for axis sizes never measured."""
+    from jax_tokenweave import auto_table
+    for (n, hidden), table in auto_table.BY_HIDDEN.items():
+        bound = table[-1][0]
+        tokens = bound // (hidden * 2)
+        assert auto_table.choose(tokens, hidden, 2, n) == "p2p"
+        assert auto_table.choose(tokens + 1, hidden, 2, n) == "xla"
+    assert auto_table.choose(16, 8192, 2, 3) == "xla"            # TP3 never measured
+    assert auto_table.choose(16, 4096, 2, 4) == "p2p"            # unmeasured hidden: the TP4 table
+    assert auto_table.choose(1 << 20, 4096, 2, 4) == "xla"
