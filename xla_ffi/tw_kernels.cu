@@ -267,10 +267,101 @@ __device__ __forceinline__ void sum_partials(const Params& p, const char* const*
 constexpr int kUnroll = 16;
 
 // ----------------------------------------------------------------------------------------------
+// Bulk copies by the Tensor Memory Accelerator (cp.async.bulk): global -> shared -> global, issued
+// by one thread. The TMA keeps far more bytes in flight per SM than 512 threads' registers can
+// (kTmaStages x kTmaPiece), which is what NVLink's latency needs when a collective gets few SMs.
+constexpr int kTmaStages = 4;
+constexpr uint32_t kTmaPiece = 32u << 10;
+constexpr size_t kTmaSmem = size_t(kTmaStages) * kTmaPiece;  // dynamic shared memory of the two-shot
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
+
+struct BulkPiece { const char* src; char* dst; uint32_t bytes; };
+
+// Waits (bounded) for phase `parity` of an mbarrier: the bulk load into that stage has landed.
+__device__ __forceinline__ void mbar_wait(const Params& p, uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  const uint64_t t0 = global_timer_ns();
+  while (true) {
+    asm volatile("{ .reg .pred q; mbarrier.try_wait.parity.shared::cta.b64 q, [%1], %2; selp.u32 %0, 1, 0, q; }"
+                 : "=r"(done) : "r"(smem_addr(bar)), "r"(parity) : "memory");
+    if (done) return;
+    if (global_timer_ns() - t0 > p.timeout_ns) fail_timeout(p, p.rank, parity);
+  }
+}
+
+__device__ __forceinline__ void bulk_load(uint64_t* bar, char* stage, const BulkPiece& pc) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(smem_addr(bar)), "r"(pc.bytes) : "memory");
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+               :: "r"(smem_addr(stage)), "l"(pc.src), "r"(pc.bytes), "r"(smem_addr(bar)) : "memory");
+}
+
+__device__ __forceinline__ void bulk_store(const BulkPiece& pc, const char* stage) {
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;"
+               :: "l"(pc.dst), "r"(smem_addr(stage)), "r"(pc.bytes) : "memory");
+  asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+}
+
+// Copies nchunks contiguous byte ranges chunk(k, src, dst, bytes) through kTmaStages shared-memory
+// stages: up to kTmaStages loads in flight, each stage refilled once the store that drains it has
+// read it. Called by thread 0 only; returns after every store has completed (its writes are done,
+// so a release after this covers them) and after a proxy fence (so the generic-proxy code that
+// follows, and the async-proxy loads issued here after an acquire, are ordered with each other).
+template <typename Chunk>
+__device__ void bulk_copy(const Params& p, uint32_t nchunks, Chunk chunk, char* stages, uint64_t* bars,
+                          uint32_t* use) {
+  asm volatile("fence.proxy.async;" ::: "memory");  // acquired data (generic proxy) -> TMA reads
+  uint32_t k = 0; size_t off = 0;
+  auto next = [&](BulkPiece& pc) {
+    while (k < nchunks) {
+      const char* src; char* dst; size_t len;
+      chunk(k, src, dst, len);
+      if (off < len) {
+        const uint32_t b = uint32_t(min(len - off, size_t(kTmaPiece)));
+        pc = BulkPiece{src + off, dst + off, b};
+        off += b;
+        return true;
+      }
+      ++k; off = 0;
+    }
+    return false;
+  };
+  BulkPiece ring[kTmaStages];
+  int issued = 0;
+  for (; issued < kTmaStages && next(ring[issued]); ++issued) bulk_load(&bars[issued], stages + issued * kTmaPiece, ring[issued]);
+  for (int i = 0; i < issued; ++i) {
+    const int st = i % kTmaStages;
+    mbar_wait(p, &bars[st], use[st] & 1u);  // parity of this stage's use count
+    ++use[st];
+    bulk_store(ring[st], stages + st * kTmaPiece);
+    if (i >= 1) {
+      // Piece i-1's store has read its stage once at most 1 group (piece i's) is still reading.
+      asm volatile("cp.async.bulk.wait_group.read 1;" ::: "memory");
+      const int sp = (i - 1) % kTmaStages;
+      BulkPiece pc;
+      if (next(pc)) { ring[sp] = pc; bulk_load(&bars[sp], stages + sp * kTmaPiece, pc); ++issued; }
+    }
+  }
+  asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+  asm volatile("fence.proxy.async;" ::: "memory");  // TMA writes -> the generic release that follows
+}
+
+// ----------------------------------------------------------------------------------------------
 // Two-shot: push (reduce-scatter into owners' workspaces), owner reduces + norms its rows, pull.
 template <typename T, int NR>
 __global__ void __launch_bounds__(kThreads) twoshot_kernel(const Params p) {
   __shared__ float smem[33];
+  __shared__ __align__(8) uint64_t bars[kTmaStages];
+  __shared__ uint32_t use[kTmaStages];
+  extern __shared__ __align__(128) char stages[];
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < kTmaStages; ++i) {
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(smem_addr(&bars[i])) : "memory");
+      use[i] = 0;
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  const bool sm_copy = p.dbg & 8;  // benchmarking only: the register copy loop instead of the TMA
   constexpr int E = Vec<T>::E;
   const uint32_t V = uint32_t(p.D / E), R = uint32_t(p.R), Tn = uint32_t(p.T);
   const uint32_t G = gridDim.x, b = blockIdx.x;
@@ -291,7 +382,22 @@ __global__ void __launch_bounds__(kThreads) twoshot_kernel(const Params p) {
     return true;
   };
   const uint32_t n_copy = uint32_t(p.N - 1) * per;
-  copy_items<kUnroll>((p.dbg & 1) ? 0u : n_copy, push);
+  // Owner o's rows [r0, r1) are contiguous in our partial and in o's input slot [rank]: one chunk
+  // per peer.
+  auto rows_of = [&](int o) -> size_t {
+    const int64_t hi = min(int64_t(r1), int64_t(Tn) - int64_t(o) * R);
+    return hi > int64_t(r0) ? size_t(hi - r0) : 0;
+  };
+  if (sm_copy) {
+    copy_items<kUnroll>((p.dbg & 1) ? 0u : n_copy, push);
+  } else if (threadIdx.x == 0 && !(p.dbg & 1)) {
+    bulk_copy(p, uint32_t(p.N - 1), [&](uint32_t k, const char*& src, char*& dst, size_t& len) {
+      const int o = int(k) + (int(k) >= p.rank);
+      src = part + (size_t(o) * R + r0) * rb;
+      dst = static_cast<char*>(p.ws[o]) + p.in_off + (size_t(p.rank) * R + r0) * rb;
+      len = rows_of(o) * rb;
+    }, stages, bars, use);
+  }
   block_barrier(p, p.seq * 4u + 1u);  // inputs of our rows from every peer's block b are visible
 
   // Phase 2: our rows [r0, r1), G at a time: sum in rank order, add residual, norm, write result +
@@ -324,7 +430,16 @@ __global__ void __launch_bounds__(kThreads) twoshot_kernel(const Params p) {
     d = static_cast<char*>(p.normed) + g * rb + size_t(v) * 16;
     return true;
   };
-  copy_items<kUnroll>((p.dbg & 2) ? 0u : n_copy, pull);
+  if (sm_copy) {
+    copy_items<kUnroll>((p.dbg & 2) ? 0u : n_copy, pull);
+  } else if (threadIdx.x == 0 && !(p.dbg & 2)) {
+    bulk_copy(p, uint32_t(p.N - 1), [&](uint32_t k, const char*& src, char*& dst, size_t& len) {
+      const int o = int(k) + (int(k) >= p.rank);
+      src = static_cast<const char*>(p.ws[o]) + p.out_off + size_t(r0) * rb;
+      dst = static_cast<char*>(p.normed) + (size_t(o) * R + r0) * rb;
+      len = rows_of(o) * rb;
+    }, stages, bars, use);
+  }
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -468,7 +583,7 @@ cudaError_t launch_nr(const Params& p, int mode, int ctas, cudaStream_t s) {
     oneshot_kernel<T, NR><<<g, kThreads, 0, s>>>(p);
   } else {
     const int g = int(std::min<int64_t>(ctas, p.R));
-    twoshot_kernel<T, NR><<<g, kThreads, 0, s>>>(p);
+    twoshot_kernel<T, NR><<<g, kThreads, kTmaSmem, s>>>(p);
   }
   return cudaGetLastError();
 }
@@ -482,6 +597,14 @@ cudaError_t launch_t(const Params& p, int mode, int ctas, cudaStream_t s) {
 
 template <typename F>
 cudaError_t touch(F f) { cudaFuncAttributes a; return cudaFuncGetAttributes(&a, f); }
+
+// The two-shot's TMA stages are dynamic shared memory beyond the default 48 KiB (per device).
+template <typename F>
+cudaError_t touch_tma(F f) {
+  cudaError_t e = touch(f);
+  if (e == cudaSuccess) e = cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kTmaSmem));
+  return e;
+}
 
 }  // namespace
 
@@ -507,9 +630,9 @@ cudaError_t launch_multimem(const Params& p, int ctas, cudaStream_t s) {
 cudaError_t warm_up_kernels() {
   cudaError_t e = cudaSuccess;
 #define TW_TOUCH(T)                                                                   \
-  if (e == cudaSuccess) e = touch(twoshot_kernel<T, 2>);                              \
-  if (e == cudaSuccess) e = touch(twoshot_kernel<T, 4>);                              \
-  if (e == cudaSuccess) e = touch(twoshot_kernel<T, 8>);                              \
+  if (e == cudaSuccess) e = touch_tma(twoshot_kernel<T, 2>);                          \
+  if (e == cudaSuccess) e = touch_tma(twoshot_kernel<T, 4>);                          \
+  if (e == cudaSuccess) e = touch_tma(twoshot_kernel<T, 8>);                          \
   if (e == cudaSuccess) e = touch(oneshot_kernel<T, 2>);                              \
   if (e == cudaSuccess) e = touch(oneshot_kernel<T, 4>);                              \
   if (e == cudaSuccess) e = touch(oneshot_kernel<T, 8>);
