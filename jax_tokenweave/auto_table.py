@@ -5,14 +5,15 @@ itemsize) takes the first entry whose bound it does not exceed. BY_HIDDEN[(num_r
 used where that hidden size was measured, else TABLE[num_ranks]. Sizes beyond the last entry, and
 axis sizes that were not measured, use "xla", so "auto" is never slower than xla where it was
 measured and falls back to xla where it was not. Bounds sit where ours was faster than the best XLA
-option in every run (run-to-run noise on the shared machine is about ±10% at these sizes).
+option in most of the day's runs (on the shared machine the small sizes move by up to ±40% from
+run to run: XLA psum + norm at 16 tokens took 20-38 µs, ours 16-28 µs).
 """
 from __future__ import annotations
 
 # Sources (4x H200, jax 0.11.2, 2026-11-21, slope timing, ours vs the best XLA option per size):
-#   bench/results/allreduce_tp4_h200_h8192.json: x1.14 / 1.28 / 1.14 at 0.25 / 0.5 / 1 MiB, 0.87 at
-#     2 MiB, ~1.0 at 4-8 MiB, 0.87 at 16 MiB, 0.72-0.76 from 64 MiB. The run before it had x0.95 at
-#     1 MiB, so the bound stays at 0.5 MiB.
+#   hidden 8192, three runs that day (the latest is bench/results/allreduce_tp4_h200_h8192.json):
+#     0.25 MiB x1.36 / 1.14 / 0.83, 0.5 MiB x2.09 / 1.28 / 1.10, 1 MiB x0.95 / 1.14 / 0.99, then
+#     0.8-1.1 up to 8 MiB, 0.86-1.0 at 16 MiB, 0.72-0.79 from 64 MiB. Bound: 0.5 MiB.
 #   bench/results/allreduce_tp4_h200_h5120_6144.json: hidden 5120 x1.20-1.49 up to 2.5 MiB, 0.99 at
 #     5 MiB; hidden 6144 x1.04-1.46 up to 3 MiB, 1.03-1.06 at 6-12 MiB (too close to call), 0.87 at
 #     24 MiB.
