@@ -23,6 +23,10 @@ def test_kernels_ptx_and_sass_hold_multimem(tmp_path):
     assert "multimem.ld_reduce.relaxed.sys.global.add.acc::f32.v4.bf16x2" in text
     assert "multimem.st.relaxed.sys.global.v4.f32" in text
     assert "st.release.sys.global.u32" in text and "ld.acquire.sys.global.u32" in text
+    # the two-shot's TMA bulk copies (global -> shared -> global) and their completion barrier
+    assert "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes" in text
+    assert "cp.async.bulk.global.shared::cta.bulk_group" in text
+    assert "mbarrier.try_wait.parity.shared::cta.b64" in text
     # ptxas accepts them for sm_90a (the cubin holds machine code for them)
     cubin = tmp_path / "k.cubin"
     subprocess.run([NVCC, "-std=c++17", "-O3", "-arch=sm_90a", "-cubin", src, "-o", str(cubin)], check=True)
