@@ -1,7 +1,6 @@
 """Kernel-only timing of the p2p fused kernel (no XLA in the loop): CUDA events around `iters`
 launches queued on every GPU. --phases also times variants with phases switched off (wrong
-results, timing only) to see where the time goes, and the two-shot with its copy phases done by
-the threads' registers instead of the TMA (sm_copy)."""
+results, timing only) to see where the time goes."""
 import os, sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jax_tokenweave.gpu_env import forbid_multicast  # noqa: E402
@@ -21,8 +20,8 @@ for T, D, mode, ctas in [(16, 8192, 1, 16), (16, 8192, 2, 132), (64, 8192, 1, 64
                          (1024, 8192, 2, 132), (1024, 8192, 2, 64), (1024, 8192, 2, 32), (1024, 8192, 2, 16),
                          (2048, 8192, 2, 64), (2048, 8192, 2, 32), (4096, 8192, 2, 132)]:
     res = {}
-    for name, dbg in (("full", 0), ("sm_copy", 8), ("no_push", 1), ("no_pull", 2), ("no_norm", 4), ("barriers_only", 7)):
-        if name != "full" and "--phases" not in sys.argv or (name == "sm_copy" and mode != 2):
+    for name, dbg in (("full", 0), ("no_push", 1), ("no_pull", 2), ("no_norm", 4), ("barriers_only", 7)):
+        if name != "full" and "--phases" not in sys.argv:
             continue
         res[name] = max(C.bench_raw(comm.id, ords, T, D, mode, ctas, 50, dbg))
     print(f"T={T:5d} D={D} {'oneshot' if mode == 1 else 'twoshot'} ctas={ctas:3d}: " + "  ".join(f"{k} {v:7.1f}" for k, v in res.items()), flush=True)

@@ -40,8 +40,7 @@ struct Params {
   int* err;                   // host-mapped error record: {code, rank, missing peer, seq, block}
   size_t in_off, out_off, os_off, os_stride;
   int dbg;                    // benchmarking only: bit 0 skips the push/copy-in phase, bit 1 the
-                              // pull phase, bit 2 the reduce+norm phase (results are then wrong);
-                              // bit 3: two-shot copies by registers instead of the TMA
+                              // pull phase, bit 2 the reduce+norm phase (results are then wrong)
 };
 
 }  // namespace tw

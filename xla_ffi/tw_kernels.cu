@@ -261,9 +261,9 @@ __device__ __forceinline__ void sum_partials(const Params& p, const char* const*
 }
 
 // 16 loads of 16 B in flight per thread (128 KiB per 512-thread CTA) before the first store: NVLink
-// latency needs that many bytes in flight per SM. Measured on 4xH200 at 16 MiB (kernel alone): 8
-// in flight took 176 us with 32 CTAs and 254 us with 16; 16 in flight 161 and 209 us (equal at 132
-// CTAs). Per-SM bandwidth is what the overlapped collective needs.
+// latency needs that many bytes in flight per SM (the one-shot and multimem copies). Measured on
+// 4xH200 with the two-shot's copies when they still used this loop, 16 MiB, kernel alone: 8 in
+// flight took 176 us with 32 CTAs and 254 us with 16; 16 in flight 161 and 209 us (equal at 132).
 constexpr int kUnroll = 16;
 
 // ----------------------------------------------------------------------------------------------
@@ -361,36 +361,21 @@ __global__ void __launch_bounds__(kThreads) twoshot_kernel(const Params p) {
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
-  const bool sm_copy = p.dbg & 8;  // benchmarking only: the register copy loop instead of the TMA
   constexpr int E = Vec<T>::E;
   const uint32_t V = uint32_t(p.D / E), R = uint32_t(p.R), Tn = uint32_t(p.T);
   const uint32_t G = gridDim.x, b = blockIdx.x;
   const uint32_t r0 = uint32_t(uint64_t(R) * b / G), r1 = uint32_t(uint64_t(R) * (b + 1) / G);
-  const uint32_t per = (r1 - r0) * V;
   const size_t rb = size_t(p.D) * sizeof(T);
   const char* part = static_cast<const char*>(p.partial);
   char* my_ws = static_cast<char*>(p.ws[p.rank]);
 
-  // Phase 1: rows [o*R + r0, o*R + r1) of our partial -> owner o's input slot [rank].
-  auto push = [&](uint32_t idx, const void*& s, void*& d) {
-    const uint32_t k = idx / per, rem = idx - k * per, i = r0 + rem / V, v = rem % V;
-    const int o = int(k) + (int(k) >= p.rank);
-    const uint32_t g = uint32_t(o) * R + i;
-    if (g >= Tn) return false;  // padding rows carry nothing
-    s = part + g * rb + size_t(v) * 16;
-    d = static_cast<char*>(p.ws[o]) + p.in_off + (size_t(p.rank) * R + i) * rb + size_t(v) * 16;
-    return true;
-  };
-  const uint32_t n_copy = uint32_t(p.N - 1) * per;
-  // Owner o's rows [r0, r1) are contiguous in our partial and in o's input slot [rank]: one chunk
-  // per peer.
+  // Phase 1: rows [o*R + r0, o*R + r1) of our partial -> owner o's input slot [rank]. Those rows
+  // are contiguous in both places: one chunk per peer (padding rows, >= T, carry nothing).
   auto rows_of = [&](int o) -> size_t {
     const int64_t hi = min(int64_t(r1), int64_t(Tn) - int64_t(o) * R);
     return hi > int64_t(r0) ? size_t(hi - r0) : 0;
   };
-  if (sm_copy) {
-    copy_items<kUnroll>((p.dbg & 1) ? 0u : n_copy, push);
-  } else if (threadIdx.x == 0 && !(p.dbg & 1)) {
+  if (threadIdx.x == 0 && !(p.dbg & 1)) {
     bulk_copy(p, uint32_t(p.N - 1), [&](uint32_t k, const char*& src, char*& dst, size_t& len) {
       const int o = int(k) + (int(k) >= p.rank);
       src = part + (size_t(o) * R + r0) * rb;
@@ -421,18 +406,7 @@ __global__ void __launch_bounds__(kThreads) twoshot_kernel(const Params p) {
   block_barrier(p, p.seq * 4u + 2u);  // every owner's normalised rows [r0, r1) are visible
 
   // Phase 3: pull the other owners' normalised rows [r0, r1) into our result.
-  auto pull = [&](uint32_t idx, const void*& s, void*& d) {
-    const uint32_t k = idx / per, rem = idx - k * per, i = r0 + rem / V, v = rem % V;
-    const int o = int(k) + (int(k) >= p.rank);
-    const uint32_t g = uint32_t(o) * R + i;
-    if (g >= Tn) return false;
-    s = static_cast<const char*>(p.ws[o]) + p.out_off + i * rb + size_t(v) * 16;
-    d = static_cast<char*>(p.normed) + g * rb + size_t(v) * 16;
-    return true;
-  };
-  if (sm_copy) {
-    copy_items<kUnroll>((p.dbg & 2) ? 0u : n_copy, pull);
-  } else if (threadIdx.x == 0 && !(p.dbg & 2)) {
+  if (threadIdx.x == 0 && !(p.dbg & 2)) {
     bulk_copy(p, uint32_t(p.N - 1), [&](uint32_t k, const char*& src, char*& dst, size_t& len) {
       const int o = int(k) + (int(k) >= p.rank);
       src = static_cast<const char*>(p.ws[o]) + p.out_off + size_t(r0) * rb;
