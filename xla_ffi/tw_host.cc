@@ -200,6 +200,15 @@ static int dtype_code(ffi::DataType t) {
   }
 }
 
+// The communicator's part of a launch's parameters (peers, workspace layout, error record); the
+// call's buffers and shapes are the caller's.
+static void set_rank_params(const DeviceState& st, Params& p) {
+  p.N = st.n; p.rank = st.rank; p.timeout_ns = st.timeout_ns; p.err = st.err_dev;
+  for (int r = 0; r < st.n; ++r) p.ws[r] = st.ws[r];
+  p.in_off = st.layout.in_off; p.out_off = st.layout.out_off; p.os_off = st.layout.os_off;
+  p.os_stride = st.layout.os_stride;
+}
+
 // Everything a launch needs, checked and resolved on the host (the same for the synchronous call
 // and the start of an asynchronous one).
 struct Launch {
@@ -238,11 +247,10 @@ static ffi::Error Prepare(int32_t ordinal, ffi::AnyBuffer partial, ffi::AnyBuffe
   if (p.R != (p.T + st->n - 1) / st->n || rd[1] != p.D)
     return ffi::Error::InvalidArgument("jax_tokenweave: residual must be [ceil(T/N), D]");
   const size_t msg = size_t(st->n) * p.R * p.D * elt;
-  p.N = st->n; p.rank = st->rank; p.eps = eps; p.timeout_ns = st->timeout_ns; p.err = st->err_dev;
-  for (int r = 0; r < st->n; ++r) p.ws[r] = st->ws[r];
+  set_rank_params(*st, p);
+  p.eps = eps;
   p.partial = partial.untyped_data(); p.residual = residual.untyped_data(); p.gamma = gamma.typed_data();
   p.normed = normed.untyped_data(); p.residual_out = residual_out.untyped_data();
-  p.in_off = st->layout.in_off; p.out_off = st->layout.out_off; p.os_off = st->layout.os_off;
   const int g = int(ctas > 0 ? ctas : st->ctas);
   if (g < 1 || g > kMaxBlocks) return ffi::Error::InvalidArgument("jax_tokenweave: ctas out of range");
   L->st = st; L->dtype = dt; L->grid = g; L->transport = int(transport);
@@ -262,7 +270,6 @@ static ffi::Error Prepare(int32_t ordinal, ffi::AnyBuffer partial, ffi::AnyBuffe
     if (m == kModeAuto) m = (os_fits && size_t(p.T) * p.D * elt <= st->oneshot_max) ? kModeOneShot : kModeTwoShot;
     if (m == kModeOneShot && !os_fits)
       return ffi::Error::InvalidArgument("jax_tokenweave: message too large for the one-shot region (raise oneshot_max_bytes)");
-    p.os_stride = st->layout.os_stride;
     L->mode = m;
   }
   // Every rank prepares its calls in the same program order, so the counters agree across ranks.
@@ -417,10 +424,9 @@ std::vector<double> bench_raw(int64_t comm_id, const std::vector<int>& ordinals,
     bufs.insert(bufs.end(), {a, b, c, gm});
     Params& p = ps[i];
     p = Params{};
-    for (int r = 0; r < st->n; ++r) p.ws[r] = st->ws[r];
+    set_rank_params(*st, p);
     p.partial = a; p.residual = b; p.gamma = static_cast<float*>(gm); p.normed = c; p.residual_out = b;
-    p.T = T; p.D = D; p.R = R; p.N = st->n; p.rank = st->rank; p.eps = 1e-5f; p.timeout_ns = st->timeout_ns; p.err = st->err_dev;
-    p.in_off = st->layout.in_off; p.out_off = st->layout.out_off; p.os_off = st->layout.os_off; p.os_stride = st->layout.os_stride;
+    p.T = T; p.D = D; p.R = R; p.eps = 1e-5f;
     p.dbg = dbg;
     check(cudaDeviceSynchronize(), "sync");
   }
