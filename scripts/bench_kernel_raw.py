@@ -1,7 +1,8 @@
 """Kernel-only timing of the p2p fused kernel (no XLA in the loop): CUDA events around `iters`
 launches queued on every GPU. --phases also times variants with phases switched off (wrong
-results, timing only) to see where the time goes."""
-import os, sys
+results, timing only) to see where the time goes. With --out DIR it also writes
+DIR/allreduce_raw_kernel_tp<N>.json (rows + device, jax version, date, command)."""
+import datetime, json, os, sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jax_tokenweave.gpu_env import forbid_multicast  # noqa: E402
 forbid_multicast()
@@ -16,6 +17,7 @@ comm = jtw.Communicator(make_mesh(n), "tp", max_bytes=64 << 20, oneshot_max_byte
 C = cuda_ops.extension()
 ords = [cuda_ordinal(d) for d in comm.devices]
 print(f"raw kernel timing, {n} ranks, bf16, us per call (max over GPUs)")
+rows = []
 for T, D, mode, ctas in [(16, 8192, 1, 16), (16, 8192, 2, 132), (64, 8192, 1, 64), (64, 8192, 2, 132), (256, 8192, 2, 132),
                          (1024, 8192, 2, 132), (1024, 8192, 2, 64), (1024, 8192, 2, 32), (1024, 8192, 2, 16),
                          (2048, 8192, 2, 64), (2048, 8192, 2, 32), (4096, 8192, 2, 132)]:
@@ -24,4 +26,16 @@ for T, D, mode, ctas in [(16, 8192, 1, 16), (16, 8192, 2, 132), (64, 8192, 1, 64
         if name != "full" and "--phases" not in sys.argv:
             continue
         res[name] = max(C.bench_raw(comm.id, ords, T, D, mode, ctas, 50, dbg))
+    rows.append(dict(tokens=T, hidden=D, mode="oneshot" if mode == 1 else "twoshot", ctas=ctas, us=res))
     print(f"T={T:5d} D={D} {'oneshot' if mode == 1 else 'twoshot'} ctas={ctas:3d}: " + "  ".join(f"{k} {v:7.1f}" for k, v in res.items()), flush=True)
+if "--out" in sys.argv:
+    out = sys.argv[sys.argv.index("--out") + 1]
+    os.makedirs(out, exist_ok=True)
+    meta = dict(device=f"{n}x {jax.devices()[0].device_kind}", jax=jax.__version__,
+                date=datetime.datetime.now().isoformat(timespec="seconds"),
+                command="python3 " + " ".join(sys.argv), what="kernel alone, CUDA events, 50 launches, "
+                "us per call, max over GPUs; phases switched off by Params.dbg give wrong results")
+    path = os.path.join(out, f"allreduce_raw_kernel_tp{n}.json")
+    with open(path, "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    print("wrote", path)

@@ -54,7 +54,7 @@ for s in ${STAGES//,/ }; do
                 cp jax_tokenweave/weave_table.json "$R/tune/" ;;
     layer)      stage layer 120 $PY scripts/bench_layer.py --tokens 1024,2048,4096,8192,16384 \
                   --iters 5 --warmup 2 --layers 4 --profile --out "$R/layer" ;;
-    kernel)     stage kernel 120 $PY scripts/bench_kernel_raw.py --phases ;;
+    kernel)     stage kernel 120 $PY scripts/bench_kernel_raw.py --phases --out "$R/kernel" ;;
     model)      XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 stage model 220 $PY scripts/bench_model.py \
                   --tokens 1024,2048,4096,8192,16384 --iters 3 --warmup 1 --decode-batch 8 \
                   --decode-steps 8 --out "$R/model" ;;
