@@ -52,13 +52,32 @@ def available() -> bool:
 
 
 def register_targets() -> None:
-    """Hand the FFI handler to XLA (CUDA platform). Idempotent."""
+    """Hand the FFI handlers to XLA (CUDA platform). Idempotent. The synchronous call is
+    registered as command-buffer compatible, so XLA may capture it into its CUDA graphs with the
+    kernels around it (no host launch per call: what decode is bound by)."""
     global _REGISTERED
     if _REGISTERED:
         return
-    for name, capsule in extension().handlers().items():
-        jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
+    from jaxlib import xla_client
+    for name, (capsule, graph_safe) in extension().handlers().items():
+        traits = (xla_client.CustomCallTargetTraits.COMMAND_BUFFER_COMPATIBLE if graph_safe
+                  else xla_client.CustomCallTargetTraits.DEFAULT)
+        jax.ffi.register_ffi_target(name, capsule, platform="CUDA", traits=traits)
     _REGISTERED = True
+
+
+def command_buffer_text(hlo_text: str) -> str:
+    """The part of a compiled executable's text (``jitted.lower(...).compile().as_text()``) that
+    XLA captured into command buffers (CUDA graphs): XLA outlines each captured run of commands
+    into a computation named ``command_buffer...``. ``TARGET in command_buffer_text(t)`` says
+    whether the fused op runs inside a graph."""
+    kept, inside = [], False
+    for line in hlo_text.splitlines():
+        if line[:1] not in ("", " ", "}"):  # a computation's header
+            inside = line.lstrip("%").startswith("command_buffer")
+        if inside:
+            kept.append(line)
+    return "\n".join(kept)
 
 
 def _resolve_comm(comm, axis_name):

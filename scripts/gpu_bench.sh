@@ -3,10 +3,11 @@
 #     OUT=/path bash scripts/gpu_bench.sh check,allreduce,tune,layer,model,moe
 # Stages (each time-boxed; its log and result files go to $OUT/<stage>/):
 #   asynccheck  the asynchronous fused op (start || matmuls || done) vs the synchronous op and xla
+#   graphcheck  chains of the fused op that XLA captures into CUDA graphs vs the same calls one by one
 #   check       scripts/gpu_check.sh: the fused op's full GPU correctness check, both process modes
 #   checkdist   only its jax.distributed part (4 processes x 1 GPU, CUDA IPC)
 #   weavecheck  tests/gpu/weave_check.py: split + overlap model logits vs the unsplit xla model
-#   allreduce   scripts/bench_allreduce.py at hidden 8192 (and 5120/6144 with ALLREDUCE_HIDDEN)
+#   allreduce   scripts/bench_allreduce.py at hidden 8192 (ALLREDUCE_HIDDEN, ALLREDUCE_TOKENS to change)
 #   tune        scripts/tune_split.py: writes jax_tokenweave/weave_table.json (copied to $OUT/tune)
 #   layer       scripts/bench_layer.py, five variants + a TokenWeave profile PNG
 #   kernel      scripts/bench_kernel_raw.py --phases (the kernel alone, CUDA events, no XLA)
@@ -44,11 +45,12 @@ stage() {  # stage NAME SECONDS CMD...
 for s in ${STAGES//,/ }; do
   case $s in
     asynccheck) stage asynccheck 240 $PY tests/gpu/fused_check.py async ;;
+    graphcheck) stage graphcheck 240 $PY tests/gpu/fused_check.py graph ;;
     check)      TAIL=40 stage check 420 bash scripts/gpu_check.sh ;;
     checkdist)  TAIL=30 stage checkdist 150 bash scripts/gpu_check.sh dist ;;
     weavecheck) stage weavecheck 240 $PY tests/gpu/weave_check.py ;;
-    allreduce)  stage allreduce 300 $PY scripts/bench_allreduce.py --hidden "${ALLREDUCE_HIDDEN:-8192}" \
-                  --reps 7 --out "$R/allreduce" ;;
+    allreduce)  stage allreduce 420 $PY scripts/bench_allreduce.py --hidden "${ALLREDUCE_HIDDEN:-8192}" \
+                  ${ALLREDUCE_TOKENS:+--tokens $ALLREDUCE_TOKENS} --reps 7 --out "$R/allreduce" ;;
     tune)       stage tune 120 $PY scripts/tune_split.py --tokens "${TUNE_TOKENS:-2048,4096,8192}" \
                   --comm-ctas "${TUNE_CTAS:-32,48,64,96}" --comm-ctas-mlp 16,24,32 --offsets=-128,128 --iters 5
                 cp jax_tokenweave/weave_table.json "$R/tune/" ;;

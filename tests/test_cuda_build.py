@@ -64,6 +64,9 @@ def test_extension_builds_and_exports_handler():
     from jax_tokenweave import cuda_ops
     C = cuda_ops.extension()
     assert set(C.handlers()) == {cuda_ops.TARGET, cuda_ops.START_TARGET, cuda_ops.DONE_TARGET}
+    # only the synchronous call may be captured into XLA's CUDA graphs (Start/Done use our stream)
+    assert {name: graph_safe for name, (_, graph_safe) in C.handlers().items()} == {
+        cuda_ops.TARGET: True, cuda_ops.START_TARGET: False, cuda_ops.DONE_TARGET: False}
     cuda_ops.register_targets()
     from jax_tokenweave import fused
     assert {"p2p", "multimem", "auto"} <= set(fused._REGISTRY)
@@ -116,3 +119,28 @@ def test_without_nvcc_setup_skips_cleanly(tmp_path):
                         str(tmp_path / "tmp")], cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "SKIPPING the CUDA extension" in r.stderr
+
+
+def test_command_buffer_text_finds_captured_calls():
+    """How the benchmark and the GPU check tell whether XLA put the fused call in a CUDA graph."""
+    from jax_tokenweave import cuda_ops
+    hlo = """HloModule m
+
+%command_buffer (p0: bf16[16,8192]) -> (bf16[16,8192]) {
+  %p0 = bf16[16,8192]{1,0} parameter(0)
+  %c = (bf16[16,8192]{1,0}) custom-call(%p0), custom_call_target="jax_tokenweave_fused_ar_rmsnorm"
+}
+
+%fused_add (a: f32[]) -> f32[] {
+  %x = bf16[16,8192]{1,0} all-reduce(%a)
+}
+
+ENTRY %main (x: bf16[16,8192]) -> bf16[16,8192] {
+  %s = (bf16[16,8192]{1,0}) custom-call(%x), custom_call_target="jax_tokenweave_fused_start"
+  %call = (bf16[16,8192]{1,0}) call(%x), to_apply=%command_buffer
+}
+"""
+    text = cuda_ops.command_buffer_text(hlo)
+    assert cuda_ops.TARGET in text
+    assert cuda_ops.START_TARGET not in text and "all-reduce" not in text
+    assert cuda_ops.command_buffer_text(hlo.replace("%command_buffer", "%other")) == ""

@@ -38,7 +38,7 @@ Layout make_layout(size_t cap, size_t os_cap, int n) {
   // A one-shot slot holds T rows of partial and R = ceil(T/N) rows of residual; one extra 32 KiB
   // row covers the rounding of R (rows are at most 16384 bf16 elements).
   l.os_stride = align_up(os_cap + os_cap / n + 32768, 256);
-  l.in_off = kFlagBytes;
+  l.in_off = kSyncBytes;
   l.out_off = l.in_off + l.cap;
   l.os_off = l.out_off + align_up(l.cap / n + 32768, 256);
   l.total = l.os_off + 2 * size_t(n) * l.os_stride;
@@ -70,7 +70,7 @@ uintptr_t alloc_workspace(int ordinal, size_t bytes) {
   DeviceGuard g(ordinal);
   void* p = nullptr;
   check(cudaMalloc(&p, bytes), "cudaMalloc of a " + std::to_string(bytes) + "-byte workspace on device " + std::to_string(ordinal));
-  // Flags start at 0 and sequence numbers at 1; make the zeroes visible before any peer can see
+  // Flags and the call counter start at 0; make the zeroes visible before any peer can see
   // the pointer (the caller publishes it only after this returns).
   check(cudaMemset(p, 0, bytes), "cudaMemset");
   check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
@@ -272,8 +272,6 @@ static ffi::Error Prepare(int32_t ordinal, ffi::AnyBuffer partial, ffi::AnyBuffe
       return ffi::Error::InvalidArgument("jax_tokenweave: message too large for the one-shot region (raise oneshot_max_bytes)");
     L->mode = m;
   }
-  // Every rank prepares its calls in the same program order, so the counters agree across ranks.
-  p.seq = st->seq.fetch_add(1);
   return ffi::Error::Success();
 }
 
@@ -293,9 +291,15 @@ static ffi::Error FusedImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer
   ffi::Error err = Prepare(ordinal, partial, residual, gamma, *normed, *residual_out, comm_id, eps, ctas, mode,
                            num_ranks, transport, &L);
   if (err.failure()) return err;
+  // Inside XLA's command buffers this launch is captured once and replayed; the wait becomes an
+  // external-event node, which at each replay waits for the latest record (the pending Start of
+  // this execution: a program issues its calls in the same order every time).
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess) capture = cudaStreamCaptureStatusNone;
+  const unsigned wait_flags = capture == cudaStreamCaptureStatusActive ? cudaEventWaitExternal : cudaEventWaitDefault;
   for (int k = 0; k < kAsyncSlots; ++k) {
     if (!L.st->pending[k]) continue;
-    const cudaError_t e = cudaStreamWaitEvent(stream, L.st->finished[k], 0);
+    const cudaError_t e = cudaStreamWaitEvent(stream, L.st->finished[k], wait_flags);
     if (e != cudaSuccess) return ffi::Error::Internal(std::string("jax_tokenweave: cudaStreamWaitEvent: ") + cudaGetErrorString(e));
   }
   return Enqueue(L, stream);
@@ -380,7 +384,12 @@ auto FusedBinding() {
 }
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(TwFusedAllReduceRMSNorm, tw::FusedImpl, FusedBinding());
+// The synchronous call may be captured into XLA's command buffers (CUDA graphs): its barrier
+// values come from the device-side call counter, and everything else it launches with is fixed
+// for given buffers (XLA re-captures when those change). Start/Done are not: they order a stream
+// of our own with events, which a capture of XLA's stream cannot hold.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TwFusedAllReduceRMSNorm, tw::FusedImpl, FusedBinding(),
+                              {xla::ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TwFusedStart, tw::FusedStartImpl, FusedBinding().Attr<int64_t>("slot"));
 
@@ -433,7 +442,6 @@ std::vector<double> bench_raw(int64_t comm_id, const std::vector<int>& ordinals,
   auto launch_all = [&](int k) {
     for (int i = 0; i < n; ++i) {
       DeviceGuard g(ordinals[i]);
-      ps[i].seq = sts[i]->seq.fetch_add(1);
       check(launch_p2p(ps[i], kBF16, mode, ctas, streams[i]), "launch");
     }
   };

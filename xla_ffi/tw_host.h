@@ -2,7 +2,6 @@
 #pragma once
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -23,8 +22,8 @@ struct Layout {
 Layout make_layout(size_t cap, size_t os_cap, int n);
 
 // State of one rank of one communicator, owned by the device it lives on. XLA calls each local
-// device's handler on its own thread: one DeviceState is only touched by its device's thread
-// (seq is atomic anyway), and the registry is guarded by a mutex.
+// device's handler on its own thread: one DeviceState is only touched by its device's thread, and
+// the registry is guarded by a mutex.
 struct DeviceState {
   int64_t comm_id = 0;
   int ordinal = 0, rank = 0, n = 0;
@@ -32,7 +31,6 @@ struct DeviceState {
   void* ws[kMaxRanks] = {};
   bool ipc[kMaxRanks] = {};       // ws[r] was opened through CUDA IPC (close it on destroy)
   bool owns_local = false;        // ws[rank] was allocated by us
-  std::atomic<uint32_t> seq{1};
   int* err_host = nullptr;        // host-mapped error record (5 ints)
   int* err_dev = nullptr;
   uint64_t timeout_ns = 0;

@@ -5,9 +5,10 @@
 // The data that block b writes into a peer before a barrier is exactly the data that the peer's
 // block b reads after it (both sides compute the same row partition from T, R, G and b).
 //
-// Barrier values are `seq * 4 + phase` where `seq` counts the calls of a communicator (the same on
-// every rank, passed by the host); flags only ever grow, so they never need resetting (ABA-safe:
-// a waiter checks "flag >= expected" with wrap-around arithmetic).
+// Barrier values are `seq * 4 + phase` where `seq` numbers the calls of a communicator (the same on
+// every rank; counted on the device, see CallCounter, so that launches replayed from a CUDA graph
+// stay correct); flags only ever grow, so they never need resetting (ABA-safe: a waiter checks
+// "flag >= expected" with wrap-around arithmetic).
 //
 // Re-use of workspace regions across calls (why two barriers suffice for the two-shot and one for
 // the one-shot): kernels of one device run in stream order, so when any block of rank p has passed
@@ -91,7 +92,23 @@ __device__ __forceinline__ uint32_t ld_acquire_sys(const uint32_t* p) {
 }
 
 __device__ __forceinline__ uint32_t* flag_slot(void* ws, int block, int src) {
-  return reinterpret_cast<uint32_t*>(ws) + size_t(block) * kMaxRanks + src;
+  return reinterpret_cast<uint32_t*>(static_cast<char*>(ws) + kCounterBytes) + size_t(block) * kMaxRanks + src;
+}
+
+// This call's number: one more than the calls this rank has completed. Read by every block before
+// any block can bump it (end_call bumps only when all blocks have finished).
+__device__ __forceinline__ uint32_t begin_call(const Params& p) {
+  return *reinterpret_cast<const volatile uint32_t*>(&static_cast<CallCounter*>(p.ws[p.rank])->seq) + 1u;
+}
+
+// The last block of the call to finish publishes `seq` as completed. The next kernel of this rank
+// starts after this one has finished (stream or event order), which makes the stores visible to it.
+__device__ __forceinline__ void end_call(const Params& p, uint32_t seq) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    CallCounter* c = static_cast<CallCounter*>(p.ws[p.rank]);
+    if (atomicAdd(&c->arrived, 1u) == gridDim.x - 1) { c->arrived = 0; c->seq = seq; }
+  }
 }
 
 // A missing peer must become an error, not a hang: record who we waited for in host-mapped memory
@@ -99,11 +116,11 @@ __device__ __forceinline__ uint32_t* flag_slot(void* ws, int block, int src) {
 // reports the error at the next synchronisation).
 __device__ __noinline__ void fail_timeout(const Params& p, int peer, uint32_t value) {
   if (atomicCAS(p.err, 0, 1) == 0) {
-    p.err[1] = p.rank; p.err[2] = peer; p.err[3] = int(p.seq); p.err[4] = blockIdx.x;
+    p.err[1] = p.rank; p.err[2] = peer; p.err[3] = int(value >> 2); p.err[4] = blockIdx.x;
     __threadfence_system();
   }
   printf("jax_tokenweave: rank %d block %d timed out waiting for peer rank %d (call %u, flag %u)\n",
-         p.rank, blockIdx.x, peer, p.seq, value);
+         p.rank, blockIdx.x, peer, value >> 2, value);
   __trap();
 }
 
@@ -279,14 +296,14 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) { return uint32_t(_
 struct BulkPiece { const char* src; char* dst; uint32_t bytes; };
 
 // Waits (bounded) for phase `parity` of an mbarrier: the bulk load into that stage has landed.
-__device__ __forceinline__ void mbar_wait(const Params& p, uint64_t* bar, uint32_t parity) {
+__device__ __forceinline__ void mbar_wait(const Params& p, uint32_t seq, uint64_t* bar, uint32_t parity) {
   uint32_t done = 0;
   const uint64_t t0 = global_timer_ns();
   while (true) {
     asm volatile("{ .reg .pred q; mbarrier.try_wait.parity.shared::cta.b64 q, [%1], %2; selp.u32 %0, 1, 0, q; }"
                  : "=r"(done) : "r"(smem_addr(bar)), "r"(parity) : "memory");
     if (done) return;
-    if (global_timer_ns() - t0 > p.timeout_ns) fail_timeout(p, p.rank, parity);
+    if (global_timer_ns() - t0 > p.timeout_ns) fail_timeout(p, p.rank, seq * 4u);
   }
 }
 
@@ -308,7 +325,7 @@ __device__ __forceinline__ void bulk_store(const BulkPiece& pc, const char* stag
 // so a release after this covers them) and after a proxy fence (so the generic-proxy code that
 // follows, and the async-proxy loads issued here after an acquire, are ordered with each other).
 template <typename Chunk>
-__device__ void bulk_copy(const Params& p, uint32_t nchunks, Chunk chunk, char* stages, uint64_t* bars,
+__device__ void bulk_copy(const Params& p, uint32_t seq, uint32_t nchunks, Chunk chunk, char* stages, uint64_t* bars,
                           uint32_t* use) {
   asm volatile("fence.proxy.async;" ::: "memory");  // acquired data (generic proxy) -> TMA reads
   uint32_t k = 0; size_t off = 0;
@@ -331,7 +348,7 @@ __device__ void bulk_copy(const Params& p, uint32_t nchunks, Chunk chunk, char* 
   for (; issued < kTmaStages && next(ring[issued]); ++issued) bulk_load(&bars[issued], stages + issued * kTmaPiece, ring[issued]);
   for (int i = 0; i < issued; ++i) {
     const int st = i % kTmaStages;
-    mbar_wait(p, &bars[st], use[st] & 1u);  // parity of this stage's use count
+    mbar_wait(p, seq, &bars[st], use[st] & 1u);  // parity of this stage's use count
     ++use[st];
     bulk_store(ring[st], stages + st * kTmaPiece);
     if (i >= 1) {
@@ -361,6 +378,7 @@ __global__ void __launch_bounds__(kThreads) twoshot_kernel(const Params p) {
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
+  const uint32_t seq = begin_call(p);
   constexpr int E = Vec<T>::E;
   const uint32_t V = uint32_t(p.D / E), R = uint32_t(p.R), Tn = uint32_t(p.T);
   const uint32_t G = gridDim.x, b = blockIdx.x;
@@ -376,14 +394,14 @@ __global__ void __launch_bounds__(kThreads) twoshot_kernel(const Params p) {
     return hi > int64_t(r0) ? size_t(hi - r0) : 0;
   };
   if (threadIdx.x == 0 && !(p.dbg & 1)) {
-    bulk_copy(p, uint32_t(p.N - 1), [&](uint32_t k, const char*& src, char*& dst, size_t& len) {
+    bulk_copy(p, seq, uint32_t(p.N - 1), [&](uint32_t k, const char*& src, char*& dst, size_t& len) {
       const int o = int(k) + (int(k) >= p.rank);
       src = part + (size_t(o) * R + r0) * rb;
       dst = static_cast<char*>(p.ws[o]) + p.in_off + (size_t(p.rank) * R + r0) * rb;
       len = rows_of(o) * rb;
     }, stages, bars, use);
   }
-  block_barrier(p, p.seq * 4u + 1u);  // inputs of our rows from every peer's block b are visible
+  block_barrier(p, seq * 4u + 1u);  // inputs of our rows from every peer's block b are visible
 
   // Phase 2: our rows [r0, r1), G at a time: sum in rank order, add residual, norm, write result +
   // workspace.
@@ -403,17 +421,18 @@ __global__ void __launch_bounds__(kThreads) twoshot_kernel(const Params p) {
     norm_row<T>(p, rg, i < r_end && g < Tn, [&](uint32_t v, float* acc) { sum_partials<T, NR>(p, src, v, acc); },
                 res, rout, static_cast<char*>(p.normed) + size_t(g) * rb, my_ws + p.out_off + size_t(i) * rb, NoMc{}, smem);
   }
-  block_barrier(p, p.seq * 4u + 2u);  // every owner's normalised rows [r0, r1) are visible
+  block_barrier(p, seq * 4u + 2u);  // every owner's normalised rows [r0, r1) are visible
 
   // Phase 3: pull the other owners' normalised rows [r0, r1) into our result.
   if (threadIdx.x == 0 && !(p.dbg & 2)) {
-    bulk_copy(p, uint32_t(p.N - 1), [&](uint32_t k, const char*& src, char*& dst, size_t& len) {
+    bulk_copy(p, seq, uint32_t(p.N - 1), [&](uint32_t k, const char*& src, char*& dst, size_t& len) {
       const int o = int(k) + (int(k) >= p.rank);
       src = static_cast<const char*>(p.ws[o]) + p.out_off + size_t(r0) * rb;
       dst = static_cast<char*>(p.normed) + (size_t(o) * R + r0) * rb;
       len = rows_of(o) * rb;
     }, stages, bars, use);
   }
+  end_call(p, seq);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -423,6 +442,7 @@ __global__ void __launch_bounds__(kThreads) twoshot_kernel(const Params p) {
 template <typename T, int NR>
 __global__ void __launch_bounds__(kThreads) oneshot_kernel(const Params p) {
   __shared__ float smem[33];
+  const uint32_t seq = begin_call(p);
   constexpr int E = Vec<T>::E;
   const uint32_t V = uint32_t(p.D / E), R = uint32_t(p.R), Tn = uint32_t(p.T);
   const uint32_t G = gridDim.x, b = blockIdx.x;
@@ -434,7 +454,7 @@ __global__ void __launch_bounds__(kThreads) oneshot_kernel(const Params p) {
   const size_t rb = size_t(p.D) * sizeof(T);
   const char* part = static_cast<const char*>(p.partial);
   const char* resid = static_cast<const char*>(p.residual);
-  const size_t par = size_t(p.seq & 1u) * p.N;
+  const size_t par = size_t(seq & 1u) * p.N;
   auto slot = [&](int o, int src) -> char* {
     return static_cast<char*>(p.ws[o]) + p.os_off + (par + src) * p.os_stride;
   };
@@ -454,7 +474,7 @@ __global__ void __launch_bounds__(kThreads) oneshot_kernel(const Params p) {
     }
     return true;
   });
-  block_barrier(p, p.seq * 4u + 1u);  // every peer's rows [j0, j1) (and their residuals) are visible
+  block_barrier(p, seq * 4u + 1u);  // every peer's rows [j0, j1) (and their residuals) are visible
 
   // Phase 2: rows [j0, j1), everyone computes them identically.
   const RowGroups rg(V, 1);
@@ -477,6 +497,7 @@ __global__ void __launch_bounds__(kThreads) oneshot_kernel(const Params p) {
     char* rout = static_cast<char*>(p.residual_out) + i * rb;
     for (uint32_t v = threadIdx.x; v < V; v += blockDim.x) st_plain(rout + size_t(v) * 16, ld_plain(res + size_t(v) * 16));
   }
+  end_call(p, seq);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -500,6 +521,7 @@ template <int NR>
 __global__ void __launch_bounds__(kThreads) multimem_kernel(const Params p) {
   using T = __nv_bfloat16;
   __shared__ float smem[33];
+  const uint32_t seq = begin_call(p);
   const uint32_t V = uint32_t(p.D / 8), R = uint32_t(p.R), Tn = uint32_t(p.T);
   const uint32_t G = gridDim.x, b = blockIdx.x;
   const uint32_t r0 = uint32_t(uint64_t(R) * b / G), r1 = uint32_t(uint64_t(R) * (b + 1) / G);
@@ -518,7 +540,7 @@ __global__ void __launch_bounds__(kThreads) multimem_kernel(const Params p) {
     d = uc + p.in_off + g * rb + size_t(v) * 16;
     return true;
   });
-  block_barrier(p, p.seq * 4u + 1u);  // every rank's copy of rows (owner, [r0, r1)) is in place
+  block_barrier(p, seq * 4u + 1u);  // every rank's copy of rows (owner, [r0, r1)) is in place
 
   const RowGroups rg(V, 8);
   for (uint32_t base = r0; base < r1; base += rg.G) {
@@ -537,7 +559,7 @@ __global__ void __launch_bounds__(kThreads) multimem_kernel(const Params p) {
   // The multimem stores must be visible in every rank's memory before the peers' blocks b read
   // them: a system-scope fence orders them before the release of the barrier flag.
   asm volatile("fence.acq_rel.sys;" ::: "memory");
-  block_barrier(p, p.seq * 4u + 2u);
+  block_barrier(p, seq * 4u + 2u);
 
   // Phase 3: other owners' rows [r0, r1) from our unicast copy of the broadcast output.
   copy_items<kUnroll>(uint32_t(p.N) * per, [&](uint32_t idx, const void*& s, void*& d) {
@@ -548,6 +570,7 @@ __global__ void __launch_bounds__(kThreads) multimem_kernel(const Params p) {
     d = static_cast<char*>(p.normed) + g * rb + size_t(v) * 16;
     return true;
   });
+  end_call(p, seq);
 }
 
 template <typename T, int NR>

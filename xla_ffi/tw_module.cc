@@ -17,12 +17,16 @@ extern "C" XLA_FFI_Error* TwFusedDone(XLA_FFI_CallFrame* call_frame);
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "jax_tokenweave CUDA extension: fused AllReduce + residual + RMSNorm (XLA FFI)";
+  // name -> (handler, may XLA capture it into a command buffer): the second matches the traits
+  // each handler declares in tw_host.cc (XLA takes them from the registration).
   m.def("handlers", []() {
+    auto target = [](XLA_FFI_Error* (*fn)(XLA_FFI_CallFrame*), bool graph_safe) {
+      return py::make_tuple(py::capsule(reinterpret_cast<void*>(fn), "xla._CUSTOM_CALL_TARGET"), graph_safe);
+    };
     py::dict d;
-    d["jax_tokenweave_fused_ar_rmsnorm"] =
-        py::capsule(reinterpret_cast<void*>(&TwFusedAllReduceRMSNorm), "xla._CUSTOM_CALL_TARGET");
-    d["jax_tokenweave_fused_start"] = py::capsule(reinterpret_cast<void*>(&TwFusedStart), "xla._CUSTOM_CALL_TARGET");
-    d["jax_tokenweave_fused_done"] = py::capsule(reinterpret_cast<void*>(&TwFusedDone), "xla._CUSTOM_CALL_TARGET");
+    d["jax_tokenweave_fused_ar_rmsnorm"] = target(&TwFusedAllReduceRMSNorm, true);
+    d["jax_tokenweave_fused_start"] = target(&TwFusedStart, false);
+    d["jax_tokenweave_fused_done"] = target(&TwFusedDone, false);
     return d;
   });
   m.def("layout", [](size_t cap, size_t os_cap, int n) {

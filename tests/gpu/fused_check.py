@@ -4,9 +4,11 @@
     python tests/gpu/fused_check.py proc RANK NPROC   # one of NPROC jax.distributed processes
     python tests/gpu/fused_check.py hang              # a missing peer must fail, not hang
     python tests/gpu/fused_check.py async             # only the asynchronous cases (TP 2 and 4)
+    python tests/gpu/fused_check.py graph             # only the CUDA-graph (command buffer) cases
 
 Besides the synchronous op, the asynchronous form (start / matmuls beside it / done, two slots
-chained through the residual, as the split layer uses it) must give the synchronous op's bits.
+chained through the residual, as the split layer uses it) must give the synchronous op's bits, and
+so must a chain of calls that XLA captured into a CUDA graph and replays.
 
 Fresh random inputs each case (never zeros); the normed output memory is poisoned (the allocator's
 free blocks are filled with NaN) before every checked call; every element is compared; ranks must
@@ -198,6 +200,56 @@ def run_async_case(mesh, n, comm, T, D, seed, ctas=(16, 32), eps=1e-5):
         FAILS.append(line)
 
 
+def run_graph_case(mesh, n, comm, T, D, seed, K=8):
+    """K synchronous calls chained in one jit, which XLA captures into a CUDA graph (command
+    buffer) and replays: bit for bit equal to the same K calls made one jit at a time (not
+    captured), on every replay, and close to the xla chain. Checks the device-side call counter
+    that a replayed launch depends on."""
+    R = rows_per_rank(T, n)
+    ks = jax.random.split(jax.random.key(seed), 3)
+    shx = NamedSharding(mesh, P("tp", None))
+    mk = lambda a: jax.make_array_from_callback(a.shape, shx, lambda i: a[i])  # noqa: E731
+    x = mk(np.asarray(jax.random.normal(ks[0], (n * T, D), jnp.float32).astype(jnp.bfloat16)))
+    r = mk(np.asarray((jax.random.normal(ks[1], (n * R, D), jnp.float32) * 2).astype(jnp.bfloat16)))
+    gs = np.asarray((1 + 0.1 * jax.random.normal(ks[2], (D,), jnp.float32)).astype(jnp.bfloat16))
+    g = jax.make_array_from_callback(gs.shape, NamedSharding(mesh, P(None)), lambda i: gs[i])
+    spec = (shx.spec, shx.spec, P(None))
+
+    def chain(impl, k):
+        def f(v, r, g):
+            for _ in range(k):
+                v, r = (fused_allreduce_rmsnorm(v, r, g, axis_name="tp", impl="xla") if impl == "xla" else
+                        cuda_ops.p2p_fused(v, r, g, axis_name="tp", comm=comm))
+            return v, r
+        return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=spec, out_specs=(shx.spec,) * 2, check_vma=False))
+    f_chain = chain("p2p", K)
+    captured = cuda_ops.TARGET in cuda_ops.command_buffer_text(f_chain.lower(x, r, g).compile().as_text())
+    step = chain("p2p", 1)
+    v, rr = x, r
+    for _ in range(K):
+        v, rr = step(v, rr, g)
+    want = (local_blocks(v), local_blocks(rr))
+    ref = [local_blocks(o) for o in chain("xla", K)(x, r, g)]
+    ok, why, worst = True, [], 0.0
+    for rep in range(3):
+        poison(mesh, T * D * 2)
+        got = [local_blocks(o) for o in f_chain(x, r, g)]
+        for k, name in enumerate(("normed", "residual")):
+            for dev in got[k]:
+                if not np.array_equal(got[k][dev].view(np.uint8), want[k][dev].view(np.uint8)):
+                    ok = False; why.append(f"replay {rep} {name} dev{dev} differs from the calls one by one")
+                e = np.abs(got[k][dev].astype(np.float32) - ref[k][dev].astype(np.float32))
+                worst = max(worst, float((e / (np.abs(ref[k][dev].astype(np.float32)) + 1)).max()))
+    if worst > 8 * tol(jnp.bfloat16):
+        ok = False; why.append(f"error vs xla chain {worst:.2e}")
+    line = (f"tp={n} T={T:5d} D={D:5d} chain of {K} in one jit, in a CUDA graph: {'yes' if captured else 'NO'}, "
+            f"max_rel_err_vs_xla={worst:.1e} {'OK (bitwise = one call per jit, 3 replays)' if ok else 'FAIL ' + '; '.join(sorted(set(why))[:4])}")
+    print(line, flush=True)
+    if not ok:
+        FAILS.append(line)
+    return captured
+
+
 def sweep(mesh, n, comm, quick=False):
     seed = int(time.time()) % 100000  # fresh data every run
     tokens = [1, 3, 16, 17, 64, 255, 1024, 4097, 16384] if not quick else [1, 16, 17, 1000, 4096]
@@ -218,6 +270,9 @@ def sweep(mesh, n, comm, quick=False):
     for T, D in ((16, 8192), (1000, 8192), (4096, 8192), (2048, 5120)):
         seed += 1
         run_async_case(mesh, n, comm, T, D, seed)
+    for T, D in ((16, 8192), (64, 8192), (1000, 8192)):
+        seed += 1
+        run_graph_case(mesh, n, comm, T, D, seed)
 
 
 def main():
@@ -256,6 +311,14 @@ def main():
                 for T, D in ((16, 8192), (1000, 8192), (4096, 8192), (2048, 5120)):
                     run_async_case(mesh, n, comm, T, D, int(time.time()) % 100000 + T)
                 comm.close()
+    elif MODE == "graph":
+        for n in (2, 4):
+            if n <= jax.local_device_count():
+                mesh = make_mesh(n)
+                comm = jtw.Communicator(mesh, "tp", max_bytes=4096 * 8192 * 2, timeout_s=20)
+                for T, D in ((16, 8192), (64, 8192), (1000, 8192)):
+                    run_graph_case(mesh, n, comm, T, D, int(time.time()) % 100000 + T)
+                comm.close()
     elif MODE == "proc":
         n = jax.device_count()
         mesh = make_mesh(n)
@@ -265,6 +328,7 @@ def main():
                         (4096, 8192, "auto"), (777, 2048, "auto")):
             run_case(mesh, n, comm, T, D, jnp.bfloat16, m, 1234 + T)
         run_async_case(mesh, n, comm, 2048, 8192, 99)
+        run_graph_case(mesh, n, comm, 16, 8192, 98)
         jax.distributed.shutdown()
     elif MODE == "hang":
         # Rank 0 of a 2-GPU communicator runs alone: it must fail within the timeout, not hang.
