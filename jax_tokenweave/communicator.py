@@ -144,6 +144,13 @@ class Communicator:
         C = cuda_ops.extension()
         return {r: tuple(C.last_error(self.id, cuda_ordinal(self.devices[r]))) for r in self.local_ranks}
 
+    def host_launches(self):
+        """{rank: kernels the fused op's host handlers launched on that local rank}. A call that XLA
+        captured into a CUDA graph (command buffer) is launched once, when captured, and replayed
+        without its handler, so this grows by less than the number of calls executed."""
+        C = cuda_ops.extension()
+        return {r: C.host_launches(self.id, cuda_ordinal(self.devices[r])) for r in self.local_ranks}
+
     def close(self):
         """Free the workspaces (after the device work that uses them has finished)."""
         if self.closed:

@@ -66,20 +66,6 @@ def register_targets() -> None:
     _REGISTERED = True
 
 
-def command_buffer_text(hlo_text: str) -> str:
-    """The part of a compiled executable's text (``jitted.lower(...).compile().as_text()``) that
-    XLA captured into command buffers (CUDA graphs): XLA outlines each captured run of commands
-    into a computation named ``command_buffer...``. ``TARGET in command_buffer_text(t)`` says
-    whether the fused op runs inside a graph."""
-    kept, inside = [], False
-    for line in hlo_text.splitlines():
-        if line[:1] not in ("", " ", "}"):  # a computation's header
-            inside = line.lstrip("%").startswith("command_buffer")
-        if inside:
-            kept.append(line)
-    return "\n".join(kept)
-
-
 def _resolve_comm(comm, axis_name):
     from jax_tokenweave.communicator import Communicator
     if comm is None:

@@ -10,8 +10,9 @@ read at start), the `xla` reference implementation of the contract (psum_scatter
 all_gather), and ours: one-shot and two-shot, with the CTA count used. Up to --graph-tokens tokens,
 where a call is short enough for the host's launch cost to matter, two more columns: XLA psum + norm
 with its NCCL all-reduce captured into XLA's CUDA graphs too (command buffers with COLLECTIVES),
-and ours with command buffers switched off (each fused call then a host launch). Whether XLA put
-the collective of each chain into a CUDA graph is recorded per row. Each time is a slope: the
+and ours with command buffers switched off. Per row, how many kernels our host handler launched
+per executed call (1: every call through the host; 0: XLA replays it from a CUDA graph, whose
+capture is the only launch). Each time is a slope: the
 fastest of `--reps` timings of a chain of 44 back-to-back calls inside one jit, minus that of a
 chain of 4, divided by 40 (after warm-up), so the fixed dispatch + synchronisation cost cancels.
 Writes allreduce_<tag>.json / .md / .png.
@@ -59,17 +60,12 @@ SHORT, LONG = 4, 44   # calls per jit of the two chains whose time difference is
 # XLA's command buffers (CUDA graphs): none at all, or the default kinds plus NCCL collectives.
 NO_GRAPHS = {"xla_gpu_enable_command_buffer": ""}
 GRAPHS_WITH_COLLECTIVES = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,COLLECTIVES"}
-LAST_GRAPH_TEXT = ""  # the captured part of the last long chain
+LAST_LAUNCHES_PER_CALL = None  # of our op in the last long chain's timed runs (Communicator.host_launches)
 
 
-def command_buffer_text(hlo_text):
-    kept, inside = [], False  # same rule as cuda_ops.command_buffer_text (not importable without _C)
-    for line in hlo_text.splitlines():
-        if line[:1] not in ("", " ", "}"):
-            inside = line.lstrip("%").startswith("command_buffer")
-        if inside:
-            kept.append(line)
-    return "\n".join(kept)
+def host_launches():
+    comm = globals().get("comm")
+    return min(comm.host_launches().values()) if comm is not None else 0
 
 
 def per_call_us(make, options=None):
@@ -77,22 +73,22 @@ def per_call_us(make, options=None):
     (min t(LONG) - min t(SHORT)) / (LONG - SHORT). The fixed cost of a dispatch and the final
     synchronisation (~0.1-0.3 ms with 4 devices) cancels out, for XLA and ours alike; the minimum
     over repetitions drops the host's scheduling noise, which is larger than a small call."""
-    global LAST_GRAPH_TEXT
+    global LAST_LAUNCHES_PER_CALL
     best = {}
     for n in (SHORT, LONG):
         f, a = make(n)
         f = f.lower(*a).compile(compiler_options=options or {})
-        if n == LONG:
-            LAST_GRAPH_TEXT = command_buffer_text(f.as_text())
         r = f(*a); jax.block_until_ready(r)
         for _ in range(3):
             r = f(*a)
         jax.block_until_ready(r)
         ts = []
+        launched = host_launches()
         for _ in range(args.reps):
             t = time.perf_counter()
             jax.block_until_ready(f(*a))
             ts.append(time.perf_counter() - t)
+        LAST_LAUNCHES_PER_CALL = (host_launches() - launched) / (n * args.reps)
         best[n] = float(np.min(ts))
     return (best[LONG] - best[SHORT]) / (LONG - SHORT) * 1e6
 
@@ -155,7 +151,8 @@ from jax_tokenweave import cuda_ops
 
 from jax_tokenweave.communicator import cuda_ordinal
 sms = cuda_ops.extension().sm_count(cuda_ordinal(jax.local_devices()[0]))
-comm = jtw.Communicator(mesh, "tp", max_bytes=max(tokens) * max(hiddens) * 2 + (1 << 20), oneshot_max_bytes=4 << 20)
+comm = jtw.Communicator(mesh, "tp", max_bytes=max(tokens + [1024]) * max(hiddens) * 2 + (1 << 20),  # 1024: the CTA sweep
+                        oneshot_max_bytes=4 << 20)
 
 ck = {}
 if not args.no_xla_ck:
@@ -176,27 +173,26 @@ for H in hiddens:
         R = rows_per_rank(T, N)
         row = dict(hidden=H, tokens=T, bytes=msg)
         row["xla_psum_norm_us"] = xla_psum_norm(T, H)
-        row["xla_psum_in_graph"] = "all-reduce" in LAST_GRAPH_TEXT
         small = T <= args.graph_tokens
         if small:
             row["xla_psum_norm_graph_us"] = xla_psum_norm(T, H, GRAPHS_WITH_COLLECTIVES)
-            row["xla_psum_graph_in_graph"] = "all-reduce" in LAST_GRAPH_TEXT
         row["xla_collective_kernels_us"] = ck.get(f"{H}x{T}")
         row["xla_ref_impl_us"] = chain(T, H, "xla")
         if msg <= comm.oneshot_max_bytes:
             row["ours_oneshot_us"] = chain(T, H, "p2p", mode="oneshot", ctas=min(sms, T))
             row["ours_oneshot_ctas"] = min(sms, T)
-            row["ours_oneshot_in_graph"] = cuda_ops.TARGET in LAST_GRAPH_TEXT
+            row["ours_oneshot_host_launches_per_call"] = LAST_LAUNCHES_PER_CALL
         row["ours_twoshot_us"] = chain(T, H, "p2p", mode="twoshot", ctas=sms)
         row["ours_twoshot_ctas"] = min(sms, R)
-        row["ours_twoshot_in_graph"] = cuda_ops.TARGET in LAST_GRAPH_TEXT
+        row["ours_twoshot_host_launches_per_call"] = LAST_LAUNCHES_PER_CALL
         best_mode = min((k for k in ("ours_oneshot_us", "ours_twoshot_us") if k in row), key=lambda k: row[k])
         row["ours_us"] = row[best_mode]
         row["ours_mode"] = best_mode.split("_")[1]
         row["ours_sms"] = row[f"ours_{row['ours_mode']}_ctas"]
-        row["ours_in_graph"] = row[f"ours_{row['ours_mode']}_in_graph"]
+        row["ours_host_launches_per_call"] = row[f"ours_{row['ours_mode']}_host_launches_per_call"]
         if small:
             row["ours_nograph_us"] = chain(T, H, "p2p", NO_GRAPHS, mode=row["ours_mode"], ctas=row["ours_sms"])
+            row["ours_nograph_host_launches_per_call"] = LAST_LAUNCHES_PER_CALL
         xla_best = min(v for v in (row["xla_psum_norm_us"], row.get("xla_psum_norm_graph_us"),
                                    row["xla_collective_kernels_us"], row["xla_ref_impl_us"]) if v)
         row["xla_best_us"] = xla_best
@@ -204,9 +200,10 @@ for H in hiddens:
         row["speedup_vs_best_xla"] = xla_best / row["ours_us"]
         row["busbw_GBps"] = 2 * (N - 1) / N * msg / (row["ours_us"] * 1e-6) / 1e9
         rows.append(row)
-        print(f"H={H} T={T:5d} {msg/2**20:7.2f} MiB  xla {row['xla_psum_norm_us']:7.1f} (graph: {row['xla_psum_in_graph']})  "
-              f"xla+graphs {row.get('xla_psum_norm_graph_us') or 0:7.1f}  ours without graphs {row.get('ours_nograph_us') or 0:7.1f}  "
-              f"ours in graph: {row['ours_in_graph']}  xla_ck {row['xla_collective_kernels_us'] or 0:7.1f}  "
+        print(f"H={H} T={T:5d} {msg/2**20:7.2f} MiB  xla {row['xla_psum_norm_us']:7.1f}  "
+              f"xla+graphs {row.get('xla_psum_norm_graph_us') or 0:7.1f}  ours without graphs {row.get('ours_nograph_us') or 0:7.1f} "
+              f"({row.get('ours_nograph_host_launches_per_call') or 0:.2f} host launches/call, with graphs "
+              f"{row['ours_host_launches_per_call']:.2f})  xla_ck {row['xla_collective_kernels_us'] or 0:7.1f}  "
               f"xla_ref {row['xla_ref_impl_us']:7.1f}  ours {row['ours_us']:7.1f} ({row['ours_mode']}, {row['ours_sms']} SMs)  "
               f"x{row['speedup_vs_xla_psum_norm']:.2f} vs psum+norm, x{row['speedup_vs_best_xla']:.2f} vs best xla, "
               f"busbw {row['busbw_GBps']:.0f} GB/s", flush=True)
@@ -234,17 +231,17 @@ with open(base + ".md", "w") as f:
     f.write(f"# Fused AllReduce + residual + RMSNorm, {meta['device']}\n\n")
     f.write(f"jax {meta['jax']}, {meta['date']}, command: `{meta['command']}`. Per call: (fastest of {args.reps} timings of "
             f"{LONG} chained calls in one jit - the same for {SHORT}) / {LONG - SHORT}. bf16. Times in µs per call.\n\n")
-    f.write("Graph columns: XLA psum + norm with NCCL captured in XLA's CUDA graphs too (command buffers + COLLECTIVES); "
-            "ours with command buffers off. `g` marks a chain whose collective XLA ran inside a CUDA graph.\n\n")
-    f.write("| hidden | tokens | MiB | XLA psum+norm | XLA psum+norm, graphs | XLA coll. kernels | xla ref impl | ours | ours, no graphs | mode | SMs | × vs psum+norm | × vs best XLA | bus GB/s |\n")
-    f.write("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    f.write("XLA psum+norm, graphs: NCCL captured into XLA's CUDA graphs too (command buffers + COLLECTIVES). "
+            "Ours, no graphs: command buffers off. Launches: kernels our host handler launched per executed call "
+            "(0: replayed from a CUDA graph).\n\n")
+    f.write("| hidden | tokens | MiB | XLA psum+norm | XLA psum+norm, graphs | XLA coll. kernels | xla ref impl | ours | launches | ours, no graphs | mode | SMs | × vs psum+norm | × vs best XLA | bus GB/s |\n")
+    f.write("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     fmt = lambda v: f"{v:.1f}" if v else "n/a"  # noqa: E731
     for r in rows:
-        g = lambda flag: " g" if r.get(flag) else ""  # noqa: E731
-        f.write(f"| {r['hidden']} | {r['tokens']} | {r['bytes']/2**20:.2f} | {r['xla_psum_norm_us']:.1f}{g('xla_psum_in_graph')} | "
-                f"{fmt(r.get('xla_psum_norm_graph_us'))}{g('xla_psum_graph_in_graph')} | {fmt(r['xla_collective_kernels_us'])} | "
-                f"{r['xla_ref_impl_us']:.1f} | {r['ours_us']:.1f}{g('ours_in_graph')} | {fmt(r.get('ours_nograph_us'))} | {r['ours_mode']} | "
-                f"{r['ours_sms']} | {r['speedup_vs_xla_psum_norm']:.2f} | {r['speedup_vs_best_xla']:.2f} | {r['busbw_GBps']:.0f} |\n")
+        f.write(f"| {r['hidden']} | {r['tokens']} | {r['bytes']/2**20:.2f} | {r['xla_psum_norm_us']:.1f} | "
+                f"{fmt(r.get('xla_psum_norm_graph_us'))} | {fmt(r['xla_collective_kernels_us'])} | "
+                f"{r['xla_ref_impl_us']:.1f} | {r['ours_us']:.1f} | {r['ours_host_launches_per_call']:.2f} | {fmt(r.get('ours_nograph_us'))} | "
+                f"{r['ours_mode']} | {r['ours_sms']} | {r['speedup_vs_xla_psum_norm']:.2f} | {r['speedup_vs_best_xla']:.2f} | {r['busbw_GBps']:.0f} |\n")
     f.write("\n## Time against CTA count\n\n| tokens | hidden | CTAs | mode | µs | × vs XLA psum+norm |\n|---|---|---|---|---|---|\n")
     for r in cta_rows:
         f.write(f"| {r['tokens']} | {r['hidden']} | {r['ctas']} | {r['mode']} | {r['us']:.1f} | {r['speedup']:.2f} |\n")

@@ -180,6 +180,11 @@ std::vector<int> last_error(int64_t comm_id, int ordinal) {
   return {e[0], e[1], e[2], e[3], e[4]};
 }
 
+uint64_t host_launches(int64_t comm_id, int ordinal) {
+  DeviceState* st = find_state(comm_id, ordinal, nullptr);
+  return st ? st->host_launches : 0;
+}
+
 void set_multimem(int64_t comm_id, int ordinal, uintptr_t mc, uintptr_t uc, size_t in_off, size_t out_off, size_t cap) {
   std::string why;
   DeviceState* st = find_state(comm_id, ordinal, &why);
@@ -276,6 +281,7 @@ static ffi::Error Prepare(int32_t ordinal, ffi::AnyBuffer partial, ffi::AnyBuffe
 }
 
 static ffi::Error Enqueue(const Launch& L, cudaStream_t stream) {
+  ++L.st->host_launches;
   const cudaError_t e = L.transport == 1 ? launch_multimem(L.p, L.grid, stream)
                                          : launch_p2p(L.p, L.dtype, L.mode, L.grid, stream);
   if (e != cudaSuccess) return ffi::Error::Internal(std::string("jax_tokenweave: kernel launch failed: ") + cudaGetErrorString(e));
@@ -406,9 +412,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TwFusedDone, tw::FusedDoneImpl,
                                   .Attr<int64_t>("slot"));
 
 namespace tw {
-// Benchmark helper, no XLA: launches the p2p kernel `iters` times on every local device of a
-// communicator (round-robin from this thread, so launches queue up) and returns the mean time per
-// call on each device, measured with CUDA events. Inputs are uninitialised-but-finite patterns.
+// Benchmark helper, no XLA: captures `iters` launches of the p2p kernel into one CUDA graph per
+// local device of a communicator, replays them, and returns the mean time per call on each device
+// (CUDA events around a replay). The graph keeps the host out of the timing: back-to-back
+// dependent kernels, as in a decode step that XLA replays from its command buffers. mode < 0
+// times an empty kernel of `ctas` blocks instead (the floor: launch gap between dependent
+// kernels). Inputs are uninitialised-but-finite patterns.
 std::vector<double> bench_raw(int64_t comm_id, const std::vector<int>& ordinals, int64_t T, int64_t D, int mode, int ctas,
                               int iters, int dbg) {
   const int n = int(ordinals.size());
@@ -439,16 +448,29 @@ std::vector<double> bench_raw(int64_t comm_id, const std::vector<int>& ordinals,
     p.dbg = dbg;
     check(cudaDeviceSynchronize(), "sync");
   }
-  auto launch_all = [&](int k) {
+  std::vector<cudaGraphExec_t> graphs(n);
+  for (int i = 0; i < n; ++i) {
+    DeviceGuard g(ordinals[i]);
+    check(cudaStreamBeginCapture(streams[i], cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
+    for (int k = 0; k < iters; ++k)
+      check(mode < 0 ? launch_empty(ctas, streams[i]) : launch_p2p(ps[i], kBF16, mode, ctas, streams[i]), "launch");
+    cudaGraph_t graph;
+    check(cudaStreamEndCapture(streams[i], &graph), "cudaStreamEndCapture");
+    check(cudaGraphInstantiate(&graphs[i], graph, 0), "cudaGraphInstantiate");
+    cudaGraphDestroy(graph);
+  }
+  // The replays of the ranks start up to a few host launches apart; the first kernel absorbs
+  // that skew, a share of 1/iters of the mean.
+  auto replay_all = [&](bool timed) {
     for (int i = 0; i < n; ++i) {
       DeviceGuard g(ordinals[i]);
-      check(launch_p2p(ps[i], kBF16, mode, ctas, streams[i]), "launch");
+      if (timed) cudaEventRecord(e0[i], streams[i]);
+      check(cudaGraphLaunch(graphs[i], streams[i]), "cudaGraphLaunch");
+      if (timed) cudaEventRecord(e1[i], streams[i]);
     }
   };
-  for (int k = 0; k < 5; ++k) launch_all(k);
-  for (int i = 0; i < n; ++i) { DeviceGuard g(ordinals[i]); cudaEventRecord(e0[i], streams[i]); }
-  for (int k = 0; k < iters; ++k) launch_all(k);
-  for (int i = 0; i < n; ++i) { DeviceGuard g(ordinals[i]); cudaEventRecord(e1[i], streams[i]); }
+  replay_all(false);
+  replay_all(true);
   std::vector<double> out(n);
   for (int i = 0; i < n; ++i) {
     DeviceGuard g(ordinals[i]);
@@ -459,6 +481,7 @@ std::vector<double> bench_raw(int64_t comm_id, const std::vector<int>& ordinals,
   for (int i = 0; i < n; ++i) {
     DeviceGuard g(ordinals[i]);
     for (int j = 0; j < 4; ++j) cudaFree(bufs[4 * i + j]);
+    cudaGraphExecDestroy(graphs[i]);
     cudaStreamDestroy(streams[i]); cudaEventDestroy(e0[i]); cudaEventDestroy(e1[i]);
   }
   return out;

@@ -13,6 +13,7 @@ namespace tw {
 
 cudaError_t launch_p2p(const Params& p, int dtype, int mode, int ctas, cudaStream_t s);
 cudaError_t launch_multimem(const Params& p, int ctas, cudaStream_t s);
+cudaError_t launch_empty(int ctas, cudaStream_t s);  // benchmarks: the launch floor
 cudaError_t warm_up_kernels();
 
 struct Layout {
@@ -47,6 +48,9 @@ struct DeviceState {
   cudaEvent_t ready[kAsyncSlots] = {};
   cudaEvent_t finished[kAsyncSlots] = {};
   bool pending[kAsyncSlots] = {};
+  // Launches made by the handlers (host side). A call that XLA captured into a CUDA graph is
+  // launched once, at capture, and then replayed without its handler: this count tells.
+  uint64_t host_launches = 0;
   // multimem (NVLS), set only by the opt-in set-up
   void* mc_base = nullptr;
   void* uc_base = nullptr;
@@ -66,6 +70,7 @@ void register_rank(int64_t comm_id, int ordinal, int rank, int n, const std::vec
                    uint64_t timeout_ns, int ctas, size_t oneshot_max);
 void destroy_comm(int64_t comm_id);
 std::vector<int> last_error(int64_t comm_id, int ordinal);
+uint64_t host_launches(int64_t comm_id, int ordinal);
 void set_multimem(int64_t comm_id, int ordinal, uintptr_t mc, uintptr_t uc, size_t in_off, size_t out_off, size_t cap);
 std::vector<double> bench_raw(int64_t comm_id, const std::vector<int>& ordinals, int64_t T, int64_t D, int mode, int ctas,
                               int iters, int dbg);

@@ -52,6 +52,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("register_rank", &tw::register_rank);
   m.def("destroy_comm", &tw::destroy_comm);
   m.def("last_error", &tw::last_error);
+  m.def("host_launches", &tw::host_launches);
   m.def("bench_raw", &tw::bench_raw);
   m.def("check_multimem_allowed", &tw::check_multimem_allowed);
   m.def("multimem_setup", [](int64_t comm_id, const std::vector<int>& ordinals, size_t cap) {
