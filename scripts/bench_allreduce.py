@@ -179,8 +179,8 @@ for H in hiddens:
         row["xla_collective_kernels_us"] = ck.get(f"{H}x{T}")
         row["xla_ref_impl_us"] = chain(T, H, "xla")
         if msg <= comm.oneshot_max_bytes:
-            row["ours_oneshot_us"] = chain(T, H, "p2p", mode="oneshot", ctas=sms)
-            row["ours_oneshot_ctas"] = sms
+            row["ours_oneshot_us"] = chain(T, H, "p2p", mode="oneshot", ctas=min(sms, T))
+            row["ours_oneshot_ctas"] = min(sms, T)
             row["ours_oneshot_host_launches_per_call"] = LAST_LAUNCHES_PER_CALL
         row["ours_twoshot_us"] = chain(T, H, "p2p", mode="twoshot", ctas=sms)
         row["ours_twoshot_ctas"] = min(sms, R)

@@ -151,19 +151,16 @@ __device__ __forceinline__ void block_barrier(const Params& p, uint32_t value) {
 
 struct Identity { __device__ uint4 operator()(const uint4& v) const { return v; } };
 
-// Copy n 16-byte items described by map(i, src, dst) -> bool (false: skip), storing xform(item);
-// this thread takes items first, first + stride, ... (default: the block's threads split them).
+// Copy n 16-byte items described by map(i, src, dst) -> bool (false: skip), storing xform(item).
 // U loads are issued before the first store so that U*16 bytes per thread are in flight (NVLink
 // latency hiding).
 template <int U, typename Map, typename Xform = Identity>
-__device__ __forceinline__ void copy_items(uint32_t n, Map map, Xform xform = Identity{}, uint32_t first = ~0u,
-                                           uint32_t stride = 0) {
-  if (first == ~0u) { first = threadIdx.x; stride = blockDim.x; }
-  for (uint32_t base = first; base < n; base += U * stride) {
+__device__ __forceinline__ void copy_items(uint32_t n, Map map, Xform xform = Identity{}) {
+  for (uint32_t base = threadIdx.x; base < n; base += U * blockDim.x) {
     uint4 v[U]; void* dst[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const uint32_t i = base + u * stride;
+      const uint32_t i = base + u * blockDim.x;
       const void* src = nullptr; dst[u] = nullptr;
       if (i < n && map(i, src, dst[u])) v[u] = ld_cg(src); else dst[u] = nullptr;
     }
@@ -504,9 +501,11 @@ __global__ void __launch_bounds__(kThreads) oneshot_kernel(const Params p) {
   constexpr int E = Vec<T>::E;
   const uint32_t V = uint32_t(p.D / E), R = uint32_t(p.R), Tn = uint32_t(p.T);
   const uint32_t G = gridDim.x, b = blockIdx.x;
+  const uint32_t j0 = uint32_t(uint64_t(Tn) * b / G), j1 = uint32_t(uint64_t(Tn) * (b + 1) / G);
   const uint32_t own_lo = uint32_t(p.rank) * R, own_hi = min(own_lo + R, Tn);
-  const uint32_t nres = own_hi > own_lo ? own_hi - own_lo : 0;  // our residual rows that hold tokens
-  const uint32_t per_peer = (Tn + nres) * V;
+  const uint32_t o0 = max(j0, own_lo), o1 = min(j1, own_hi);
+  const uint32_t nj = j1 - j0, nown = o1 > o0 ? o1 - o0 : 0;
+  const uint32_t per = (nj + nown) * V;
   const size_t rb = size_t(p.D) * sizeof(T);
   const char* part = static_cast<const char*>(p.partial);
   const char* resid = static_cast<const char*>(p.residual);
@@ -516,35 +515,35 @@ __global__ void __launch_bounds__(kThreads) oneshot_kernel(const Params p) {
   };
   const bool pushed = !(p.dbg & 1);
 
-  // Push: our partial (T rows) and our residual rows -> slot [rank] of every peer, spread over
-  // every thread of the grid (no barrier ties a sender's block to a reader's, so any split works;
-  // NVLink stores per SM are what limits a small push, so it takes all the CTAs it is given).
-  // The peer index varies fastest: every link carries a third of each wave of stores.
-  copy_items<8>(pushed ? uint32_t(p.N - 1) * per_peer : 0u, [&](uint32_t idx, const void*& s, void*& d) {
-    const uint32_t k = idx % uint32_t(p.N - 1), rem = idx / uint32_t(p.N - 1), q = rem / V, v = rem % V;
+  // Push: partial rows [j0, j1) and our residual rows inside [j0, j1) -> every peer's slot [rank].
+  // 8 vectors in flight per thread cover a block's share of a decode-sized message in one pass.
+  copy_items<8>(pushed ? uint32_t(p.N - 1) * per : 0u, [&](uint32_t idx, const void*& s, void*& d) {
+    const uint32_t k = idx / per, rem = idx - k * per, q = rem / V, v = rem % V;
     const int o = int(k) + (int(k) >= p.rank);
-    if (q < Tn) {
-      s = part + q * rb + size_t(v) * 16;
-      d = slot(o, p.rank) + q * rb + size_t(v) * 16;
+    if (q < nj) {
+      const uint32_t g = j0 + q;
+      s = part + g * rb + size_t(v) * 16;
+      d = slot(o, p.rank) + g * rb + size_t(v) * 16;
     } else {
-      const uint32_t i = q - Tn;
+      const uint32_t i = o0 + (q - nj) - own_lo;
       s = resid + i * rb + size_t(v) * 16;
       d = slot(o, p.rank) + (size_t(Tn) + i) * rb + size_t(v) * 16;
     }
     return true;
-  }, NoNegZero{}, b * blockDim.x + threadIdx.x, G * blockDim.x);
+  }, NoNegZero{});
 
-  // Rows b, b + G, ...: everyone computes every row identically; peers' vectors are taken as they
-  // land. (Params.dbg bit 2 does not apply: these reads are the one-shot's only wait.)
+  // Rows [j0, j1), everyone computes them identically; peers' vectors are taken as they land.
+  // (Params.dbg bit 2 does not apply: these reads are the one-shot's only wait.)
   const RowGroups rg(V, 1);
-  for (uint32_t g = b; g < Tn; g += G) {
+  for (uint32_t base = j0; base < j1; base += rg.G) {
+    const uint32_t g = min(base + rg.group, j1 - 1);  // an idle group points at a valid row
     const int o = int(g / R);
     const uint32_t i = g - uint32_t(o) * R;
     char* src[NR];
 #pragma unroll
     for (int r = 0; r < NR; ++r) src[r] = (r == p.rank) ? const_cast<char*>(part) + size_t(g) * rb : slot(p.rank, r) + size_t(g) * rb;
     char* rout = (o == p.rank) ? static_cast<char*>(p.residual_out) + size_t(i) * rb : nullptr;
-    norm_row<T>(p, rg, true,
+    norm_row<T>(p, rg, base + rg.group < j1,
                 [&](uint32_t v, float* acc) {
                   sum_partials<T, NR>(p, [&](int r) {
                     return r == p.rank ? ld_cg(src[r] + size_t(v) * 16) : take_pushed(p, seq, src[r] + size_t(v) * 16, r, pushed);
@@ -648,7 +647,10 @@ template <typename T, int NR>
 cudaError_t launch_nr(const Params& p, int mode, int ctas, cudaStream_t s) {
   if (mode == kModeOneShot) {
     if constexpr (sizeof(T) != 2) return cudaErrorInvalidValue;  // refused by the host first
-    else oneshot_kernel<T, NR><<<ctas, kThreads, 0, s>>>(p);  // blocks beyond T only push
+    else {
+      const int g = int(std::min<int64_t>(ctas, p.T));
+      oneshot_kernel<T, NR><<<g, kThreads, 0, s>>>(p);
+    }
   } else {
     const int g = int(std::min<int64_t>(ctas, p.R));
     twoshot_kernel<T, NR><<<g, kThreads, kTmaSmem, s>>>(p);
