@@ -82,7 +82,7 @@ class Communicator:
         self.local_ranks = [r for r, _ in local]
         multiprocess = len(local) < n
         ords = {r: cuda_ordinal(d) for r, d in local}
-        ptrs = {r: C.alloc_workspace(ords[r], layout["total"], layout["os_off"]) for r in ords}
+        ptrs = {r: C.alloc_workspace(ords[r], layout["total"]) for r in ords}
         self._owned = dict(ptrs)
         if not multiprocess:
             C.enable_peer_access([ords[r] for r in range(n)])

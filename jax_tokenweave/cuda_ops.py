@@ -104,9 +104,6 @@ def _call(partial, residual, gamma, *, axis_name, eps, comm, ctas, mode, transpo
                          f"max_bytes>={msg} or split the tokens")
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {tuple(_MODES)}")
-    if mode == "oneshot" and item != 2:
-        raise ValueError(f"fused_allreduce_rmsnorm: the one-shot kernel takes bf16 or fp16 (it marks empty slots "
-                         f"with a 16-bit -0.0), got {partial.dtype}; use mode='twoshot' or 'auto'")
     ctas = comm.ctas if ctas is None else int(ctas)
     if not 1 <= ctas <= extension().MAX_CTAS:
         raise ValueError(f"fused_allreduce_rmsnorm: ctas={ctas}; use 1..{extension().MAX_CTAS}")

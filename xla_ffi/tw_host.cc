@@ -66,16 +66,13 @@ DeviceState* find_state(int64_t comm_id, int ordinal, std::string* why) {
   return nullptr;
 }
 
-uintptr_t alloc_workspace(int ordinal, size_t bytes, size_t oneshot_off) {
+uintptr_t alloc_workspace(int ordinal, size_t bytes) {
   DeviceGuard g(ordinal);
   void* p = nullptr;
   check(cudaMalloc(&p, bytes), "cudaMalloc of a " + std::to_string(bytes) + "-byte workspace on device " + std::to_string(ordinal));
-  // Flags and the call counter start at 0, the one-shot slots [oneshot_off, bytes) empty (the
-  // marker the one-shot waits on); all of it visible before any peer can see the pointer (the
-  // caller publishes it only after this returns).
+  // Flags and the call counter start at 0; make the zeroes visible before any peer can see
+  // the pointer (the caller publishes it only after this returns).
   check(cudaMemset(p, 0, bytes), "cudaMemset");
-  if (oneshot_off > bytes || (bytes - oneshot_off) % 16) throw std::runtime_error("jax_tokenweave: bad one-shot region");
-  check(fill_oneshot_empty(static_cast<char*>(p) + oneshot_off, bytes - oneshot_off, 0), "filling the one-shot slots");
   check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   return reinterpret_cast<uintptr_t>(p);
 }
@@ -275,11 +272,7 @@ static ffi::Error Prepare(int32_t ordinal, ffi::AnyBuffer partial, ffi::AnyBuffe
     const size_t os_need = size_t(p.T + p.R) * p.D * elt;
     const bool os_fits = os_need <= st->layout.os_stride;
     int m = int(mode);
-    if (m == kModeAuto)
-      m = (dt != kF32 && os_fits && size_t(p.T) * p.D * elt <= st->oneshot_max) ? kModeOneShot : kModeTwoShot;
-    if (m == kModeOneShot && dt == kF32)
-      return ffi::Error::InvalidArgument("jax_tokenweave: the one-shot kernel takes bf16 or fp16 (it marks empty slots with a "
-                                         "16-bit -0.0); use mode='twoshot' or 'auto' for float32");
+    if (m == kModeAuto) m = (os_fits && size_t(p.T) * p.D * elt <= st->oneshot_max) ? kModeOneShot : kModeTwoShot;
     if (m == kModeOneShot && !os_fits)
       return ffi::Error::InvalidArgument("jax_tokenweave: message too large for the one-shot region (raise oneshot_max_bytes)");
     L->mode = m;

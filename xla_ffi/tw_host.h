@@ -14,7 +14,6 @@ namespace tw {
 cudaError_t launch_p2p(const Params& p, int dtype, int mode, int ctas, cudaStream_t s);
 cudaError_t launch_multimem(const Params& p, int ctas, cudaStream_t s);
 cudaError_t launch_empty(int ctas, cudaStream_t s);  // benchmarks: the launch floor
-cudaError_t fill_oneshot_empty(void* region, size_t bytes, cudaStream_t s);
 cudaError_t warm_up_kernels();
 
 struct Layout {
@@ -61,7 +60,7 @@ struct DeviceState {
 DeviceState* find_state(int64_t comm_id, int ordinal, std::string* why);
 
 // Python-facing operations (module.cc wraps them). All throw std::runtime_error with a message.
-uintptr_t alloc_workspace(int ordinal, size_t bytes, size_t oneshot_off);
+uintptr_t alloc_workspace(int ordinal, size_t bytes);
 void free_workspace(int ordinal, uintptr_t ptr);
 std::string ipc_handle(int ordinal, uintptr_t ptr);
 uintptr_t ipc_open(int ordinal, const std::string& handle);

@@ -18,8 +18,9 @@
 //    2 of call k: the writer passed barrier 2 of call k, which every reader reached after reading.
 //  * two-shot output rows are written after barrier 1 of call k+1 (all peers are in call k+1, so
 //    they finished pulling call k's rows).
-//  * the one-shot has no barrier at all (see "One-shot" below): its slots alternate by call parity
-//    and each reader puts the empty marker back as it consumes a vector.
+//  * one-shot slots are written before the only barrier, so they alternate by call parity: call k+2
+//    writes the parity of call k only after passing the barrier of call k+1, when every reader of
+//    call k has finished call k.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -149,13 +150,10 @@ __device__ __forceinline__ void block_barrier(const Params& p, uint32_t value) {
   __syncthreads();
 }
 
-struct Identity { __device__ uint4 operator()(const uint4& v) const { return v; } };
-
-// Copy n 16-byte items described by map(i, src, dst) -> bool (false: skip), storing xform(item).
-// U loads are issued before the first store so that U*16 bytes per thread are in flight (NVLink
-// latency hiding).
-template <int U, typename Map, typename Xform = Identity>
-__device__ __forceinline__ void copy_items(uint32_t n, Map map, Xform xform = Identity{}) {
+// Copy n 16-byte items described by map(i, src, dst) -> bool (false: skip). U loads are issued
+// before the first store so that U*16 bytes per thread are in flight (NVLink latency hiding).
+template <int U, typename Map>
+__device__ __forceinline__ void copy_items(uint32_t n, Map map) {
   for (uint32_t base = threadIdx.x; base < n; base += U * blockDim.x) {
     uint4 v[U]; void* dst[U];
 #pragma unroll
@@ -165,7 +163,7 @@ __device__ __forceinline__ void copy_items(uint32_t n, Map map, Xform xform = Id
       if (i < n && map(i, src, dst[u])) v[u] = ld_cg(src); else dst[u] = nullptr;
     }
 #pragma unroll
-    for (int u = 0; u < U; ++u) if (dst[u]) st_plain(dst[u], xform(v[u]));
+    for (int u = 0; u < U; ++u) if (dst[u]) st_plain(dst[u], v[u]);
   }
 }
 
@@ -200,13 +198,13 @@ __device__ __forceinline__ float group_sum(float v, float* smem, const RowGroups
 }
 
 // One row per thread group: acc = sum of the N partials (fp32, rank order, by `sum_vec`),
-// r = round(acc + residual (vector v by `load_res(v)`)), store r to rout (if any), normed = round(f32(r) * rsqrt(mean(r^2) +
+// r = round(acc + residual), store r to rout (if any), normed = round(f32(r) * rsqrt(mean(r^2) +
 // eps) * gamma) to out0/out1/(multicast out_mc). Called by the whole block (it synchronises); a
 // group without a row this pass passes active = false. All loads of a thread's vectors are issued
 // before its first store (residual_out may alias residual: the same thread reads, then writes).
-template <typename T, typename SumVec, typename LoadRes, typename OutMc>
+template <typename T, typename SumVec, typename OutMc>
 __device__ __forceinline__ void norm_row(const Params& p, const RowGroups& rg, bool active, SumVec sum_vec,
-                                         LoadRes load_res, char* rout, char* out0, char* out1, OutMc out_mc,
+                                         const char* res, char* rout, char* out0, char* out1, OutMc out_mc,
                                          float* smem) {
   using VT = Vec<T>;
   constexpr int E = VT::E;
@@ -220,7 +218,7 @@ __device__ __forceinline__ void norm_row(const Params& p, const RowGroups& rg, b
       float acc[E];
       sum_vec(v, acc);
       float fr[E];
-      VT::to_f32(load_res(v), fr);
+      VT::to_f32(ld_cg(res + size_t(v) * 16), fr);
 #pragma unroll
       for (int e = 0; e < E; ++e) acc[e] = acc[e] + fr[e];
       rv[k] = VT::from_f32(acc);
@@ -260,14 +258,13 @@ __device__ __forceinline__ void norm_row(const Params& p, const RowGroups& rg, b
 
 struct NoMc { __device__ void operator()(uint32_t, const uint4&) const {} };
 
-// acc = the sum of load(r), r = 0..N-1 (16-byte vectors of T), in fp32 and rank order.
-template <typename T, int NR, typename Load>
-__device__ __forceinline__ void sum_partials(const Params& p, Load load, float* acc) {
+template <typename T, int NR>
+__device__ __forceinline__ void sum_partials(const Params& p, const char* const* src, uint32_t v, float* acc) {
   using VT = Vec<T>;
   constexpr int E = VT::E;
   uint4 x[NR];
 #pragma unroll
-  for (int r = 0; r < NR; ++r) if (r < p.N) x[r] = load(r);  // all loads first
+  for (int r = 0; r < NR; ++r) if (r < p.N) x[r] = ld_cg(src[r] + size_t(v) * 16);  // all loads first
 #pragma unroll
   for (int e = 0; e < E; ++e) acc[e] = 0.f;
 #pragma unroll
@@ -421,10 +418,8 @@ __global__ void __launch_bounds__(kThreads) twoshot_kernel(const Params p) {
 #pragma unroll
     for (int r = 0; r < NR; ++r)
       src[r] = (r == p.rank) ? part + size_t(g) * rb : my_ws + p.in_off + (size_t(r) * R + i) * rb;
-    norm_row<T>(p, rg, i < r_end && g < Tn,
-                [&](uint32_t v, float* acc) { sum_partials<T, NR>(p, [&](int r) { return ld_cg(src[r] + size_t(v) * 16); }, acc); },
-                [&](uint32_t v) { return ld_cg(res + size_t(v) * 16); }, rout, static_cast<char*>(p.normed) + size_t(g) * rb,
-                my_ws + p.out_off + size_t(i) * rb, NoMc{}, smem);
+    norm_row<T>(p, rg, i < r_end && g < Tn, [&](uint32_t v, float* acc) { sum_partials<T, NR>(p, src, v, acc); },
+                res, rout, static_cast<char*>(p.normed) + size_t(g) * rb, my_ws + p.out_off + size_t(i) * rb, NoMc{}, smem);
   }
   block_barrier(p, seq * 4u + 2u);  // every owner's normalised rows [r0, r1) are visible
 
@@ -441,61 +436,11 @@ __global__ void __launch_bounds__(kThreads) twoshot_kernel(const Params p) {
 }
 
 // ----------------------------------------------------------------------------------------------
-// One-shot: every rank pushes its partial (all rows) and its residual rows into every peer's slot,
-// then every rank computes every row itself, in the same order as everyone else (bitwise identical
-// results everywhere). Used for small messages, where latency is all that counts: there is no
-// barrier (Lamport's trick, as in TensorRT-LLM's one-shot). Every 16-bit element of a slot holds
-// the empty marker -0.0 until its peer's value lands; the sender turns -0.0 into +0.0 (the sums
-// start from +0.0, so the result's bits do not change), a reader spins on each 16-byte vector
-// until none of its elements is the marker, and puts the marker back once it has the vector.
-// Slots alternate by call parity. Why a slot is empty again before its next write, two calls
-// later: the peer writes it in call k+2 only after finishing call k+1, which needed our call-k+1
-// data, which we push only after finishing call k, i.e. after our reads and marker stores of call
-// k (kernel boundary). bf16 and fp16 only (the marker is a 16-bit pattern).
-constexpr uint32_t kEmptyPair = 0x80008000u;  // two 16-bit -0.0
-
-__device__ __forceinline__ uint32_t plus_zero(uint32_t w) {
-  if ((w & 0xffffu) == 0x8000u) w &= 0xffff0000u;
-  if ((w >> 16) == 0x8000u) w &= 0x0000ffffu;
-  return w;
-}
-struct NoNegZero {
-  __device__ uint4 operator()(const uint4& v) const {
-    return make_uint4(plus_zero(v.x), plus_zero(v.y), plus_zero(v.z), plus_zero(v.w));
-  }
-};
-
-__device__ __forceinline__ bool half_empty(uint32_t w) { return (w & 0xffffu) == 0x8000u || (w >> 16) == 0x8000u; }
-__device__ __forceinline__ bool has_empty(const uint4& v) {
-  return half_empty(v.x) || half_empty(v.y) || half_empty(v.z) || half_empty(v.w);
-}
-// Volatile: not served from L1, so every retry sees what the peer's NVLink stores left in L2.
-__device__ __forceinline__ uint4 ld_volatile(const void* q) {
-  uint4 v;
-  asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(q) : "memory");
-  return v;
-}
-
-// The vector that `peer` pushed to q in call `seq` (bounded wait), leaving the marker behind.
-// wait = false (benchmarking, push skipped): whatever is there.
-__device__ __forceinline__ uint4 take_pushed(const Params& p, uint32_t seq, char* q, int peer, bool wait) {
-  uint4 v = ld_volatile(q);
-  if (!wait) return v;
-  if (has_empty(v)) {
-    const uint64_t t0 = global_timer_ns();
-    do {
-      v = ld_volatile(q);
-      if (global_timer_ns() - t0 > p.timeout_ns) fail_timeout(p, peer, seq * 4u + 1u);
-    } while (has_empty(v));
-  }
-  st_plain(q, make_uint4(kEmptyPair, kEmptyPair, kEmptyPair, kEmptyPair));
-  return v;
-}
-
+// One-shot: every rank pushes its partial (all rows) and its residual rows to every peer, one
+// barrier, then every rank computes every row itself, in the same order as everyone else
+// (bitwise identical results everywhere). Used for small messages.
 template <typename T, int NR>
 __global__ void __launch_bounds__(kThreads) oneshot_kernel(const Params p) {
-  static_assert(sizeof(T) == 2, "the one-shot's empty marker is 16 bits");
   __shared__ float smem[33];
   const uint32_t seq = begin_call(p);
   constexpr int E = Vec<T>::E;
@@ -513,11 +458,9 @@ __global__ void __launch_bounds__(kThreads) oneshot_kernel(const Params p) {
   auto slot = [&](int o, int src) -> char* {
     return static_cast<char*>(p.ws[o]) + p.os_off + (par + src) * p.os_stride;
   };
-  const bool pushed = !(p.dbg & 1);
 
-  // Push: partial rows [j0, j1) and our residual rows inside [j0, j1) -> every peer's slot [rank].
-  // 8 vectors in flight per thread cover a block's share of a decode-sized message in one pass.
-  copy_items<8>(pushed ? uint32_t(p.N - 1) * per : 0u, [&](uint32_t idx, const void*& s, void*& d) {
+  // Phase 1: partial rows [j0, j1) and our residual rows inside [j0, j1) -> every peer's slot [rank].
+  copy_items<kUnroll>((p.dbg & 1) ? 0u : uint32_t(p.N - 1) * per, [&](uint32_t idx, const void*& s, void*& d) {
     const uint32_t k = idx / per, rem = idx - k * per, q = rem / V, v = rem % V;
     const int o = int(k) + (int(k) >= p.rank);
     if (q < nj) {
@@ -530,30 +473,23 @@ __global__ void __launch_bounds__(kThreads) oneshot_kernel(const Params p) {
       d = slot(o, p.rank) + (size_t(Tn) + i) * rb + size_t(v) * 16;
     }
     return true;
-  }, NoNegZero{});
+  });
+  block_barrier(p, seq * 4u + 1u);  // every peer's rows [j0, j1) (and their residuals) are visible
 
-  // Rows [j0, j1), everyone computes them identically; peers' vectors are taken as they land.
-  // (Params.dbg bit 2 does not apply: these reads are the one-shot's only wait.)
+  // Phase 2: rows [j0, j1), everyone computes them identically.
   const RowGroups rg(V, 1);
-  for (uint32_t base = j0; base < j1; base += rg.G) {
-    const uint32_t g = min(base + rg.group, j1 - 1);  // an idle group points at a valid row
+  const uint32_t j_end = (p.dbg & 4) ? j0 : j1;
+  for (uint32_t base = j0; base < j_end; base += rg.G) {
+    const uint32_t g = min(base + rg.group, j_end - 1);  // an idle group points at a valid row
     const int o = int(g / R);
     const uint32_t i = g - uint32_t(o) * R;
-    char* src[NR];
+    const char* src[NR];
 #pragma unroll
-    for (int r = 0; r < NR; ++r) src[r] = (r == p.rank) ? const_cast<char*>(part) + size_t(g) * rb : slot(p.rank, r) + size_t(g) * rb;
+    for (int r = 0; r < NR; ++r) src[r] = (r == p.rank) ? part + size_t(g) * rb : slot(p.rank, r) + size_t(g) * rb;
+    const char* res = (o == p.rank) ? resid + size_t(i) * rb : slot(p.rank, o) + (size_t(Tn) + i) * rb;
     char* rout = (o == p.rank) ? static_cast<char*>(p.residual_out) + size_t(i) * rb : nullptr;
-    norm_row<T>(p, rg, base + rg.group < j1,
-                [&](uint32_t v, float* acc) {
-                  sum_partials<T, NR>(p, [&](int r) {
-                    return r == p.rank ? ld_cg(src[r] + size_t(v) * 16) : take_pushed(p, seq, src[r] + size_t(v) * 16, r, pushed);
-                  }, acc);
-                },
-                [&](uint32_t v) {
-                  return o == p.rank ? ld_cg(resid + size_t(i) * rb + size_t(v) * 16)
-                                     : take_pushed(p, seq, slot(p.rank, o) + (size_t(Tn) + i) * rb + size_t(v) * 16, o, pushed);
-                },
-                rout, static_cast<char*>(p.normed) + size_t(g) * rb, nullptr, NoMc{}, smem);
+    norm_row<T>(p, rg, base + rg.group < j_end, [&](uint32_t v, float* acc) { sum_partials<T, NR>(p, src, v, acc); },
+                res, rout, static_cast<char*>(p.normed) + size_t(g) * rb, nullptr, NoMc{}, smem);
   }
   // Our padding rows (global index >= T): residual_out = residual. Local, no ordering needed.
   for (uint32_t i = (own_lo < Tn ? Tn - own_lo : 0) + b; i < R; i += G) {
@@ -562,12 +498,6 @@ __global__ void __launch_bounds__(kThreads) oneshot_kernel(const Params p) {
     for (uint32_t v = threadIdx.x; v < V; v += blockDim.x) st_plain(rout + size_t(v) * 16, ld_plain(res + size_t(v) * 16));
   }
   end_call(p, seq);
-}
-
-// Fills a one-shot region with the empty marker (before any peer can see the workspace).
-__global__ void fill_empty_kernel(uint4* q, size_t n) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
-    q[i] = make_uint4(kEmptyPair, kEmptyPair, kEmptyPair, kEmptyPair);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -623,7 +553,7 @@ __global__ void __launch_bounds__(kThreads) multimem_kernel(const Params p) {
     const char* mrow = mc + p.in_off + size_t(g) * rb;
     char* mout = mc + p.out_off + size_t(g) * rb;
     norm_row<T>(p, rg, i < r1 && g < Tn, [&](uint32_t v, float* acc) { mm_ld_reduce_bf16x8(mrow + size_t(v) * 16, acc); },
-                [&](uint32_t v) { return ld_cg(res + size_t(v) * 16); }, rout, static_cast<char*>(p.normed) + size_t(g) * rb, nullptr,
+                res, rout, static_cast<char*>(p.normed) + size_t(g) * rb, nullptr,
                 [&](uint32_t v, const uint4& o) { mm_st_v4(mout + size_t(v) * 16, o); }, smem);
   }
   // The multimem stores must be visible in every rank's memory before the peers' blocks b read
@@ -646,11 +576,8 @@ __global__ void __launch_bounds__(kThreads) multimem_kernel(const Params p) {
 template <typename T, int NR>
 cudaError_t launch_nr(const Params& p, int mode, int ctas, cudaStream_t s) {
   if (mode == kModeOneShot) {
-    if constexpr (sizeof(T) != 2) return cudaErrorInvalidValue;  // refused by the host first
-    else {
-      const int g = int(std::min<int64_t>(ctas, p.T));
-      oneshot_kernel<T, NR><<<g, kThreads, 0, s>>>(p);
-    }
+    const int g = int(std::min<int64_t>(ctas, p.T));
+    oneshot_kernel<T, NR><<<g, kThreads, 0, s>>>(p);
   } else {
     const int g = int(std::min<int64_t>(ctas, p.R));
     twoshot_kernel<T, NR><<<g, kThreads, kTmaSmem, s>>>(p);
@@ -689,11 +616,6 @@ cudaError_t launch_p2p(const Params& p, int dtype, int mode, int ctas, cudaStrea
 
 __global__ void empty_kernel() {}
 
-cudaError_t fill_oneshot_empty(void* region, size_t bytes, cudaStream_t s) {
-  fill_empty_kernel<<<264, 256, 0, s>>>(static_cast<uint4*>(region), bytes / 16);
-  return cudaGetLastError();
-}
-
 cudaError_t launch_empty(int ctas, cudaStream_t s) {
   empty_kernel<<<ctas, kThreads, 0, s>>>();
   return cudaGetLastError();
@@ -711,23 +633,19 @@ cudaError_t launch_multimem(const Params& p, int ctas, cudaStream_t s) {
 // lock; a spinning kernel on one GPU plus a module load for another could deadlock).
 cudaError_t warm_up_kernels() {
   cudaError_t e = cudaSuccess;
-#define TW_TOUCH_TWOSHOT(T)                                                           \
+#define TW_TOUCH(T)                                                                   \
   if (e == cudaSuccess) e = touch_tma(twoshot_kernel<T, 2>);                          \
   if (e == cudaSuccess) e = touch_tma(twoshot_kernel<T, 4>);                          \
-  if (e == cudaSuccess) e = touch_tma(twoshot_kernel<T, 8>);
-#define TW_TOUCH_ONESHOT(T)                                                           \
+  if (e == cudaSuccess) e = touch_tma(twoshot_kernel<T, 8>);                          \
   if (e == cudaSuccess) e = touch(oneshot_kernel<T, 2>);                              \
   if (e == cudaSuccess) e = touch(oneshot_kernel<T, 4>);                              \
   if (e == cudaSuccess) e = touch(oneshot_kernel<T, 8>);
-  TW_TOUCH_TWOSHOT(__nv_bfloat16) TW_TOUCH_TWOSHOT(__half) TW_TOUCH_TWOSHOT(float)
-  TW_TOUCH_ONESHOT(__nv_bfloat16) TW_TOUCH_ONESHOT(__half)
-#undef TW_TOUCH_TWOSHOT
-#undef TW_TOUCH_ONESHOT
+  TW_TOUCH(__nv_bfloat16) TW_TOUCH(__half) TW_TOUCH(float)
+#undef TW_TOUCH
   if (e == cudaSuccess) e = touch(multimem_kernel<2>);
   if (e == cudaSuccess) e = touch(multimem_kernel<4>);
   if (e == cudaSuccess) e = touch(multimem_kernel<8>);
   if (e == cudaSuccess) e = touch(empty_kernel);
-  if (e == cudaSuccess) e = touch(fill_empty_kernel);
   return e;
 }
 
