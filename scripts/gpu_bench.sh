@@ -46,7 +46,7 @@ for s in ${STAGES//,/ }; do
   case $s in
     asynccheck) stage asynccheck 240 $PY tests/gpu/fused_check.py async ;;
     graphcheck) stage graphcheck 240 $PY tests/gpu/fused_check.py graph ;;
-    check)      TAIL=40 stage check 420 bash scripts/gpu_check.sh ;;
+    check)      TAIL=40 stage check 560 bash scripts/gpu_check.sh ;;
     checkdist)  TAIL=30 stage checkdist 150 bash scripts/gpu_check.sh dist ;;
     weavecheck) stage weavecheck 240 $PY tests/gpu/weave_check.py ;;
     allreduce)  stage allreduce 420 $PY scripts/bench_allreduce.py --hidden "${ALLREDUCE_HIDDEN:-8192}" \

@@ -1,6 +1,6 @@
 #!/bin/bash
 # GPU correctness of the fused AllReduce + residual + RMSNorm (p2p transport), both process modes.
-# Run on a machine with 2-4 NVLink-connected GPUs, from the repository root:
+# Run on a machine with 2-8 NVLink-connected GPUs, from the repository root:
 #     bash scripts/gpu_check.sh            # builds the extension if needed, then checks
 #     bash scripts/gpu_check.sh dist       # only one part: single | hang | dist (default: all)
 # Exit status 0 only if every check passed. NVLink multicast stays off; multimem is refused here.
@@ -25,7 +25,7 @@ echo "== $NGPU GPUs, jax $($PY -c 'import jax; print(jax.__version__)')"
 status=0
 filt() { grep -v "^W0000\|^I0000\|^E0000\|^WARNING: All log" ; }
 if want single; then
-  echo "== one process, TP 2 and 4"
+  echo "== one process, TP 2, 4 and 8 as far as $NGPU GPUs go"
   $PY tests/gpu/fused_check.py single 2>&1 | filt; [ ${PIPESTATUS[0]} -eq 0 ] || status=1
 fi
 if want hang; then
@@ -37,7 +37,7 @@ if ! want dist; then
   [ $status -eq 0 ] && echo "GPU CHECK PASSED ($PART)" || echo "GPU CHECK FAILED ($PART)"
   exit $status
 fi
-N=$(( NGPU < 4 ? NGPU : 4 ))
+N=$(( NGPU < 8 ? NGPU : 8 ))  # one process per GPU, every GPU (TP = N)
 echo "== jax.distributed, $N processes x 1 GPU"
 export TW_PORT=$(( 12000 + RANDOM % 2000 ))
 pids=()
