@@ -63,8 +63,10 @@ GRAPHS_WITH_COLLECTIVES = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLA
 LAST_LAUNCHES_PER_CALL = None  # of our op in the last long chain's timed runs (Communicator.host_launches)
 
 
+comm = None  # ours (set below; --only-xla runs without one)
+
+
 def host_launches():
-    comm = globals().get("comm")
     return min(comm.host_launches().values()) if comm is not None else 0
 
 

@@ -297,14 +297,14 @@ static ffi::Error FusedImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer
   ffi::Error err = Prepare(ordinal, partial, residual, gamma, *normed, *residual_out, comm_id, eps, ctas, mode,
                            num_ranks, transport, &L);
   if (err.failure()) return err;
-  // Inside XLA's command buffers this launch is captured once and replayed; the wait becomes an
-  // external-event node, which at each replay waits for the latest record (the pending Start of
-  // this execution: a program issues its calls in the same order every time).
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess) capture = cudaStreamCaptureStatusNone;
-  const unsigned wait_flags = capture == cudaStreamCaptureStatusActive ? cudaEventWaitExternal : cudaEventWaitDefault;
   for (int k = 0; k < kAsyncSlots; ++k) {
     if (!L.st->pending[k]) continue;
+    // Inside XLA's command buffers this launch is captured once and replayed; the wait becomes an
+    // external-event node, which at each replay waits for the latest record (the pending Start of
+    // this execution: a program issues its calls in the same order every time).
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess) capture = cudaStreamCaptureStatusNone;
+    const unsigned wait_flags = capture == cudaStreamCaptureStatusActive ? cudaEventWaitExternal : cudaEventWaitDefault;
     const cudaError_t e = cudaStreamWaitEvent(stream, L.st->finished[k], wait_flags);
     if (e != cudaSuccess) return ffi::Error::Internal(std::string("jax_tokenweave: cudaStreamWaitEvent: ") + cudaGetErrorString(e));
   }
