@@ -36,35 +36,32 @@ namespace {
 // ----------------------------------------------------------------------------------------------
 // 16-byte vectors <-> fp32
 
+// The two 16-bit types differ only in their pair type and its conversions.
+__device__ __forceinline__ float2 pair_to_f32(__nv_bfloat162 h) { return __bfloat1622float2(h); }
+__device__ __forceinline__ float2 pair_to_f32(__half2 h) { return __half22float2(h); }
+template <typename P> __device__ __forceinline__ P f32_to_pair(float a, float b);
+template <> __device__ __forceinline__ __nv_bfloat162 f32_to_pair(float a, float b) { return __floats2bfloat162_rn(a, b); }
+template <> __device__ __forceinline__ __half2 f32_to_pair(float a, float b) { return __floats2half2_rn(a, b); }
+
+template <typename P>  // P: the type of two 16-bit elements
+struct Vec16 {
+  static constexpr int E = 8;
+  __device__ static void to_f32(const uint4& v, float* f) {
+    const P* h = reinterpret_cast<const P*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) { float2 t = pair_to_f32(h[i]); f[2 * i] = t.x; f[2 * i + 1] = t.y; }
+  }
+  __device__ static uint4 from_f32(const float* f) {
+    uint4 v; P* h = reinterpret_cast<P*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) h[i] = f32_to_pair<P>(f[2 * i], f[2 * i + 1]);
+    return v;
+  }
+};
+
 template <typename T> struct Vec;
-template <> struct Vec<__nv_bfloat16> {
-  static constexpr int E = 8;
-  __device__ static void to_f32(const uint4& v, float* f) {
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) { float2 t = __bfloat1622float2(h[i]); f[2 * i] = t.x; f[2 * i + 1] = t.y; }
-  }
-  __device__ static uint4 from_f32(const float* f) {
-    uint4 v; __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&v);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
-    return v;
-  }
-};
-template <> struct Vec<__half> {
-  static constexpr int E = 8;
-  __device__ static void to_f32(const uint4& v, float* f) {
-    const __half2* h = reinterpret_cast<const __half2*>(&v);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) { float2 t = __half22float2(h[i]); f[2 * i] = t.x; f[2 * i + 1] = t.y; }
-  }
-  __device__ static uint4 from_f32(const float* f) {
-    uint4 v; __half2* h = reinterpret_cast<__half2*>(&v);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) h[i] = __floats2half2_rn(f[2 * i], f[2 * i + 1]);
-    return v;
-  }
-};
+template <> struct Vec<__nv_bfloat16> : Vec16<__nv_bfloat162> {};
+template <> struct Vec<__half> : Vec16<__half2> {};
 template <> struct Vec<float> {
   static constexpr int E = 4;
   __device__ static void to_f32(const uint4& v, float* f) {
