@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
+from hf_llama_shapes import hf_llama_shapes  # noqa: E402  (tests/, on pytest's path)
 from jax_tokenweave import checkpoint as ckpt  # noqa: E402
 from jax_tokenweave.checkpoint import (CheckpointError, convert_hf_to_orbax, load_checkpoint,  # noqa: E402
                                        save_params)
@@ -258,19 +259,8 @@ def test_host_memory_is_bounded_by_the_largest_tensor(tmp_path):
     d = tmp_path / "hf"
     d.mkdir()
     (d / "config.json").write_text(json.dumps(to_hf_dict(cfg)))
-    # HF (torch) shapes, [out, in]
-    D, F, H, K, hd = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    hf_shapes = {"model.embed_tokens.weight": (cfg.vocab_size, D), "model.norm.weight": (D,),
-                 "lm_head.weight": (cfg.vocab_size, D)}
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        hf_shapes.update({p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,),
-                          p + "self_attn.q_proj.weight": (H * hd, D), p + "self_attn.k_proj.weight": (K * hd, D),
-                          p + "self_attn.v_proj.weight": (K * hd, D), p + "self_attn.o_proj.weight": (D, H * hd),
-                          p + "mlp.gate_proj.weight": (F, D), p + "mlp.up_proj.weight": (F, D),
-                          p + "mlp.down_proj.weight": (D, F)})
     rng = np.random.default_rng(0)
-    tensors = {k: rng.standard_normal(s, dtype=np.float32) for k, s in hf_shapes.items()}
+    tensors = {k: rng.standard_normal(s, dtype=np.float32) for k, s in hf_llama_shapes(cfg).items()}
     total = sum(t.nbytes for t in tensors.values())
     largest = max(t.nbytes for t in tensors.values())
     save_file(tensors, d / "model.safetensors")

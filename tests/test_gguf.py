@@ -12,6 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from hf_llama_shapes import hf_llama_shapes  # noqa: E402  (tests/, on pytest's path)
 from jax_tokenweave import default_model, gguf_loader  # noqa: E402
 from jax_tokenweave.checkpoint import is_checkpoint, read_manifest  # noqa: E402
 from jax_tokenweave.mesh import make_mesh  # noqa: E402
@@ -216,17 +217,7 @@ def _write_tiny_gguf(path, cfg, hf_tensors, drop=()):
 
 def _tiny_hf_tensors(cfg):
     rng = np.random.default_rng(7)
-    D, F, H, K, hd = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    out = {"model.embed_tokens.weight": (cfg.vocab_size, D), "model.norm.weight": (D,),
-           "lm_head.weight": (cfg.vocab_size, D)}
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        out.update({p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,),
-                    p + "self_attn.q_proj.weight": (H * hd, D), p + "self_attn.k_proj.weight": (K * hd, D),
-                    p + "self_attn.v_proj.weight": (K * hd, D), p + "self_attn.o_proj.weight": (D, H * hd),
-                    p + "mlp.gate_proj.weight": (F, D), p + "mlp.up_proj.weight": (F, D),
-                    p + "mlp.down_proj.weight": (D, F)})
-    return {k: rng.standard_normal(s).astype(np.float32) for k, s in out.items()}
+    return {k: rng.standard_normal(s).astype(np.float32) for k, s in hf_llama_shapes(cfg).items()}
 
 
 def test_tiny_gguf_round_trip_undoes_the_permutation(tmp_path):
