@@ -1,7 +1,7 @@
 """jax_tokenweave: TokenWeave-style compute-communication overlap for tensor-parallel inference in JAX.
 
 `pip install -e .` installs the Python package (and maps the top-level `models/` folder to
-`jax_tokenweave.models`). The CUDA extension `jax_tokenweave._C` (sources in `xla_ffi/`) is built
+`jax_tokenweave.models`). The CUDA extension `jax_tokenweave.collective._C` (sources in `xla_ffi/`) is built
 with nvcc for sm_90a when nvcc is present; without nvcc the package installs as pure JAX
 (impl="xla") and says so. See BUILD.md.
 """
@@ -12,7 +12,7 @@ import sys
 import sysconfig
 from concurrent.futures import ThreadPoolExecutor
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -37,41 +37,46 @@ def _find_nvcc():
 
 
 def _site_dirs():
-    # Under PEP 517 build isolation, `import jax` fails in the build env, but sysconfig still names
-    # the interpreter's own site-packages, where the jax / pybind11 that will run the code live.
-    dirs = [p for p in sys.path if p.endswith("site-packages")]
+    # The target interpreter's own site-packages first (sysconfig names it even under PEP 517
+    # build isolation), then whatever is on sys.path (the isolated build environment).
+    dirs = []
     for key in ("purelib", "platlib"):
         d = sysconfig.get_paths().get(key)
         if d and d not in dirs:
             dirs.append(d)
-    return dirs
+    return dirs + [p for p in sys.path if p.endswith("site-packages") and p not in dirs]
+
+
+def _find_header_dir(rel_dir: str, header: str) -> str | None:
+    for d in _site_dirs():
+        if os.path.isfile(os.path.join(d, rel_dir, header)):
+            return os.path.join(d, rel_dir)
+    return None
 
 
 def _include_dirs():
-    ffi = os.environ.get("JAX_TOKENWEAVE_JAX_INCLUDE")
-    pyb = None
+    """jax's FFI headers and pybind11's: those of the target environment first (the jax that will
+    run the extension), else the build environment's (pyproject.toml's build requirements)."""
+    ffi = os.environ.get("JAX_TOKENWEAVE_JAX_INCLUDE") or _find_header_dir(os.path.join("jaxlib", "include"),
+                                                                          os.path.join("xla", "ffi", "api", "ffi.h"))
     if not ffi:
         try:
             import jax.ffi
             ffi = jax.ffi.include_dir()
         except Exception:
-            for d in _site_dirs():
-                if os.path.isfile(os.path.join(d, "jaxlib", "include", "xla", "ffi", "api", "ffi.h")):
-                    ffi = os.path.join(d, "jaxlib", "include")
-                    break
-    try:
-        import pybind11
-        pyb = pybind11.get_include()
-    except Exception:
-        for d in _site_dirs():
-            if os.path.isfile(os.path.join(d, "pybind11", "include", "pybind11", "pybind11.h")):
-                pyb = os.path.join(d, "pybind11", "include")
-                break
+            ffi = None
+    pyb = _find_header_dir(os.path.join("pybind11", "include"), os.path.join("pybind11", "pybind11.h"))
+    if not pyb:
+        try:
+            import pybind11
+            pyb = pybind11.get_include()
+        except Exception:
+            pyb = None
     return ffi, pyb
 
 
 class NvccBuildExt(build_ext):
-    """Builds jax_tokenweave._C with nvcc (sm_90a), or skips it with a message."""
+    """Builds jax_tokenweave.collective._C with nvcc (sm_90a), or skips it with a message."""
 
     skipped = False
 
@@ -120,7 +125,7 @@ class NvccBuildExt(build_ext):
         if r.returncode != 0:
             raise RuntimeError(f"nvcc link failed:\n{' '.join(cmd)}\n{r.stdout}\n{r.stderr}")
         # Editable installs import the package from the source tree: put the .so there too.
-        src_copy = os.path.join(HERE, "jax_tokenweave", os.path.basename(out))
+        src_copy = os.path.join(HERE, *ext.name.split(".")[:-1], os.path.basename(out))
         if os.path.abspath(src_copy) != os.path.abspath(out):
             shutil.copyfile(out, src_copy)
         _say(f"built {out}")
@@ -131,10 +136,10 @@ setup(
     version="0.1.0",
     description="Fused AllReduce+RMSNorm and token-split overlap for tensor-parallel LLM inference in JAX",
     python_requires=">=3.11",
-    packages=["jax_tokenweave", "jax_tokenweave.models"],
+    packages=sorted(set(find_packages(include=["jax_tokenweave", "jax_tokenweave.*"])) | {"jax_tokenweave.models"}),
     package_dir={"jax_tokenweave": "jax_tokenweave", "jax_tokenweave.models": "models"},
-    package_data={"jax_tokenweave": ["weave_table.json"]},  # the measured split settings
-    ext_modules=[Extension("jax_tokenweave._C", sources=CUDA_SOURCES)],
+    package_data={"jax_tokenweave.weave": ["weave_table.json"]},  # the measured split settings
+    ext_modules=[Extension("jax_tokenweave.collective._C", sources=CUDA_SOURCES)],
     cmdclass={"build_ext": NvccBuildExt},
     install_requires=[
         "jax>=0.10.2",
@@ -149,7 +154,11 @@ setup(
         "pybind11",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "torch==2.13.0", "transformers", "jinja2", "accelerate"],
+        # torch is pinned to the CPU wheel the test machines carry (other specs pull CUDA wheels);
+        # matplotlib because the benchmark scripts' smoke tests write their plots; cuobjdump to read
+        # (with nvdisasm) the kernels' SASS in the build test.
+        "test": ["pytest", "pytest-timeout", "torch==2.13.0", "transformers", "accelerate", "matplotlib",
+                 "nvidia-cuda-cuobjdump", "nvidia-cuda-nvdisasm"],
         "bench": ["matplotlib"],
     },
 )

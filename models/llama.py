@@ -4,7 +4,7 @@ tensor-parallel layer schedule. Mixtral is this decoder with a mixture-of-expert
 
 The module code runs *inside* ``shard_map`` and sees local shards: local head counts, the local
 vocabulary slice and the local FFN width come from parameter shapes, never from the config. Every
-tensor-parallel reduction is one call of ``fused_allreduce_rmsnorm`` (see ``jax_tokenweave/fused.py``):
+tensor-parallel reduction is one call of ``fused_allreduce_rmsnorm`` (see ``jax_tokenweave/collective/fused.py``):
 
     normed, res = fused(embed_partial, zeros(R, D), layers[0].input_norm)
     per layer:    h = attention(normed)          -> o_proj partial [T, D]
@@ -16,7 +16,7 @@ tensor-parallel reduction is one call of ``fused_allreduce_rmsnorm`` (see ``jax_
 so a model of L layers makes 2L+1 fused calls, and the residual stream stays sharded by token rows.
 
 Parameter layouts (global shapes; logical axis names in brackets, mapped to mesh axes by
-``jax_tokenweave.sharding``):
+``jax_tokenweave.parallel.sharding``):
     embed_tokens.embedding  [V, D]      (vocab, embed)
     layers.i.attn.q_proj.kernel [D, H, hd] (embed, heads, head_dim)   .bias [H, hd]
     layers.i.attn.k_proj / v_proj.kernel [D, KVH, hd] (embed, kv_heads, head_dim)  .bias [KVH, hd]
@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 
 from jax_tokenweave.compat import axis_size
-from jax_tokenweave.fused import fused_allreduce_rmsnorm, rows_per_rank
+from jax_tokenweave.collective.fused import fused_allreduce_rmsnorm, rows_per_rank
 from jax_tokenweave.models.config import ModelConfig
 
 

@@ -51,8 +51,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jax_tokenweave.fused import fused_allreduce_rmsnorm, rows_per_rank
-from jax_tokenweave.mesh import make_mesh
+from jax_tokenweave.collective.fused import fused_allreduce_rmsnorm, rows_per_rank
+from jax_tokenweave.parallel.mesh import make_mesh
 
 N = jax.device_count()
 mesh = make_mesh(N)
@@ -149,9 +149,9 @@ if args.only_xla:
     sys.exit(0)
 
 import jax_tokenweave as jtw
-from jax_tokenweave import cuda_ops
+from jax_tokenweave.collective import cuda_ops
 
-from jax_tokenweave.communicator import cuda_ordinal
+from jax_tokenweave.collective.communicator import cuda_ordinal
 sms = cuda_ops.extension().sm_count(cuda_ordinal(jax.local_devices()[0]))
 comm = jtw.Communicator(mesh, "tp", max_bytes=max(tokens + [1024]) * max(hiddens) * 2 + (1 << 20),  # 1024: the CTA sweep
                         oneshot_max_bytes=4 << 20)

@@ -10,9 +10,9 @@ from jax_tokenweave.gpu_env import forbid_multicast  # noqa: E402
 forbid_multicast()
 import jax
 import jax_tokenweave as jtw
-from jax_tokenweave import cuda_ops
-from jax_tokenweave.communicator import cuda_ordinal
-from jax_tokenweave.mesh import make_mesh
+from jax_tokenweave.collective import cuda_ops
+from jax_tokenweave.collective.communicator import cuda_ordinal
+from jax_tokenweave.parallel.mesh import make_mesh
 
 n = jax.device_count()
 comm = jtw.Communicator(make_mesh(n), "tp", max_bytes=64 << 20, oneshot_max_bytes=4 << 20)

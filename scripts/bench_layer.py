@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Per-layer time of the five TP variants (jax_tokenweave/bench.py) over token counts, one run.
+"""Per-layer time of the five TP variants (jax_tokenweave/bench/harness.py) over token counts, one run.
 
     python scripts/bench_layer.py                      # Llama-3.3-70B layer, TP = all GPUs
     python scripts/bench_layer.py --quick --profile    # fewer sizes/iters + a TokenWeave trace PNG
@@ -52,8 +52,9 @@ def main(argv=None):
     import jax.numpy as jnp
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from jax_tokenweave import bench, weave
-    from jax_tokenweave.mesh import make_mesh
+    from jax_tokenweave.bench import harness as bench
+    from jax_tokenweave import weave
+    from jax_tokenweave.parallel.mesh import make_mesh
     from jax_tokenweave.models import get_preset
 
     cfg = get_preset("tiny-llama" if a.tiny else a.model)
@@ -130,7 +131,7 @@ def main(argv=None):
 def profile(a, cfg, mesh, wspecs, w, impl, comm, attn, split, dtype):
     import jax
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from jax_tokenweave import bench
+    from jax_tokenweave.bench import harness as bench
     T = a.profile_tokens if not a.tiny else min(a.profile_tokens, 64)
     fn, _ = bench.layer_stack_fn("tokenweave", cfg, mesh, wspecs, tokens=T, batch=a.seqs,
                                  num_layers=a.layers, impl=impl, comm=comm, attn_impl=attn,

@@ -58,8 +58,9 @@ def main(argv=None):
     import jax.numpy as jnp
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from jax_tokenweave import bench, weave
-    from jax_tokenweave.mesh import make_mesh
+    from jax_tokenweave.bench import harness as bench
+    from jax_tokenweave import weave
+    from jax_tokenweave.parallel.mesh import make_mesh
     from jax_tokenweave.models import get_preset
 
     cfg = get_preset("tiny-llama" if a.tiny else a.model)

@@ -86,7 +86,7 @@ def ragged_lowering(pallas: bool):
 
 def moe_layer_specs(cfg, tp: int, axis: str = "tp"):
     from jax.sharding import PartitionSpec as P
-    from jax_tokenweave import bench
+    from jax_tokenweave.bench import harness as bench
     specs = {k: v for k, v in bench.layer_specs(cfg, tp, axis).items()
              if k not in ("w_gate", "w_up", "w_down")}
     specs.update(router=P(), w1=P(None, None, axis), w3=P(None, None, axis), w2=P(None, axis, None))
@@ -95,7 +95,7 @@ def moe_layer_specs(cfg, tp: int, axis: str = "tp"):
 
 def random_moe_layer(cfg, mesh, *, dtype, num_layers=None, seed=0, axis="tp"):
     """Attention + MoE weights of one layer (or `num_layers` stacked), created sharded."""
-    from jax_tokenweave import bench
+    from jax_tokenweave.bench import harness as bench
     D, H, KVH, hd, F, E = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                            cfg.intermediate_size, cfg.num_experts)
     shapes = dict(wq=(D, H, hd), wk=(D, KVH, hd), wv=(D, KVH, hd), wo=(H, hd, D),
@@ -120,7 +120,8 @@ def stack_fn(variant, cfg, mesh, wspecs, *, tokens, num_layers, stacked, impl, c
     import jax
     import jax.numpy as jnp
     from jax.sharding import PartitionSpec as P
-    from jax_tokenweave import bench, weave
+    from jax_tokenweave.bench import harness as bench
+    from jax_tokenweave import weave
     from jax_tokenweave.compat import shard_map
     from jax_tokenweave.models.llama import rope_cos_sin, rope_inv_freq
     red = bench.make_reducer(variant, cfg, impl, comm, axis, split)
@@ -192,8 +193,9 @@ def main(argv=None):
     import jax.numpy as jnp
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from jax_tokenweave import bench, weave
-    from jax_tokenweave.mesh import make_mesh
+    from jax_tokenweave.bench import harness as bench
+    from jax_tokenweave import weave
+    from jax_tokenweave.parallel.mesh import make_mesh
     from jax_tokenweave.models import get_preset
 
     cfg = get_preset(a.model)

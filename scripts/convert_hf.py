@@ -7,7 +7,7 @@
 
 Streams tensor by tensor (host memory stays O(largest tensor)), checks every key against the
 config first, and writes atomically (OUT.tmp-<pid>, renamed at the end). Load the result with
-jax_tokenweave.checkpoint.load_checkpoint(OUT, mesh).
+jax_tokenweave.model_io.checkpoint.load_checkpoint(OUT, mesh).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
 
-    from jax_tokenweave.checkpoint import CheckpointError, convert_gguf_to_orbax, convert_hf_to_orbax
+    from jax_tokenweave.model_io.checkpoint import CheckpointError, convert_gguf_to_orbax, convert_hf_to_orbax
     t0 = time.perf_counter()
     try:
         if args.hf_dir:
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
                                       progress=not args.no_progress, overwrite=args.overwrite)
         else:
             if args.default:
-                from jax_tokenweave.default_model import default_gguf_path
+                from jax_tokenweave.model_io.default_model import default_gguf_path
                 gguf_path = default_gguf_path()
             else:
                 gguf_path = args.gguf

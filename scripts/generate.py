@@ -33,7 +33,7 @@ try:
 except ImportError:  # not pip-installed: find models/ as jax_tokenweave.models, as setup.py maps it
     jax_tokenweave.__path__.append(_ROOT)
 
-from jax_tokenweave import distributed as dist  # noqa: E402  (imports jax, initialises no backend)
+from jax_tokenweave.parallel import distributed as dist  # noqa: E402  (imports jax, initialises no backend)
 
 
 def parse_args(argv=None):
@@ -96,20 +96,20 @@ def load_weights(args):
     """(cfg, params, tokenizer, mesh): the checkpoint (or random weights) placed on the mesh."""
     import jax
     import jax.numpy as jnp
-    from jax_tokenweave.mesh import make_mesh
+    from jax_tokenweave.parallel.mesh import make_mesh
     n = len(jax.devices())
     if args.random_model:
         from jax_tokenweave.models.config import get_preset
-        from jax_tokenweave.runner import TPModel
+        from jax_tokenweave.engine.runner import TPModel
         cfg = get_preset(args.random_model)
         mesh = make_mesh(pick_tp(cfg, args.tp, n))
         m = TPModel.random(cfg, mesh, seed=0, axis_name=mesh.axis_names[0])
         return cfg, m.params, None, mesh
-    from jax_tokenweave.checkpoint import load_checkpoint, load_config
+    from jax_tokenweave.model_io.checkpoint import load_checkpoint, load_config
     if args.checkpoint:
         path = args.checkpoint
     else:
-        from jax_tokenweave import default_model
+        from jax_tokenweave.model_io import default_model
         path = default_model.ensure_default_checkpoint(progress=dist.is_main_process())
     cfg = load_config(path)
     mesh = make_mesh(pick_tp(cfg, args.tp, n))
@@ -128,13 +128,13 @@ def make_comm(impl, mesh, max_tokens, hidden, itemsize):
     if jax.devices()[0].platform != "gpu":
         # auto means xla off GPUs; an explicit CUDA impl fails in the fused op, saying why
         return ("xla" if impl == "auto" else impl), None
-    from jax_tokenweave import cuda_ops
+    from jax_tokenweave.collective import cuda_ops
     if not cuda_ops.available():
         if impl == "auto":
             log("CUDA extension not built: using impl=xla (see BUILD.md)")
             return "xla", None
         cuda_ops.extension()  # raises with the reason
-    from jax_tokenweave.communicator import Communicator
+    from jax_tokenweave.collective.communicator import Communicator
     tp = mesh.devices.size
     rows = -(-max_tokens // tp) * tp
     max_bytes = max(rows * hidden * itemsize, 1 << 20)
@@ -146,9 +146,9 @@ def main(argv=None) -> int:
     dist.initialize_from_args(args)
 
     import jax
-    from jax_tokenweave.generate import Generator, bucket_batch, bucket_len, encode_prompt, summary
-    from jax_tokenweave.runner import TPModel
-    from jax_tokenweave.sampling import SamplingParams
+    from jax_tokenweave.engine.generate import Generator, bucket_batch, bucket_len, encode_prompt, summary
+    from jax_tokenweave.engine.runner import TPModel
+    from jax_tokenweave.engine.sampler import SamplingParams
 
     on_gpu = jax.devices()[0].platform == "gpu"
     impl = args.impl or ("auto" if on_gpu else "xla")

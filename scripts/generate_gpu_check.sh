@@ -13,7 +13,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PRESET=${1:-tiny-llama}
 OUTDIR=${OUT:-/tmp}/gen_gpu_check
 mkdir -p "$OUTDIR"
-if ! $PY -c "import jax_tokenweave._C" 2>/dev/null; then
+if ! $PY -c "import jax_tokenweave.collective._C" 2>/dev/null; then
   echo "== building the extension"; $PY setup.py build_ext --inplace > "$OUTDIR/build.log" 2>&1 || { tail -30 "$OUTDIR/build.log"; exit 1; }
 fi
 NGPU=$($PY -c "import jax; print(jax.local_device_count())" 2>/dev/null)

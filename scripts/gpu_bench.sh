@@ -8,7 +8,7 @@
 #   checkdist   only its jax.distributed part (4 processes x 1 GPU, CUDA IPC)
 #   weavecheck  tests/gpu/weave_check.py: split + overlap model logits vs the unsplit xla model
 #   allreduce   scripts/bench_allreduce.py at hidden 8192 (ALLREDUCE_HIDDEN, ALLREDUCE_TOKENS to change)
-#   tune        scripts/tune_split.py: writes jax_tokenweave/weave_table.json (copied to $OUT/tune)
+#   tune        scripts/tune_split.py: writes jax_tokenweave/weave/weave_table.json (copied to $OUT/tune)
 #   layer       scripts/bench_layer.py, five variants + a TokenWeave profile PNG
 #   kernel      scripts/bench_kernel_raw.py --phases (the kernel alone, CUDA events, no XLA)
 #   model       scripts/bench_model.py (80-layer prefill 1K-16K, chunked prefill + decode, attention)
@@ -27,7 +27,7 @@ PY=${PYTHON:-python3}
 R=${OUT:-/tmp/tw_out}
 mkdir -p "$R"
 STAGES=${1:-asynccheck,weavecheck,allreduce,tune,layer,model,moe}
-if ! $PY -c "import jax_tokenweave._C" 2>/dev/null; then
+if ! $PY -c "import jax_tokenweave.collective._C" 2>/dev/null; then
   $PY setup.py build_ext --inplace > "$R/build.log" 2>&1 || { tail -30 "$R/build.log"; exit 1; }
 fi
 filt() { grep -v "^W0000\|^I0000\|^E0000\|^WARNING: All log" ; }
@@ -53,7 +53,7 @@ for s in ${STAGES//,/ }; do
                   ${ALLREDUCE_TOKENS:+--tokens $ALLREDUCE_TOKENS} --reps 7 --out "$R/allreduce" ;;
     tune)       stage tune 120 $PY scripts/tune_split.py --tokens "${TUNE_TOKENS:-2048,4096,8192}" \
                   --comm-ctas "${TUNE_CTAS:-32,48,64,96}" --comm-ctas-mlp 16,24,32 --offsets=-128,128 --iters 5
-                cp jax_tokenweave/weave_table.json "$R/tune/" ;;
+                cp jax_tokenweave/weave/weave_table.json "$R/tune/" ;;
     layer)      stage layer 120 $PY scripts/bench_layer.py --tokens 1024,2048,4096,8192,16384 \
                   --iters 5 --warmup 2 --layers 4 --profile --out "$R/layer" ;;
     kernel)     stage kernel 120 $PY scripts/bench_kernel_raw.py --phases --out "$R/kernel" ;;

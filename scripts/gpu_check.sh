@@ -17,7 +17,7 @@ fi
 unset JAX_TOKENWEAVE_ENABLE_MULTIMEM
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the checkout, also without pip install -e
-if ! $PY -c "import jax_tokenweave._C" 2>/dev/null; then
+if ! $PY -c "import jax_tokenweave.collective._C" 2>/dev/null; then
   echo "== building the extension"; $PY setup.py build_ext --inplace || exit 1
 fi
 NGPU=$($PY -c "import jax; print(jax.local_device_count())" 2>/dev/null)

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Measure the TokenWeave layer over candidate split settings and write the best into
-jax_tokenweave/weave_table.json (entry weave.model_key(model, tp)).
+jax_tokenweave/weave/weave_table.json (entry weave.model_key(model, tp)).
 
     python scripts/tune_split.py --model llama-3.3-70b            # TP = all GPUs
     python scripts/tune_split.py --quick --dry-run                # print, do not write
@@ -48,8 +48,9 @@ def main(argv=None):
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from jax_tokenweave import bench, weave
-    from jax_tokenweave.mesh import make_mesh
+    from jax_tokenweave.bench import harness as bench
+    from jax_tokenweave import weave
+    from jax_tokenweave.parallel.mesh import make_mesh
     from jax_tokenweave.models import get_preset
 
     cfg = get_preset("tiny-llama" if a.tiny else a.model)

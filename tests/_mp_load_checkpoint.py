@@ -5,15 +5,15 @@ import sys
 
 import numpy as np
 
-from jax_tokenweave.distributed import maybe_initialize
+from jax_tokenweave.parallel.distributed import maybe_initialize
 
 
 def main(coord, pid, ckpt_dir, expected_npz):
     maybe_initialize(coord, 2, int(pid), timeout_s=60)
     import jax
-    from jax_tokenweave.checkpoint import load_checkpoint
-    from jax_tokenweave.mesh import make_mesh
-    from jax_tokenweave.sharding import param_shardings
+    from jax_tokenweave.model_io.checkpoint import load_checkpoint
+    from jax_tokenweave.parallel.mesh import make_mesh
+    from jax_tokenweave.parallel.sharding import param_shardings
     assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
     mesh = make_mesh(8)
     cfg, params, _ = load_checkpoint(ckpt_dir, mesh)

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jax_tokenweave import bench, weave
-from jax_tokenweave.mesh import make_mesh
+from jax_tokenweave.bench import harness as bench
+from jax_tokenweave import weave
+from jax_tokenweave.parallel.mesh import make_mesh
 from jax_tokenweave.models import get_preset
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")

@@ -17,14 +17,14 @@ transformers = pytest.importorskip("transformers")
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from hf_llama_shapes import hf_llama_shapes  # noqa: E402  (tests/, on pytest's path)
-from jax_tokenweave import checkpoint as ckpt  # noqa: E402
-from jax_tokenweave.checkpoint import (CheckpointError, convert_hf_to_orbax, load_checkpoint,  # noqa: E402
+from jax_tokenweave.model_io import checkpoint as ckpt  # noqa: E402
+from jax_tokenweave.model_io.checkpoint import (CheckpointError, convert_hf_to_orbax, load_checkpoint,  # noqa: E402
                                        save_params)
-from jax_tokenweave.mesh import make_mesh  # noqa: E402
+from jax_tokenweave.parallel.mesh import make_mesh  # noqa: E402
 from jax_tokenweave.models import hf_keys  # noqa: E402
 from jax_tokenweave.models.config import get_preset, to_hf_dict  # noqa: E402
-from jax_tokenweave.runner import TPModel, to_host  # noqa: E402
-from jax_tokenweave.sharding import param_shardings  # noqa: E402
+from jax_tokenweave.engine.runner import TPModel, to_host  # noqa: E402
+from jax_tokenweave.parallel.sharding import param_shardings  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = {"llama": (transformers.LlamaForCausalLM, transformers.LlamaConfig),
@@ -48,7 +48,7 @@ def _hf_model(name: str, seed: int = 0):
 def _tiny_tokenizer_files(d):
     """A byte-level BPE tokenizer.json + tokenizer_config.json (with a chat template) in `d`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from jax_tokenweave.tokenizer import _bytes_to_unicode
+    from jax_tokenweave.model_io.tokenizer import _bytes_to_unicode
     vocab = {c: i for i, c in enumerate(_bytes_to_unicode().values())}
     vocab["Ġt"] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[("Ġ", "t")]))
@@ -294,7 +294,7 @@ def test_cli(single_file_dir, tmp_path):
 def test_load_under_jax_distributed(tmp_path):
     """Two processes (4 CPU devices each) restore one checkpoint onto a tp=8 mesh spanning both:
     each reads only its own devices' shards."""
-    from jax_tokenweave.distributed import free_port
+    from jax_tokenweave.parallel.distributed import free_port
     cfg = get_preset("tiny-llama")
     rng = np.random.default_rng(5)
     params = {k: rng.standard_normal(s).astype(np.float32) for k, s in hf_keys.param_shapes(cfg).items()}

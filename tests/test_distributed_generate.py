@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from jax_tokenweave.distributed import free_port
+from jax_tokenweave.parallel.distributed import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "generate.py")
@@ -90,7 +90,7 @@ def test_missing_process_is_an_error_not_a_hang(tmp_path):
 
 
 def test_maybe_initialize_settings(monkeypatch):
-    from jax_tokenweave import distributed as dist
+    from jax_tokenweave.parallel import distributed as dist
     for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         monkeypatch.delenv(k, raising=False)
     assert dist.maybe_initialize() is False                      # nothing set: single process

@@ -8,12 +8,12 @@ import jax
 import numpy as np
 import pytest
 
-from jax_tokenweave.generate import (Generator, IncrementalDetokenizer, bucket_batch, bucket_len,
+from jax_tokenweave.engine.generate import (Generator, IncrementalDetokenizer, bucket_batch, bucket_len,
                                      summary)
-from jax_tokenweave.mesh import make_mesh
+from jax_tokenweave.parallel.mesh import make_mesh
 from jax_tokenweave.models.config import get_preset
-from jax_tokenweave.runner import TPModel
-from jax_tokenweave.sampling import SamplingParams
+from jax_tokenweave.engine.runner import TPModel
+from jax_tokenweave.engine.sampler import SamplingParams
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,7 +32,7 @@ def tiny_real_vocab():
 
 @pytest.fixture(scope="module")
 def gguf_tokenizer():
-    from jax_tokenweave.tokenizer import Tokenizer
+    from jax_tokenweave.model_io.tokenizer import Tokenizer
     return Tokenizer.from_gguf(_gguf_path())
 
 
@@ -218,7 +218,7 @@ def _cpu_env(devices):
 
 @pytest.fixture(scope="module")
 def default_checkpoint():
-    from jax_tokenweave import default_model
+    from jax_tokenweave.model_io import default_model
     try:
         default_model.default_gguf_path()
     except FileNotFoundError as e:
@@ -231,8 +231,8 @@ def test_default_model_greedy_matches_transformers(default_checkpoint):
     loading the same GGUF file (float32)."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from jax_tokenweave import default_model
-    from jax_tokenweave.checkpoint import load_checkpoint
+    from jax_tokenweave.model_io import default_model
+    from jax_tokenweave.model_io.checkpoint import load_checkpoint
 
     steps = 32
     mesh = make_mesh(3)

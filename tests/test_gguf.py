@@ -13,13 +13,14 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from hf_llama_shapes import hf_llama_shapes  # noqa: E402  (tests/, on pytest's path)
-from jax_tokenweave import default_model, gguf_loader  # noqa: E402
-from jax_tokenweave.checkpoint import is_checkpoint, read_manifest  # noqa: E402
-from jax_tokenweave.mesh import make_mesh  # noqa: E402
+from jax_tokenweave.model_io import default_model
+from jax_tokenweave.model_io import gguf_loader  # noqa: E402
+from jax_tokenweave.model_io.checkpoint import is_checkpoint, read_manifest  # noqa: E402
+from jax_tokenweave.parallel.mesh import make_mesh  # noqa: E402
 from jax_tokenweave.models.config import get_preset  # noqa: E402
-from jax_tokenweave.runner import TPModel, to_host  # noqa: E402
-from jax_tokenweave.sharding import param_shardings  # noqa: E402
-from jax_tokenweave.tokenizer import Tokenizer  # noqa: E402
+from jax_tokenweave.engine.runner import TPModel, to_host  # noqa: E402
+from jax_tokenweave.parallel.sharding import param_shardings  # noqa: E402
+from jax_tokenweave.model_io.tokenizer import Tokenizer  # noqa: E402
 
 # Our float32 logits vs transformers' float32 logits for the same dequantized weights. Logits
 # reach |40|; the observed difference is ~1e-4 (summation order only).
@@ -111,7 +112,7 @@ def test_checkpoint_contents(cache):
 @pytest.mark.parametrize("tp", [1, 3])
 def test_logits_match_transformers(cache, hf_model, hf_tokenizer, tp, monkeypatch):
     # Second use: loads from the cache, never converts again.
-    monkeypatch.setattr("jax_tokenweave.checkpoint.convert_gguf_to_orbax",
+    monkeypatch.setattr("jax_tokenweave.model_io.checkpoint.convert_gguf_to_orbax",
                         lambda *a, **k: pytest.fail("converted although cached"))
     mesh = make_mesh(tp)
     cfg, params, tok = default_model.load_default_model(mesh, cache=cache, progress=False)
@@ -145,7 +146,7 @@ def test_bf16_load_is_close(cache, hf_model):
 @pytest.fixture(scope="module")
 def tokenizers(gguf_path, cache):
     """Ours built from the GGUF, and ours as saved in (and loaded from) the checkpoint."""
-    from jax_tokenweave.checkpoint import TOKENIZER_DIR
+    from jax_tokenweave.model_io.checkpoint import TOKENIZER_DIR
     return {"gguf": Tokenizer.from_gguf(gguf_path),
             "checkpoint": Tokenizer.load(os.path.join(default_model.default_checkpoint_path(cache),
                                                       TOKENIZER_DIR))}
@@ -179,7 +180,7 @@ def test_tokenizer_matches_transformers(tokenizers, hf_tokenizer, which):
 def _write_tiny_gguf(path, cfg, hf_tensors, drop=()):
     """tiny-llama as llama.cpp's converter would write it: q/k rows permuted, F32 tensors."""
     import gguf
-    from jax_tokenweave.tokenizer import _bytes_to_unicode
+    from jax_tokenweave.model_io.tokenizer import _bytes_to_unicode
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(cfg.num_layers)
     w.add_context_length(cfg.max_position_embeddings)
@@ -221,7 +222,7 @@ def _tiny_hf_tensors(cfg):
 
 
 def test_tiny_gguf_round_trip_undoes_the_permutation(tmp_path):
-    from jax_tokenweave.checkpoint import convert_gguf_to_orbax, load_checkpoint
+    from jax_tokenweave.model_io.checkpoint import convert_gguf_to_orbax, load_checkpoint
     from jax_tokenweave.models.hf_keys import hf_to_param
     cfg = get_preset("tiny-llama").replace(rope_scaling=None)
     hf = _tiny_hf_tensors(cfg)
@@ -237,7 +238,7 @@ def test_tiny_gguf_round_trip_undoes_the_permutation(tmp_path):
 
 
 def test_gguf_missing_tensor_is_named(tmp_path):
-    from jax_tokenweave.checkpoint import CheckpointError, convert_gguf_to_orbax
+    from jax_tokenweave.model_io.checkpoint import CheckpointError, convert_gguf_to_orbax
     cfg = get_preset("tiny-llama").replace(rope_scaling=None)
     _write_tiny_gguf(tmp_path / "broken.gguf", cfg, _tiny_hf_tensors(cfg),
                      drop={"model.layers.1.mlp.up_proj.weight"})

@@ -10,12 +10,12 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from jax_tokenweave.mesh import make_mesh  # noqa: E402
+from jax_tokenweave.parallel.mesh import make_mesh  # noqa: E402
 from jax_tokenweave.models import from_hf_config, get_preset  # noqa: E402
 from jax_tokenweave.models.config import to_hf_dict  # noqa: E402
 from jax_tokenweave.models.hf_keys import check_complete, hf_to_param, is_ignored  # noqa: E402
 from jax_tokenweave.models.llama import rope_inv_freq  # noqa: E402
-from jax_tokenweave.runner import TPModel, to_host  # noqa: E402
+from jax_tokenweave.engine.runner import TPModel, to_host  # noqa: E402
 
 ATOL = RTOL = 1e-4
 CASES = {

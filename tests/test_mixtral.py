@@ -10,13 +10,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jax_tokenweave.mesh import make_mesh
+from jax_tokenweave.parallel.mesh import make_mesh
 from jax_tokenweave.models import get_preset
 from jax_tokenweave.models import hf_keys
 from jax_tokenweave.models.config import ModelConfig, from_hf_config, to_hf_dict
 from jax_tokenweave.models.llama import TPContext
 from jax_tokenweave.models.mixtral import MoE, capacity, route, sort_by_expert
-from jax_tokenweave.runner import TPModel, to_host
+from jax_tokenweave.engine.runner import TPModel, to_host
 
 ATOL = RTOL = 1e-5
 CFG = get_preset("tiny-mixtral")
@@ -255,7 +255,7 @@ def test_logits_match_hf(hf_dir, tp):
 
 
 def test_convert_hf_to_orbax_mixtral(hf_dir, tmp_path):
-    from jax_tokenweave.checkpoint import convert_hf_to_orbax, load_checkpoint
+    from jax_tokenweave.model_io.checkpoint import convert_hf_to_orbax, load_checkpoint
     path, _ = hf_dir
     out = convert_hf_to_orbax(path, tmp_path / "ckpt", progress=False)
     cfg, params, _ = load_checkpoint(out, make_mesh(2))
@@ -266,7 +266,7 @@ def test_convert_hf_to_orbax_mixtral(hf_dir, tmp_path):
 
 
 def test_hf_key_errors(hf_dir, tmp_path):
-    from jax_tokenweave.checkpoint import CheckpointError, check_keys
+    from jax_tokenweave.model_io.checkpoint import CheckpointError, check_keys
     tensors = _load_safetensors(hf_dir[0])
     k = "model.layers.1.block_sparse_moe.experts.{}.w{}.weight"
     shapes = [(key, t.shape) for key, t in tensors.items()]

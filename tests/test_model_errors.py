@@ -9,10 +9,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jax_tokenweave import fused_allreduce_rmsnorm
-from jax_tokenweave.mesh import make_mesh
+from jax_tokenweave.parallel.mesh import make_mesh
 from jax_tokenweave.models import ModelConfig, from_hf_config, get_preset
-from jax_tokenweave.runner import TPModel, to_host
-from jax_tokenweave.sharding import param_shardings
+from jax_tokenweave.engine.runner import TPModel, to_host
+from jax_tokenweave.parallel.sharding import param_shardings
 
 TINY = get_preset("tiny-llama")  # 8 heads, 2 KV heads, vocab 256, ffn 128
 
@@ -190,7 +190,7 @@ def test_fused_op_reference_semantics():
 def test_auto_table_bounds():
     """impl='auto' takes p2p only up to each measured bound, per hidden size where one was
     measured, and xla beyond it and for axis sizes never measured."""
-    from jax_tokenweave import auto_table
+    from jax_tokenweave.collective import auto_table
     for (n, hidden), table in auto_table.BY_HIDDEN.items():
         bound = table[-1][0]
         tokens = bound // (hidden * 2)

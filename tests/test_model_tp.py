@@ -7,9 +7,9 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from jax_tokenweave.mesh import make_mesh
+from jax_tokenweave.parallel.mesh import make_mesh
 from jax_tokenweave.models import get_preset
-from jax_tokenweave.runner import TPModel, to_host
+from jax_tokenweave.engine.runner import TPModel, to_host
 
 ATOL = RTOL = 1e-5
 MODELS = ["tiny-llama", "tiny-qwen2"]

@@ -4,9 +4,9 @@ import os
 
 import pytest
 
-from jax_tokenweave import cuda_ops
+from jax_tokenweave.collective import cuda_ops, extension
 
-C = cuda_ops._C if cuda_ops.available() else None
+C = extension.extension() if extension.available() else None
 pytestmark = pytest.mark.skipif(C is None, reason="the CUDA extension is NOT built here (no nvcc?): "
                                                   "multimem host logic cannot be tested")
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_tokenweave.sampling import (SamplingParams, as_arrays, filter_logits, request_keys,
+from jax_tokenweave.engine.sampler import (SamplingParams, as_arrays, filter_logits, request_keys,
                                      sample_step)
 
 # a known distribution over 8 tokens, in a shuffled vocabulary order

@@ -1,4 +1,4 @@
-"""TokenWeave's split schedule (jax_tokenweave/weave.py) on 8 host CPU devices.
+"""TokenWeave's split schedule (jax_tokenweave/weave/split.py) on 8 host CPU devices.
 
 The split model must give the unsplit model's logits (float32, atol=rtol=1e-5, as the TP tests)
 at TP 1/2/4/8 for both split kinds, and prefill-with-split must leave the same KV cache (checked
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from jax_tokenweave import weave
-from jax_tokenweave.mesh import make_mesh
+from jax_tokenweave.parallel.mesh import make_mesh
 from jax_tokenweave.models import get_preset
-from jax_tokenweave.runner import TPModel, to_host
+from jax_tokenweave.engine.runner import TPModel, to_host
 from jax_tokenweave.weave import SplitConfig, SplitPlan, plan_split, split_point
 
 ATOL = RTOL = 1e-5

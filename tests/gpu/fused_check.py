@@ -38,9 +38,9 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jax_tokenweave as jtw
-from jax_tokenweave import cuda_ops
-from jax_tokenweave.fused import (fused_allreduce_rmsnorm, fused_allreduce_rmsnorm_done, rows_per_rank)
-from jax_tokenweave.mesh import make_mesh
+from jax_tokenweave.collective import cuda_ops
+from jax_tokenweave.collective.fused import (fused_allreduce_rmsnorm, fused_allreduce_rmsnorm_done, rows_per_rank)
+from jax_tokenweave.parallel.mesh import make_mesh
 
 FAILS = []
 

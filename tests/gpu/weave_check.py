@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_tokenweave import Communicator
-from jax_tokenweave.mesh import make_mesh
+from jax_tokenweave.parallel.mesh import make_mesh
 from jax_tokenweave.models import get_preset
-from jax_tokenweave.runner import TPModel, to_host
+from jax_tokenweave.engine.runner import TPModel, to_host
 from jax_tokenweave.weave import SplitConfig, plan_split
 
 tp = int(sys.argv[1]) if len(sys.argv) > 1 else jax.device_count()

@@ -152,7 +152,7 @@ def num_tensors(path_or_reader) -> int:
 
 def load_gguf(path, dtype=np.float32):
     """(cfg, {path: numpy array in our layout}, Tokenizer) from a GGUF file, in host memory."""
-    from jax_tokenweave.tokenizer import Tokenizer
+    from jax_tokenweave.model_io.tokenizer import Tokenizer
     reader = open_gguf(path)
     cfg = config_from_gguf(reader)
     params = {}

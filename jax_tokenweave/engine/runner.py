@@ -2,7 +2,7 @@
 ``logits`` / ``prefill`` / ``decode``.
 
 Every method runs the model under ``jax.shard_map`` over ``axis_name``; the weights are a flat
-dict ``path -> jax.Array`` placed by ``jax_tokenweave.sharding``'s rules, and each call merges
+dict ``path -> jax.Array`` placed by ``jax_tokenweave.parallel.sharding``'s rules, and each call merges
 the local shards back into the NNX module inside the shard_map. Host inputs become replicated
 global arrays with ``make_array_from_process_local_data`` and outputs are replicated, so the same
 code runs under ``jax.distributed`` on a mesh that spans processes (read outputs with ``to_host``).
@@ -18,12 +18,12 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jax_tokenweave.compat import shard_map
-from jax_tokenweave.kv_cache import KVCache, init_cache
+from jax_tokenweave.engine.kv_cache import KVCache, init_cache
 from jax_tokenweave.models.config import ModelConfig
 from jax_tokenweave.models.hf_keys import check_complete, flat_to_state, param_shapes, state_to_flat
 from jax_tokenweave.models.llama import Llama, TPContext, abstract_model
 from jax_tokenweave.models.mixtral import MOE_IMPLS
-from jax_tokenweave.sharding import cache_spec, param_shardings
+from jax_tokenweave.parallel.sharding import cache_spec, param_shardings
 
 __all__ = ["TPModel", "KVCache", "to_host"]
 

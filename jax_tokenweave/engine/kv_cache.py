@@ -7,7 +7,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jax_tokenweave.models.config import ModelConfig
-from jax_tokenweave.sharding import cache_kv_heads, cache_spec
+from jax_tokenweave.parallel.sharding import cache_kv_heads, cache_spec
 
 
 @struct.dataclass

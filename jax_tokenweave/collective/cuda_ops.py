@@ -1,5 +1,4 @@
-"""Loads the CUDA extension (jax_tokenweave._C), registers its FFI target and the `p2p`,
-`multimem` and `auto` implementations of the fused op (see fused.py for the contract).
+"""The `p2p`, `multimem` and `auto` implementations of the fused op (see fused.py for the contract).
 
 How a call finds its communicator: pass ``comm=`` to ``fused_allreduce_rmsnorm`` explicitly, or
 leave it None and the communicator created last for that axis name (``Communicator(...,
@@ -16,58 +15,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_tokenweave import fused
+from jax_tokenweave.collective import auto_table, fused
+from jax_tokenweave.collective.communicator import Communicator
+from jax_tokenweave.collective.extension import (DONE_TARGET, START_TARGET, TARGET, available, extension,
+                                                 register_targets)
 from jax_tokenweave.compat import axis_size
 
-TARGET = "jax_tokenweave_fused_ar_rmsnorm"
-START_TARGET = "jax_tokenweave_fused_start"
-DONE_TARGET = "jax_tokenweave_fused_done"
 _MODES = {"auto": 0, "oneshot": 1, "twoshot": 2}
-_C = None
-_LOAD_ERROR: str | None = None
-_REGISTERED = False
-
-
-def extension():
-    """The compiled module, or raise a RuntimeError that says why it is not there."""
-    global _C, _LOAD_ERROR
-    if _C is None and _LOAD_ERROR is None:
-        try:
-            from jax_tokenweave import _C as mod
-            _C = mod
-        except ImportError as e:  # not built (no nvcc) or built for another Python
-            _LOAD_ERROR = f"{type(e).__name__}: {e}"
-    if _C is None:
-        raise RuntimeError(f"jax_tokenweave: the CUDA extension jax_tokenweave._C is not available "
-                           f"({_LOAD_ERROR}); build it with nvcc (see BUILD.md) or use impl='xla'")
-    return _C
-
-
-def available() -> bool:
-    try:
-        extension()
-        return True
-    except RuntimeError:
-        return False
-
-
-def register_targets() -> None:
-    """Hand the FFI handlers to XLA (CUDA platform). Idempotent. The synchronous call is
-    registered as command-buffer compatible, so XLA may capture it into its CUDA graphs with the
-    kernels around it (no host launch per call: what decode is bound by)."""
-    global _REGISTERED
-    if _REGISTERED:
-        return
-    from jaxlib import xla_client
-    for name, (capsule, graph_safe) in extension().handlers().items():
-        traits = (xla_client.CustomCallTargetTraits.COMMAND_BUFFER_COMPATIBLE if graph_safe
-                  else xla_client.CustomCallTargetTraits.DEFAULT)
-        jax.ffi.register_ffi_target(name, capsule, platform="CUDA", traits=traits)
-    _REGISTERED = True
 
 
 def _resolve_comm(comm, axis_name):
-    from jax_tokenweave.communicator import Communicator
+    extension()   # raises why the extension is unavailable, before anything else
     if comm is None:
         comm = Communicator.default(axis_name)
         if comm is None:
@@ -173,18 +131,17 @@ def _multimem_impl(partial, residual, gamma, *, axis_name, eps, comm):
 
 
 def _auto_chooser(partial, num_ranks):
-    from jax_tokenweave import auto_table
-    from jax_tokenweave.communicator import Communicator
     if not available() or jax.default_backend() != "gpu" or not Communicator.has_any_default():
         return "xla"
     return auto_table.choose(partial.shape[0], partial.shape[1], jnp.dtype(partial.dtype).itemsize, num_ranks)
 
 
 def register_impls() -> None:
+    # Registered whether or not the extension loads now: a call loads it (or raises why it
+    # cannot), so an extension built later in the process is used.
     fused.register_impl("auto", _auto_chooser)
-    if available():
-        fused.register_impl("p2p", _p2p_impl, start=p2p_start)
-        fused.register_impl("multimem", _multimem_impl)
+    fused.register_impl("p2p", _p2p_impl, start=p2p_start)
+    fused.register_impl("multimem", _multimem_impl)
 
 
 register_impls()

@@ -22,7 +22,8 @@ import pickle
 import jax
 import numpy as np
 
-from jax_tokenweave import cuda_ops
+from jax_tokenweave.collective import auto_table
+from jax_tokenweave.collective.extension import extension, register_targets
 
 _ids = itertools.count(1)
 
@@ -50,8 +51,8 @@ class Communicator:
         of the axis size) a call may carry. oneshot_max_bytes: messages up to this size use the
         one-shot kernel (default from the measured table). ctas: CTAs per launch (default: one
         per SM). timeout_s: how long a kernel waits for a peer before it fails with an error."""
-        C = cuda_ops.extension()
-        cuda_ops.register_targets()
+        C = extension()
+        register_targets()
         if transport not in ("p2p", "multimem"):
             raise ValueError(f"Communicator: transport must be 'p2p' or 'multimem', got {transport!r}")
         if axis_name not in mesh.axis_names:
@@ -59,7 +60,7 @@ class Communicator:
         others = [a for a in mesh.axis_names if a != axis_name and mesh.shape[a] != 1]
         if others:
             raise ValueError(f"Communicator: only meshes whose other axes have size 1 are supported; "
-                             f"{others} have more devices. Build the mesh with jax_tokenweave.mesh.make_mesh")
+                             f"{others} have more devices. Build the mesh with jax_tokenweave.parallel.mesh.make_mesh")
         devices = list(np.asarray(mesh.devices).reshape(-1))
         if any(d.platform != "gpu" for d in devices):
             raise RuntimeError("Communicator: the p2p transport needs CUDA GPUs; on other platforms use impl='xla'")
@@ -69,7 +70,6 @@ class Communicator:
         self.axis_name, self.num_ranks, self.transport = axis_name, n, transport
         self.devices = devices
         self.id = next(_ids)
-        from jax_tokenweave import auto_table
         self.oneshot_max_bytes = int(auto_table.ONESHOT_MAX_BYTES if oneshot_max_bytes is None else oneshot_max_bytes)
         self.max_bytes = int(max_bytes)
         os_cap = min(self.max_bytes, max(self.oneshot_max_bytes, 1 << 16))
@@ -141,21 +141,21 @@ class Communicator:
 
     def last_error(self):
         """Error records of the local ranks: {rank: (code, rank, missing_peer, call, block)}; code 0 = none."""
-        C = cuda_ops.extension()
+        C = extension()
         return {r: tuple(C.last_error(self.id, cuda_ordinal(self.devices[r]))) for r in self.local_ranks}
 
     def host_launches(self):
         """{rank: kernels the fused op's host handlers launched on that local rank}. A call that XLA
         captured into a CUDA graph (command buffer) is launched once, when captured, and replayed
         without its handler, so this grows by less than the number of calls executed."""
-        C = cuda_ops.extension()
+        C = extension()
         return {r: C.host_launches(self.id, cuda_ordinal(self.devices[r])) for r in self.local_ranks}
 
     def close(self):
         """Free the workspaces (after the device work that uses them has finished)."""
         if self.closed:
             return
-        cuda_ops.extension().destroy_comm(self.id)
+        extension().destroy_comm(self.id)
         self.closed = True
         if Communicator._defaults.get(self.axis_name) is self:
             del Communicator._defaults[self.axis_name]

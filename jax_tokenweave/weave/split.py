@@ -59,7 +59,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_tokenweave.compat import axis_size
-from jax_tokenweave.fused import (Pending, fused_allreduce_rmsnorm, fused_allreduce_rmsnorm_done,
+from jax_tokenweave.collective.fused import (Pending, fused_allreduce_rmsnorm, fused_allreduce_rmsnorm_done,
                                   fused_allreduce_rmsnorm_start, rmsnorm, rows_per_rank)
 
 TABLE_PATH = os.path.join(os.path.dirname(__file__), "weave_table.json")

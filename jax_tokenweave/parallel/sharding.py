@@ -54,7 +54,7 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh, axis_name: str = "tp") -> dict
 def check_axis(mesh: Mesh, axis_name: str) -> None:
     if axis_name not in mesh.shape:
         raise ValueError(f"mesh has axes {tuple(mesh.shape)}, not {axis_name!r}; build it with "
-                         f"jax_tokenweave.mesh.make_mesh(tp, axis_name={axis_name!r})")
+                         f"jax_tokenweave.parallel.mesh.make_mesh(tp, axis_name={axis_name!r})")
 
 
 def cache_spec(axis_name: str = "tp") -> P:

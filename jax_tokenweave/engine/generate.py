@@ -12,7 +12,7 @@ a power of two (at least 16), the batch to a power of two, and the KV cache to t
 that holds the longest prompt plus ``max_new_tokens`` (capped at ``max_cache_len``). Two requests
 whose sizes fall into the same buckets run the same executables.
 
-The model is anything with the runner's interface (``jax_tokenweave.runner.TPModel``)::
+The model is anything with the runner's interface (``jax_tokenweave.engine.runner.TPModel``)::
 
     model.mesh                                   the jax.sharding.Mesh it runs on
     model.init_cache(batch, max_len)   -> cache
@@ -31,8 +31,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from jax_tokenweave import distributed as dist
-from jax_tokenweave.sampling import SamplingParams, as_arrays, request_keys, sample_and_advance
+from jax_tokenweave.parallel import distributed as dist
+from jax_tokenweave.engine.sampler import SamplingParams, as_arrays, request_keys, sample_and_advance
 
 MIN_PROMPT_BUCKET = 16
 

@@ -5,7 +5,7 @@ Layout of a converted checkpoint ``OUT/``::
     OUT/jax_tokenweave.json   manifest: format, every parameter's shape and stored dtype, source
                               (written last: a folder without it is not a checkpoint)
     OUT/config.json           the ModelConfig as a Hugging Face config.json (from_hf_config reads it)
-    OUT/tokenizer/            tokenizer.json + tokenizer_meta.json (jax_tokenweave.tokenizer), if any
+    OUT/tokenizer/            tokenizer.json + tokenizer_meta.json (jax_tokenweave.model_io.tokenizer), if any
     OUT/params/               an Orbax composite checkpoint: one item per parameter, named by its
                               flat dotted path, each a standard PyTree checkpoint {"value": array}
 
@@ -351,7 +351,7 @@ def convert_hf_to_orbax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *
     plan = check_keys(cfg, ((k, files[k].shape(k)) for k in order), source=hf_dir)
     tokenizer = None
     if os.path.exists(os.path.join(hf_dir, "tokenizer.json")):
-        from jax_tokenweave.tokenizer import Tokenizer
+        from jax_tokenweave.model_io.tokenizer import Tokenizer
         tokenizer = Tokenizer.from_hf_dir(hf_dir)
 
     def tensors():
@@ -374,8 +374,8 @@ def convert_gguf_to_orbax(gguf_path: str | os.PathLike, out_dir: str | os.PathLi
                           dtype="float32", progress: bool = True, overwrite: bool = False) -> str:
     """Convert a GGUF file (dequantized, q/k rows un-permuted; see gguf_loader) with its tokenizer
     and chat template into an Orbax checkpoint at ``out_dir``; returns its path."""
-    from jax_tokenweave import gguf_loader
-    from jax_tokenweave.tokenizer import Tokenizer
+    from jax_tokenweave.model_io import gguf_loader
+    from jax_tokenweave.model_io.tokenizer import Tokenizer
     reader = gguf_loader.open_gguf(gguf_path)
     cfg = gguf_loader.config_from_gguf(reader)
     names = []
@@ -439,7 +439,7 @@ def load_checkpoint(path: str | os.PathLike, mesh, axis_name: str = "tp", dtype=
     shards its devices hold). dtype: None keeps the stored dtype, else each array is cast while
     restoring."""
     import jax
-    from jax_tokenweave.sharding import param_shardings
+    from jax_tokenweave.parallel.sharding import param_shardings
     ocp = _orbax()
     path = os.path.abspath(os.fspath(path))
     manifest = read_manifest(path)
@@ -464,6 +464,6 @@ def load_checkpoint(path: str | os.PathLike, mesh, axis_name: str = "tp", dtype=
     tokenizer = None
     tok_dir = os.path.join(path, TOKENIZER_DIR)
     if os.path.isdir(tok_dir):
-        from jax_tokenweave.tokenizer import Tokenizer
+        from jax_tokenweave.model_io.tokenizer import Tokenizer
         tokenizer = Tokenizer.load(tok_dir)
     return cfg, params, tokenizer

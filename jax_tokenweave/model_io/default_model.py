@@ -49,7 +49,7 @@ def ensure_default_checkpoint(cache: str | None = None, *, dtype: str = "float32
     bfloat16 when loading if wanted). Under ``jax.distributed`` only process 0 converts (the
     cache must be on a file system every process sees) and the others wait for it."""
     import jax
-    from jax_tokenweave.checkpoint import convert_gguf_to_orbax, is_checkpoint
+    from jax_tokenweave.model_io.checkpoint import convert_gguf_to_orbax, is_checkpoint
     path = default_checkpoint_path(cache, dtype)
     if not is_checkpoint(path):
         if jax.process_index() == 0:
@@ -80,6 +80,6 @@ def load_default_model(mesh, axis_name: str = "tp", *, dtype=None, cache: str | 
 
     dtype: None keeps float32, else the parameters are cast while restoring (e.g. jnp.bfloat16).
     The model has 9 query / 3 KV heads, so tp must be 1, 3 or 9."""
-    from jax_tokenweave.checkpoint import load_checkpoint
+    from jax_tokenweave.model_io.checkpoint import load_checkpoint
     path = ensure_default_checkpoint(cache, progress=progress)
     return load_checkpoint(path, mesh, axis_name=axis_name, dtype=dtype)

@@ -136,7 +136,7 @@ def _resolve_impl(impl: str, partial, n: int) -> str:
         impl = _REGISTRY["auto"](partial, n) if "auto" in _REGISTRY else "xla"
     if impl != "xla" and impl not in _REGISTRY:
         raise RuntimeError(f"fused_allreduce_rmsnorm: impl={impl!r} needs the CUDA extension "
-                           f"(jax_tokenweave._C), which is not built or not loadable here; see "
+                           f"(jax_tokenweave.collective._C), which is not built or not loadable here; see "
                            f"BUILD.md, or use impl='xla'")
     return impl
 

@@ -35,14 +35,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jax_tokenweave import weave
 from jax_tokenweave.compat import shard_map
-from jax_tokenweave.fused import _REGISTRY
+from jax_tokenweave.collective.extension import available as cuda_available
 
 VARIANTS = ("baseline", "xla_split", "fused", "tokenweave", "nocomm")
 
 
 def default_impl() -> str:
     """p2p where the CUDA extension registered it (GPU), else the xla reference."""
-    return "p2p" if ("p2p" in _REGISTRY and jax.default_backend() == "gpu") else "xla"
+    return "p2p" if (cuda_available() and jax.default_backend() == "gpu") else "xla"
 
 
 def check_impl(impl: str) -> str:
@@ -54,9 +54,9 @@ def check_impl(impl: str) -> str:
 
 def make_comm(mesh, impl: str, max_tokens: int, hidden: int, itemsize: int = 2):
     """The Communicator the CUDA impls need, sized for the largest message (None for xla)."""
-    if impl not in ("p2p", "auto") or "p2p" not in _REGISTRY:
+    if impl not in ("p2p", "auto") or not cuda_available():
         return None
-    from jax_tokenweave.communicator import Communicator
+    from jax_tokenweave.collective.communicator import Communicator
     tp = mesh.shape["tp"]
     rows = -(-max_tokens // tp) * tp
     return Communicator(mesh, "tp", max_bytes=rows * hidden * itemsize + (1 << 20))
