@@ -6,7 +6,6 @@ block table before sampling ``next_token(history read from the cache)``. So a wr
 block table, position or token stream changes the generated tokens, and the streams are compared
 with a reference generated without any scheduler.
 """
-import itertools
 import random
 import zlib
 
@@ -403,24 +402,41 @@ def test_preemption_by_recompute_keeps_the_token_stream():
         prev[seq.request_id] = list(seq.tokens)
         orig_preempt(seq)
         assert s.waiting[0] is seq and seq.num_computed == 0 and seq.seq_id not in bm
-        events.append(("preempt", seq.request_id, len(seq.tokens)))
+        assert seq.tokens == prev[seq.request_id]      # generated tokens are kept
+        events.append(("preempt", seq.request_id, len(prev[seq.request_id])))
 
     s._preempt = spy
     run(s, model, on_step=on_step)
     assert s.num_preemptions >= 1
     assert sum(q.num_preemptions for q in (a, b, c)) == s.num_preemptions
     assert_matches_reference(s, [a, b, c])
-    # recompute rule: the first chunk after a preemption starts at 0, covers prompt + everything
-    # generated so far (the last generated token included) and samples the next token
+    # recompute rule: after a preemption the sequence's chunks restart at 0 and are contiguous; the
+    # one that samples ends at len(tokens) at preemption time, i.e. prompt + everything generated
+    # so far (the last generated token included: its K/V was never computed) -- and the token it
+    # samples is the next one of the reference stream (checked above)
+    checked = 0
     for i, e in enumerate(events):
         if e[0] != "preempt":
             continue
         _, rid, ntok = e
-        later = [ch for step in events[i + 1:] if step and step[0] != "preempt" for ch in step
-                 if ch[0] == rid]
-        total = sum(ch[2] for ch in itertools.takewhile(lambda ch: not ch[3], later)) + \
-            next(ch[2] for ch in later if ch[3])
-        assert later[0][1] == 0 and total == ntok
+        pos = 0
+        for later in events[i + 1:]:
+            if later and later[0] == "preempt":
+                if later[1] == rid:
+                    break
+                continue
+            mine = [ch for ch in later if ch[0] == rid]
+            if not mine:
+                continue
+            (_, start, n, sampled), = mine
+            assert start == pos
+            pos += n
+            if sampled:
+                assert pos == ntok
+                checked += 1
+                break
+    assert checked >= 1
+    assert any(e[0] == "preempt" and e[2] > s.get(e[1]).prompt_len for e in events)   # had generated
     assert bm.num_free == 6
 
 
@@ -475,6 +491,33 @@ def test_sequence_that_needs_the_page_preempts_itself_when_newest():
     assert_matches_reference(s, [a, b])
 
 
+def test_prefill_that_would_preempt_itself_waits_until_a_decode_needs_its_pages():
+    bm = BlockManager(7, 4)   # 6 usable pages
+    s = Scheduler(bm, max_num_batched_tokens=8, max_num_seqs=2, max_model_len=64)
+    a = s.add(req("a", [1] * 4, 8))     # lifetime 11 positions: 3 pages
+    p = s.add(req("p", range(20), 1))   # lifetime 20 positions: 5 pages
+    model = FakeModel(s)
+    expect = [
+        [("a", 0, 4), ("p", 0, 4)],
+        [("a", 4, 1), ("p", 4, 7)],     # a takes a 2nd page, p grows to 3
+        [("a", 5, 1), ("p", 11, 5)],    # p's chunk shrunk to the one free page
+        [("a", 6, 1)],                  # p has no room: it would be its own victim -> waits
+        [("a", 7, 1)],
+        [("a", 8, 1)],                  # a needs a 3rd page: p (newest) is preempted for it
+    ]
+    for step, chunks in enumerate(expect):
+        plan = s.schedule()
+        assert [(c.seq.request_id, c.start, c.num_tokens) for c in plan.chunks] == chunks, step
+        if step in (3, 4):
+            assert p.status is RUNNING and p.num_computed == 16 and bm.num_pages_of(p.seq_id) == 4
+            assert p.num_preemptions == 0 and bm.num_free == 0
+        s.update(plan, model(plan))
+    assert p.status is WAITING and p.num_preemptions == 1 and p.num_computed == 0
+    run(s, model)
+    assert_matches_reference(s, [a, p])
+    assert bm.num_free == 6
+
+
 def test_lone_sequence_without_room_errors_instead_of_looping():
     # Pages held outside the scheduler (e.g. a shared pool): a lone request can never grow.
     bm = BlockManager(5, 2)             # 4 usable
@@ -527,13 +570,18 @@ def test_abort_between_schedule_and_update():
     model = FakeModel(s)
     plan = s.schedule()
     sampled = model(plan)
+    d = s.add(req("d", [6], 5))          # still waiting
     s.abort("a", "client went away")
     s.abort("c")
+    s.abort("d")
     assert a.finish_reason == "error" and a.error == "client went away" and a.seq_id not in s.bm
+    assert d.is_finished and not s.waiting
+    with pytest.raises(KeyError):
+        s.abort("nope")
     s.update(plan, sampled)
     assert a.num_generated == 0
     run(s, model)
-    assert [q.request_id for q in s.finished] == ["a", "b", "c"]
+    assert [q.request_id for q in s.finished] == ["a", "b", "c", "d"]
     assert_matches_reference(s, [b])
     assert s.bm.num_free == 16
 
