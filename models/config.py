@@ -178,14 +178,14 @@ PRESETS: dict[str, ModelConfig] = {
     # Test shapes: 8 heads so tp=8 works, 2 KV heads so tp 4 and 8 replicate them.
     "tiny-llama": ModelConfig(
         vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=8,
-        num_kv_heads=2, head_dim=8, rope_theta=500000.0,
+        num_kv_heads=2, head_dim=16, rope_theta=500000.0,
         rope_scaling=RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                  original_max_position_embeddings=32),
         rms_norm_eps=1e-5, tie_word_embeddings=False, attention_bias=False,
         max_position_embeddings=256, model_type="llama"),
     "tiny-qwen2": ModelConfig(
         vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=8,
-        num_kv_heads=2, head_dim=8, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        num_kv_heads=2, head_dim=16, rope_theta=1000000.0, rms_norm_eps=1e-6,
         tie_word_embeddings=True, attention_bias=True, max_position_embeddings=256,
         model_type="qwen2"),
     # mistralai/Mixtral-8x22B-Instruct-v0.1 config.json (the base v0.1 has vocab_size 32000)
@@ -197,7 +197,7 @@ PRESETS: dict[str, ModelConfig] = {
     # Test shapes: 8 experts, top-2; expert width 64 splits 8 ways.
     "tiny-mixtral": ModelConfig(
         vocab_size=256, hidden_size=64, intermediate_size=64, num_layers=2, num_heads=8,
-        num_kv_heads=2, head_dim=8, rope_theta=1000000.0, rms_norm_eps=1e-5,
+        num_kv_heads=2, head_dim=16, rope_theta=1000000.0, rms_norm_eps=1e-5,
         tie_word_embeddings=False, attention_bias=False, max_position_embeddings=256,
         model_type="mixtral", num_experts=8, num_experts_per_tok=2),
 }

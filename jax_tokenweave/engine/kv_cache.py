@@ -1,45 +1,92 @@
-"""The KV cache: a pytree of three arrays, sharded over the tensor-parallel axis by KV head."""
+"""The paged KV cache: one pool of fixed-size pages per layer for keys and one for values,
+``[L, KVH_cache, num_pages, page_size, head_dim]``, sharded over the tensor-parallel axis by KV
+head (``KVH_cache = max(num_kv_heads, tp)``: one head per rank when KV heads are replicated).
+
+A sequence's keys/values live in the pages its block table lists: position p is in page
+``table[p // page_size]`` at offset ``p % page_size``. Page 0 is scratch: padding tokens of a step
+write there and nothing reads it. Who hands out pages: ``block_manager.BlockManager`` (the
+continuous engine), or ``static_block_tables`` (the static-batch runner: each of B sequences owns
+a fixed run of pages).
+
+New keys/values are written in place (a scatter into the pool carried through the layer scan),
+never by copying a layer's pool.
+"""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jax_tokenweave.models.config import ModelConfig
 from jax_tokenweave.parallel.sharding import cache_kv_heads, cache_spec
 
+DEFAULT_PAGE_SIZE = 16
+SCRATCH_PAGE = 0
+
+
+@struct.dataclass
+class KVPages:
+    k: jax.Array   # [L, KVH_cache, num_pages, page_size, hd]
+    v: jax.Array
+
+    @property
+    def num_pages(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def page_size(self) -> int:
+        return self.k.shape[3]
+
 
 @struct.dataclass
 class KVCache:
-    k: jax.Array        # [L, B, max_len, KVH_cache, hd], KVH_cache = max(num_kv_heads, tp), sharded over tp
-    v: jax.Array        # same
-    lengths: jax.Array  # [B] int32: valid positions per sequence (replicated)
+    """The static-batch runner's cache: the pools plus each sequence's pages and length."""
+    pages: KVPages
+    block_tables: jax.Array   # [B, pages_per_seq] int32 (replicated)
+    lengths: jax.Array        # [B] int32: valid positions per sequence (replicated)
 
     @property
     def batch(self) -> int:
-        return self.k.shape[1]
+        return self.block_tables.shape[0]
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.block_tables.shape[1] * self.pages.page_size
 
 
-def cache_shardings(mesh: Mesh, axis_name: str = "tp") -> KVCache:
+def pages_bytes(cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> int:
+    """Bytes of both pools over all devices (replicated KV heads counted once per rank)."""
+    return 2 * cfg.num_layers * cfg.num_kv_heads * num_pages * page_size * cfg.head_dim * jnp.dtype(dtype).itemsize
+
+
+def init_pages(cfg: ModelConfig, mesh: Mesh, num_pages: int, page_size: int, dtype,
+               axis_name: str = "tp") -> KVPages:
+    """Zeroed pools created on the devices (each shard on its own device)."""
+    if num_pages < 2 or page_size < 1:
+        raise ValueError(f"init_pages: num_pages ({num_pages}) must be >= 2 (page 0 is scratch) and "
+                         f"page_size ({page_size}) >= 1")
+    shape = (cfg.num_layers, cache_kv_heads(cfg, mesh.shape[axis_name]), num_pages, page_size, cfg.head_dim)
     kv = NamedSharding(mesh, cache_spec(axis_name))
-    return KVCache(k=kv, v=kv, lengths=NamedSharding(mesh, P()))
+    return jax.jit(lambda: KVPages(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)),
+                   out_shardings=KVPages(kv, kv))()
 
 
-def init_cache(cfg: ModelConfig, mesh: Mesh, batch: int, max_len: int, dtype,
-               axis_name: str = "tp") -> KVCache:
-    """Zeros, created directly on the devices (each shard on its own device)."""
-    if batch < 1 or max_len < 1:
-        raise ValueError(f"init_cache: batch ({batch}) and max_len ({max_len}) must be >= 1")
-    tp = mesh.shape[axis_name]
-    shape = (cfg.num_layers, batch, max_len, cache_kv_heads(cfg, tp), cfg.head_dim)
+def static_block_tables(batch: int, pages_per_seq: int) -> np.ndarray:
+    """Sequence b owns pages 1 + b*pages_per_seq ... (page 0 stays scratch)."""
+    return (1 + np.arange(batch * pages_per_seq, dtype=np.int32)).reshape(batch, pages_per_seq)
 
-    def make():
-        return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                       lengths=jnp.zeros((batch,), jnp.int32))
 
-    return jax.jit(make, out_shardings=cache_shardings(mesh, axis_name))()
+def slots(block_tables: jax.Array, positions: jax.Array, valid: jax.Array, page_size: int):
+    """(page, offset) of each position (any shape, rows of block_tables broadcast to it by the
+    caller); invalid positions go to the scratch page."""
+    page = jnp.take_along_axis(block_tables, jnp.clip(positions // page_size, 0, block_tables.shape[1] - 1), axis=1)
+    return jnp.where(valid, page, SCRATCH_PAGE), jnp.where(valid, positions % page_size, 0)
+
+
+def write(pages: KVPages, layer, k: jax.Array, v: jax.Array, page: jax.Array, offset: jax.Array) -> KVPages:
+    """Write k, v [T, KVH, hd] of T tokens into `layer`'s pools at (page [T], offset [T])."""
+    def put(pool, x):
+        return pool.at[layer, :, page, offset].set(x.astype(pool.dtype), mode="promise_in_bounds")
+    return KVPages(put(pages.k, k), put(pages.v, v))

@@ -1,9 +1,10 @@
 """TPModel: a Llama-family model placed on a tensor-parallel mesh, with jit-compiled
-``logits`` / ``prefill`` / ``decode``.
+``logits`` / ``prefill`` / ``decode`` over a paged KV cache.
 
-Every method runs the model under ``jax.shard_map`` over ``axis_name``; the weights are a flat
-dict ``path -> jax.Array`` placed by ``jax_tokenweave.parallel.sharding``'s rules, and each call merges
-the local shards back into the NNX module inside the shard_map. Host inputs become replicated
+Every method runs the model's functions (models/transformer.py, or weave/schedule.py for a split
+batch) under ``jax.shard_map`` over ``axis_name``. The weights are a flat dict in the runtime
+layout (layers stacked, ``layers.<path>`` [L, ...]) placed by ``parallel.sharding``'s rules;
+checkpoints in the per-layer layout are stacked on the way in. Host inputs become replicated
 global arrays with ``make_array_from_process_local_data`` and outputs are replicated, so the same
 code runs under ``jax.distributed`` on a mesh that spans processes (read outputs with ``to_host``).
 """
@@ -17,13 +18,21 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jax_tokenweave.collective.reducer import Reducer
 from jax_tokenweave.compat import shard_map
-from jax_tokenweave.engine.kv_cache import KVCache, init_cache
+from jax_tokenweave.engine import attention
+from jax_tokenweave.engine.kv_cache import (DEFAULT_PAGE_SIZE, KVCache, KVPages, init_pages,
+                                            static_block_tables)
+from jax_tokenweave.model_io.random_weights import random_params
+from jax_tokenweave.models import transformer
 from jax_tokenweave.models.config import ModelConfig
-from jax_tokenweave.models.hf_keys import check_complete, flat_to_state, param_shapes, state_to_flat
-from jax_tokenweave.models.llama import Llama, TPContext, abstract_model
-from jax_tokenweave.models.mixtral import MOE_IMPLS
+from jax_tokenweave.models.hf_keys import check_complete, state_to_flat
+from jax_tokenweave.models.layers import LayerSpec, causal_attention, rope_inv_freq
+from jax_tokenweave.models.llama import is_stacked, stack_layers, stacked_param_info
+from jax_tokenweave.models.moe import MOE_IMPLS
 from jax_tokenweave.parallel.sharding import cache_spec, param_shardings
+from jax_tokenweave.weave.schedule import split_forward, use_overlap
+from jax_tokenweave.weave.split import SplitConfig, config_for, plan_split
 
 __all__ = ["TPModel", "KVCache", "to_host"]
 
@@ -50,14 +59,15 @@ def _place(value: Any, sharding: NamedSharding, dtype) -> jax.Array:
 class TPModel:
     """A tensor-parallel Llama-family model on ``mesh``.
 
-    params: nnx.State, an nnx Module, or a flat dict path -> array (numpy or jax); placed onto
-    the mesh with the sharding rules (left where they are when already placed so).
+    params: a flat dict path -> array (numpy or jax) in the checkpoint layout (``layers.i.*``) or
+    the runtime layout (``layers.*`` stacked), or an nnx Module / State; placed onto the mesh
+    with the sharding rules (left where they are when already placed so).
     impl / comm: the fused_allreduce_rmsnorm implementation and its Communicator.
     attn_impl: prefill attention, "xla" or "cudnn"; None picks cuDNN on GPU meshes (used there
-    for bf16/fp16 weights only) and XLA elsewhere. Decode attention always uses XLA.
+    for bf16/fp16 weights only) and XLA elsewhere. Decode attention is the Pallas paged kernel.
     split: TokenWeave's token splitting for logits/prefill (jax_tokenweave.weave): None (off), a
     weave.SplitConfig, or "auto" (this model's entry of weave.WEAVE_TABLE). Decode is never split.
-    moe_impl: Mixtral's grouped expert matmul, "ragged" or "capacity" (models/mixtral.py).
+    moe_impl: Mixtral's grouped expert matmul, "ragged" or "capacity" (models/moe.py).
     """
 
     def __init__(self, cfg: ModelConfig, params, mesh: Mesh, *, axis_name: str = "tp",
@@ -65,15 +75,22 @@ class TPModel:
                  split=None, moe_impl: str = "ragged"):
         self.cfg, self.mesh, self.axis_name = cfg, mesh, axis_name
         self.impl, self.comm = impl, comm
-        self._shardings = param_shardings(cfg, mesh, axis_name)  # raises on non-dividing shapes
+        self._shardings = param_shardings(cfg, mesh, axis_name, stacked=True)  # raises on non-dividing shapes
         self.tp = mesh.shape[axis_name]
         if isinstance(params, (nnx.State, nnx.Module)):
             params = state_to_flat(params)
-        check_complete(cfg, params.keys())
-        for path, shape in param_shapes(cfg).items():
+        if not is_stacked(params):
+            check_complete(cfg, params.keys())
+            params = stack_layers(params, cfg)
+        for path, (shape, _, _) in stacked_param_info(cfg).items():
+            if path not in params:
+                raise ValueError(f"parameter {path!r} is missing")
             if tuple(params[path].shape) != shape:
                 raise ValueError(f"parameter {path!r} has shape {tuple(params[path].shape)}, the "
                                  f"config needs {shape}")
+        unknown = sorted(set(params) - set(self._shardings))
+        if unknown:
+            raise ValueError(f"unknown parameters {unknown[:5]} for this config")
         self.params = {k: _place(v, self._shardings[k], dtype) for k, v in params.items()}
         self.dtype = self.params["embed_tokens.embedding"].dtype
         if attn_impl is None:
@@ -84,77 +101,117 @@ class TPModel:
         if isinstance(split, str):
             if split != "auto":
                 raise ValueError(f"split={split!r}; pass None, 'auto' or a weave.SplitConfig")
-            from jax_tokenweave.weave import config_for
             split = config_for(cfg, self.tp)
-        self.split = split
+        self.split: SplitConfig | None = split
         if moe_impl not in MOE_IMPLS:
             raise ValueError(f"moe_impl={moe_impl!r}; choose one of {MOE_IMPLS}")
-        self.ctx = TPContext(axis_name=axis_name, impl=impl, comm=comm, attn_impl=attn_impl,
-                             split=split, moe_impl=moe_impl)
-        self._graphdef = nnx.split(abstract_model(cfg))[0]
+        self.attn_impl = attn_impl
+        self.spec = LayerSpec.of(cfg, axis_name, moe_impl)
+        self.reducer = Reducer("fused", axis_name, cfg.rms_norm_eps, impl, comm,
+                               split.comm_ctas if split else 0, split.comm_ctas_mlp if split else 0)
+        self._inv_freq = rope_inv_freq(cfg)
         self._replicated = NamedSharding(mesh, P())
         self._build()
 
     @classmethod
     def random(cls, cfg: ModelConfig, mesh: Mesh, *, seed: int = 0, dtype=jnp.float32,
                axis_name: str = "tp", **kw) -> "TPModel":
-        """Random weights, each shard created on its own device (never the whole model on one)."""
-        shardings = param_shardings(cfg, mesh, axis_name)
-
-        def init():
-            return state_to_flat(Llama(cfg, rngs=nnx.Rngs(params=seed), dtype=dtype))
-
-        params = jax.jit(init, out_shardings=shardings)()
+        """Random normal weights (model_io/random_weights.py), each shard made on its own device;
+        compiles in seconds for any depth."""
+        params = random_params(cfg, mesh, seed=seed, dtype=dtype, axis_name=axis_name)
         return cls(cfg, params, mesh, axis_name=axis_name, **kw)
 
     # ------------------------------------------------------------------ compiled functions
 
-    def _local_model(self, local_params) -> Llama:
-        return nnx.merge(self._graphdef, flat_to_state(self._graphdef, local_params))
+    def forward(self, params, tokens, positions, *, attend, cache=None, split_attend=None):
+        """The model on local shards (inside shard_map): final normed hidden [B, S, D], cache.
+        split_attend(plan) -> (attend0, attend1) runs a split batch (weave) when the split
+        config cuts this shape; else `attend` runs the unsplit layers."""
+        B, S = tokens.shape
+        plan = plan_split(B, S, self.split) if (self.split is not None and split_attend) else None
+        if plan is None:
+            return transformer.forward(params, tokens, positions, spec=self.spec, reduce=self.reducer,
+                                       inv_freq=self._inv_freq, attend=attend, cache=cache)
+        attend0, attend1 = split_attend(plan)
+        return split_forward(params, tokens, positions, plan, spec=self.spec, red=self.reducer,
+                             inv_freq=self._inv_freq, overlap=use_overlap(self.split, self.reducer),
+                             attend0=attend0, attend1=attend1, cache=cache)
+
+    def _split_prefill(self, block_tables, lengths):
+        """The attention of a split prefill's halves (weave/schedule.py's attend0 / attend1)."""
+        impl = self.attn_impl
+
+        def make(plan):
+            if plan.kind == "batch":
+                n = plan.n0
+                a0 = attention.prefill(impl, block_tables[:n], lengths[:n])
+                a1 = attention.prefill(impl, block_tables[n:], lengths[n:])
+            else:
+                a0 = attention.prefill(impl, block_tables, lengths)
+                a1 = attention.prefill(impl, block_tables, lengths, prefix_len=plan.n0)
+
+            def attend0(q, k, v, cache, layer):
+                out, cache = a0(q, k, v, cache, layer)
+                return out, (cache, (k, v))
+
+            def attend1(q, k, v, cache, layer, kv0):
+                return a1(q, k, v, cache, layer, prefix_kv=kv0 if plan.kind == "seq" else None)
+            return attend0, attend1
+        return make
+
+    def _split_causal(self, plan):
+        impl = self.attn_impl
+
+        def attend0(q, k, v, cache, layer):
+            return attention.causal(impl)(q, k, v, cache, layer)[0], (cache, (k, v))
+
+        def attend1(q, k, v, cache, layer, kv0):
+            return causal_attention(q, k, v, impl, kv0 if plan.kind == "seq" else None), cache
+        return attend0, attend1
+
+    def prefill_fn(self, params, tokens, lengths, cache: KVCache):
+        """Pure (un-jitted) prefill on global arrays: (float32 logits [B, V] at lengths-1, cache)."""
+        def local(params, tokens, lengths, block_tables, pages):
+            B, S = tokens.shape
+            pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+            x, pages = self.forward(params, tokens, pos, cache=pages,
+                                    attend=attention.prefill(self.attn_impl, block_tables, lengths),
+                                    split_attend=self._split_prefill(block_tables, lengths))
+            last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
+            return transformer.logits_at(params, last, self.axis_name), pages
+        logits, pages = self._smap(local, (self._pspecs, P(), P(), P(), self._cspecs), (P(), self._cspecs))(
+            params, tokens, lengths, cache.block_tables, cache.pages)
+        return logits, KVCache(pages=pages, block_tables=cache.block_tables, lengths=lengths)
+
+    def decode_fn(self, params, tokens, cache: KVCache):
+        """Pure (un-jitted) decode step: (float32 logits [B, V], cache with lengths + 1)."""
+        def local(params, tokens, lengths, block_tables, pages):
+            x, pages = self.forward(params, tokens[:, None], lengths[:, None], cache=pages,
+                                    attend=attention.decode(block_tables, lengths))
+            return transformer.logits_at(params, x[:, 0], self.axis_name), pages
+        logits, pages = self._smap(local, (self._pspecs, P(), P(), P(), self._cspecs), (P(), self._cspecs))(
+            params, tokens, cache.lengths, cache.block_tables, cache.pages)
+        return logits, KVCache(pages=pages, block_tables=cache.block_tables, lengths=cache.lengths + 1)
+
+    def _smap(self, f, ins, outs):
+        return shard_map(f, mesh=self.mesh, in_specs=ins, out_specs=outs, check_vma=False)
 
     def _build(self):
-        ctx, cs, rep = self.ctx, cache_spec(self.axis_name), P()
-        pspecs = {k: s.spec for k, s in self._shardings.items()}
-        smap = lambda f, ins, outs: shard_map(f, mesh=self.mesh, in_specs=ins,  # noqa: E731
-                                              out_specs=outs, check_vma=False)
+        self._pspecs = {k: s.spec for k, s in self._shardings.items()}
+        cs = cache_spec(self.axis_name)
+        self._cspecs = KVPages(k=cs, v=cs)
 
         def logits_local(params, tokens):
-            model = self._local_model(params)
             B, S = tokens.shape
             pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-            x, _ = model(tokens, pos, ctx=ctx, mode="full")
-            return model.lm_head_logits(x.reshape(B * S, -1), ctx).reshape(B, S, -1)
+            x, _ = self.forward(params, tokens, pos, attend=attention.causal(self.attn_impl),
+                                split_attend=self._split_causal)
+            return transformer.logits_at(params, x.reshape(B * S, -1), self.axis_name).reshape(B, S, -1)
 
-        def prefill_local(params, tokens, lengths, k, v):
-            model = self._local_model(params)
-            B, S = tokens.shape
-            pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-            x, (k, v) = model(tokens, pos, ctx=ctx, mode="prefill", cache=(k, v))
-            last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
-            return model.lm_head_logits(last, ctx), k, v
-
-        def decode_local(params, tokens, lengths, k, v):
-            model = self._local_model(params)
-            x, (k, v) = model(tokens[:, None], lengths[:, None], ctx=ctx, mode="decode",
-                              cache=(k, v), lengths=lengths)
-            return model.lm_head_logits(x[:, 0], ctx), k, v
-
-        logits_sm = smap(logits_local, (pspecs, rep), rep)
-        prefill_sm = smap(prefill_local, (pspecs, rep, rep, cs, cs), (rep, cs, cs))
-        decode_sm = smap(decode_local, (pspecs, rep, rep, cs, cs), (rep, cs, cs))
-
-        def prefill(params, tokens, lengths, cache):
-            logits, k, v = prefill_sm(params, tokens, lengths, cache.k, cache.v)
-            return logits, KVCache(k=k, v=v, lengths=lengths)
-
-        def decode(params, tokens, cache):
-            logits, k, v = decode_sm(params, tokens, cache.lengths, cache.k, cache.v)
-            return logits, KVCache(k=k, v=v, lengths=cache.lengths + 1)
-
-        # jax.jit caches one executable per input shape; the cache buffers are updated in place.
-        self._logits_fn = jax.jit(logits_sm)
-        self._prefill_fn = jax.jit(prefill, donate_argnums=(3,))
-        self._decode_fn = jax.jit(decode, donate_argnums=(2,))
+        # jax.jit caches one executable per input shape; the cache pools are updated in place.
+        self._logits_fn = jax.jit(self._smap(logits_local, (self._pspecs, P()), P()))
+        self._prefill_fn = jax.jit(self.prefill_fn, donate_argnums=(3,))
+        self._decode_fn = jax.jit(self.decode_fn, donate_argnums=(2,))
 
     # ---------------------------------------------------------------------------- inputs
 
@@ -175,9 +232,16 @@ class TPModel:
 
     # ---------------------------------------------------------------------------- public
 
-    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
-        """An empty KV cache for `batch` sequences of up to `max_len` positions."""
-        return init_cache(self.cfg, self.mesh, batch, max_len, dtype or self.dtype, self.axis_name)
+    def init_cache(self, batch: int, max_len: int, dtype=None, page_size: int = DEFAULT_PAGE_SIZE) -> KVCache:
+        """An empty paged KV cache for `batch` sequences of up to `max_len` positions (each
+        sequence owns ceil(max_len / page_size) pages; page 0 is scratch)."""
+        if batch < 1 or max_len < 1:
+            raise ValueError(f"init_cache: batch ({batch}) and max_len ({max_len}) must be >= 1")
+        per_seq = -(-max_len // page_size)
+        pages = init_pages(self.cfg, self.mesh, 1 + batch * per_seq, page_size, dtype or self.dtype,
+                           self.axis_name)
+        tables = self._input(static_block_tables(batch, per_seq), "block_tables", 2)
+        return KVCache(pages=pages, block_tables=tables, lengths=self._input(np.zeros(batch, np.int32), "lengths", 1))
 
     def logits(self, tokens) -> jax.Array:
         """tokens [B, S] -> float32 logits [B, S, V] (causal, no cache)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jax_tokenweave.models.config import ModelConfig
-from jax_tokenweave.models.llama import param_info
+from jax_tokenweave.models.llama import param_info, stacked_param_info
 
 TP = "tp"  # placeholder for the tensor-parallel mesh axis in RULES; replaced by the real axis name
 
@@ -22,6 +22,7 @@ RULES: dict[str, str | None] = {
     "embed": None,
     "head_dim": None,
     "experts": None,  # Mixtral: every rank holds a 1/tp ffn slice of every expert; router replicated
+    "layers": None,   # the stacked layer axis the scan runs over
 }
 
 
@@ -37,17 +38,21 @@ def logical_to_spec(axes: tuple, rules: dict[str, str | None]) -> P:
     return P(*(rules.get(a) for a in axes))
 
 
-def param_specs(cfg: ModelConfig, tp: int, axis_name: str = "tp") -> dict[str, P]:
-    """Flat param path -> PartitionSpec. Raises ValueError when the model does not split tp ways."""
+def param_specs(cfg: ModelConfig, tp: int, axis_name: str = "tp", *, stacked: bool = False) -> dict[str, P]:
+    """Flat param path -> PartitionSpec, in the checkpoint layout (``layers.i.*``) or, stacked,
+    the runtime layout (``layers.*`` [L, ...]). Raises ValueError when the model does not split
+    tp ways."""
     cfg.check_tp(tp)
     rules = rules_for(cfg, tp, axis_name)
-    return {path: logical_to_spec(axes, rules) for path, (_, axes) in param_info(cfg).items()}
+    info = stacked_param_info(cfg) if stacked else param_info(cfg)
+    return {path: logical_to_spec(meta[1], rules) for path, meta in info.items()}
 
 
-def param_shardings(cfg: ModelConfig, mesh: Mesh, axis_name: str = "tp") -> dict[str, NamedSharding]:
+def param_shardings(cfg: ModelConfig, mesh: Mesh, axis_name: str = "tp", *,
+                    stacked: bool = False) -> dict[str, NamedSharding]:
     """Flat param path -> NamedSharding on `mesh` (for device_put, jit out_shardings, orbax restore)."""
     check_axis(mesh, axis_name)
-    specs = param_specs(cfg, mesh.shape[axis_name], axis_name)
+    specs = param_specs(cfg, mesh.shape[axis_name], axis_name, stacked=stacked)
     return {path: NamedSharding(mesh, spec) for path, spec in specs.items()}
 
 
@@ -58,8 +63,8 @@ def check_axis(mesh: Mesh, axis_name: str) -> None:
 
 
 def cache_spec(axis_name: str = "tp") -> P:
-    """KV cache [L, B, max_len, KVH_cache, hd]: sharded over the KV-head axis."""
-    return P(None, None, None, axis_name, None)
+    """Paged KV cache pools [L, KVH_cache, num_pages, page_size, hd]: sharded over the KV-head axis."""
+    return P(None, axis_name, None, None, None)
 
 
 def cache_kv_heads(cfg: ModelConfig, tp: int) -> int:

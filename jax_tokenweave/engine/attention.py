@@ -1,0 +1,62 @@
+"""How each layer's attention reads and writes the KV cache, as the ``attend`` callables the
+model's forward takes (models/transformer.py, weave/schedule.py). One per kind of step:
+
+    causal      logits without a cache: causal attention over the batch itself
+    prefill     a padded [B, S] batch of whole prompts: causal attention over the fresh keys
+                (cuDNN on GPU), and the keys/values written to the sequences' pages
+    decode      one token per sequence: written to its page, then the Pallas paged decode kernel
+                (flash-decoding) over the sequence's valid pages
+    ragged      a flat batch of prefill chunks and decode tokens (the continuous engine): written
+                to their pages, then the Pallas ragged paged kernel (each chunk over its earlier
+                pages plus causal within itself)
+
+Each returns ``attend(q, k, v, cache, layer) -> (out, cache)``; ``cache`` is a kv_cache.KVPages
+(or None for causal) and ``layer`` the scan's layer index.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from jax_tokenweave.engine import kv_cache
+from jax_tokenweave.kernels.paged_attention import paged_decode_attention, ragged_paged_attention
+from jax_tokenweave.models.layers import causal_attention
+
+
+def causal(impl: str):
+    def attend(q, k, v, cache, layer):
+        return causal_attention(q, k, v, impl), cache
+    return attend
+
+
+def prefill(impl: str, block_tables, lengths, prefix_len: int = 0):
+    """q/k/v [B, S, ...] at positions prefix_len + [0, S) of each sequence; positions at or past
+    lengths[b] are padding (written to the scratch page)."""
+    def attend(q, k, v, cache, layer, prefix_kv=None):
+        B, S = q.shape[:2]
+        pos = prefix_len + jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+        page, off = kv_cache.slots(block_tables, pos, pos < lengths[:, None], cache.page_size)
+        cache = kv_cache.write(cache, layer, k.reshape(B * S, *k.shape[2:]), v.reshape(B * S, *v.shape[2:]),
+                               page.reshape(-1), off.reshape(-1))
+        return causal_attention(q, k, v, impl, prefix_kv), cache
+    return attend
+
+
+def decode(block_tables, lengths):
+    """q/k/v [B, 1, ...]: the token at position lengths[b] of each sequence."""
+    def attend(q, k, v, cache, layer):
+        B = q.shape[0]
+        page, off = kv_cache.slots(block_tables, lengths[:, None], jnp.ones((B, 1), bool), cache.page_size)
+        cache = kv_cache.write(cache, layer, k[:, 0], v[:, 0], page[:, 0], off[:, 0])
+        out = paged_decode_attention(q[:, 0], cache.k, cache.v, block_tables, lengths + 1, layer)
+        return out[:, None], cache
+    return attend
+
+
+def ragged(batch):
+    """q/k/v [1, T, ...]: the flat batch described by `batch` (engine.model_runner.StepBatch)."""
+    def attend(q, k, v, cache, layer):
+        cache = kv_cache.write(cache, layer, k[0], v[0], batch.slot_pages, batch.slot_offsets)
+        out = ragged_paged_attention(q[0], cache.k, cache.v, batch.block_tables, batch.context_lens,
+                                     batch.query_start, batch.num_seqs, layer)
+        return out[None], cache
+    return attend

@@ -1,0 +1,615 @@
+"""Pallas attention over the paged KV cache: a flash-decoding kernel for one query per sequence
+and a ragged kernel for the flat batch of continuous batching (decode rows + prefill chunks).
+
+Cache layout (fixed; the engine writes it): ``k_pool``/``v_pool`` are
+``[L, KVH, num_pages, page_size, head_dim]``. Both kernels take the *whole* pool plus a (possibly
+traced) ``layer`` scalar and read the layer's pages in place: the layer index goes into the
+kernel as a one-element int32 array and is applied inside the kernel to the pool ref (pointer
+arithmetic on GPU), so no ``pool[layer]`` copy is ever made in XLA. Only pages that hold valid
+positions are read; ``block_tables`` entries past a sequence's pages are never dereferenced
+(they are replaced by page 0, whose contents are masked out).
+
+Lowering: Pallas' Triton backend on GPU, interpret mode elsewhere (``interpret=None``). Why Triton
+and not Mosaic GPU: the decode kernel is a memory-bound gather of 16-128-token pages through a
+block table, with a few (G = H // KVH, padded to 16) query rows; Triton's pointer-tensor loads
+express the gather directly and its software pipeliner keeps several page loads in flight, the
+lowering runs unchanged on jax 0.10.2 and 0.11.2, and the same kernel runs in interpret mode for
+CI. Mosaic GPU's strengths (TMA, wgmma with M >= 64) do not apply to a 16-row gather-bound
+kernel, TMA needs a descriptor per contiguous tile (a page is a tile: no longer bursts than
+Triton's), and jax 0.11.2's Mosaic GPU attention example refused bf16 here (DESIGN.md §9). The
+numbers for the two Triton block sizes benchmarked are in bench/results/paged_attention_h200.json.
+
+Split rule of ``paged_decode_attention`` (flash-decoding), static from shapes:
+``num_splits = clamp(ceil(2 * 132 / (B * KVH)), 1, max(1, max_pages * page_size // 128))`` --
+enough (batch, kv head, split) programs for about two per SM of an H200 (132 SMs) at batch 1,
+but never splits shorter than 128 tokens of capacity. The split *boundaries* are dynamic: split
+``s`` of sequence ``b`` handles pages ``[s * pps_b, (s + 1) * pps_b)`` with
+``pps_b = round_up(ceil(ceil(lengths[b] / page_size) / num_splits), pages_per_block)``, so the
+splits share the sequence's *valid* pages evenly whatever the block-table capacity (a sequence
+of 560 tokens in a capacity of 8192 still spreads over several SMs). ``pages_per_split`` (a
+static count) overrides this with fixed boundaries ``[s * pps, (s + 1) * pps)``, and
+``num_splits`` fixes the count. With a single split the kernel normalises and writes the output
+itself; otherwise each program writes its partial (unnormalised o, running max m, sum l, fp32)
+and a small XLA combine reduces over the splits.
+
+The ragged kernel's grid is (query block, kv head): query blocks of BQ rows of one sequence
+(BQ * G_pad >= 64 matrix rows, G_pad = G rounded up to a power of two), enumerated in XLA from
+``query_start``/``num_seqs`` into a small [3, NB] table (sequence, first row, end row) with
+``NB = ceil(T / BQ) + S + 2`` (an upper bound on the blocks any ``query_start`` needs, including
+the blocks that write zeros into the padding rows). A block loops over KV blocks up to its
+causal limit; KV blocks that every row of the block sees in full skip the masking. The ragged
+kernel does not split along the KV axis: pure-decode batches with long contexts belong to
+``paged_decode_attention``.
+
+Imports: jax, numpy and the standard library only.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+__all__ = [
+    "paged_decode_attention",
+    "ragged_paged_attention",
+    "paged_attention_reference",
+    "decode_num_splits",
+]
+
+# H200: 132 SMs. The rule aims at ~2 programs per SM at batch 1.
+_NUM_SMS = 132
+_TARGET_PROGRAMS = 2 * _NUM_SMS
+_MIN_SPLIT_TOKENS = 128
+# Default KV tokens per inner-loop step (pages are gathered ``block_k // page_size`` at a time).
+_DEFAULT_BLOCK_K = 64
+# Default number of matrix rows (query rows x padded q heads of a group) of a ragged query block.
+_DEFAULT_RAGGED_ROWS = 64
+_NEG = -1e30  # finite "minus infinity": exp2(_NEG - m) == 0 and _NEG - _NEG is no NaN
+_LOG2E = math.log2(math.e)
+_FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def _is_pow2(n: int) -> bool:
+  return n >= 1 and (n & (n - 1)) == 0
+
+
+def _next_pow2(n: int) -> int:
+  return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _resolve_interpret(interpret):
+  if interpret is None:
+    return jax.default_backend() != "gpu"
+  return bool(interpret)
+
+
+def _check_pool(q, k_pool, v_pool, block_tables, fn):
+  if k_pool.ndim != 5:
+    raise ValueError(
+        f"{fn}: k_pool must be [L, KVH, num_pages, page_size, head_dim], got shape "
+        f"{k_pool.shape}; pass the whole pool, not pool[layer] (the layer is an argument).")
+  if v_pool.shape != k_pool.shape:
+    raise ValueError(f"{fn}: v_pool shape {v_pool.shape} != k_pool shape {k_pool.shape}; both "
+                     "pools must have the same [L, KVH, num_pages, page_size, head_dim] shape.")
+  if not (q.dtype == k_pool.dtype == v_pool.dtype):
+    raise ValueError(f"{fn}: q, k_pool, v_pool dtypes differ ({q.dtype}, {k_pool.dtype}, "
+                     f"{v_pool.dtype}); cast them to one dtype (bf16, f16 or f32).")
+  if jnp.dtype(q.dtype) not in _FLOAT_DTYPES:
+    raise ValueError(f"{fn}: dtype {q.dtype} unsupported; use bfloat16, float16 or float32.")
+  _, kvh, _, page_size, head_dim = k_pool.shape
+  if q.ndim != 3:
+    raise ValueError(f"{fn}: q must be 3-D, got shape {q.shape}.")
+  if q.shape[-1] != head_dim:
+    raise ValueError(f"{fn}: q head_dim {q.shape[-1]} != pool head_dim {head_dim}.")
+  if q.shape[1] % kvh:
+    raise ValueError(f"{fn}: q heads {q.shape[1]} not a multiple of kv heads {kvh}; under "
+                     "shard_map shard q heads and kv heads by the same factor.")
+  if not _is_pow2(page_size) or page_size < 8:
+    raise ValueError(f"{fn}: page_size {page_size} must be a power of two >= 8.")
+  if not _is_pow2(head_dim) or head_dim < 16:
+    raise ValueError(f"{fn}: head_dim {head_dim} must be a power of two >= 16 (Triton tiles); "
+                     "pad the head dim of q and the pools.")
+  if block_tables.ndim != 2 or block_tables.dtype != jnp.int32:
+    raise ValueError(f"{fn}: block_tables must be int32 [S, max_pages], got "
+                     f"{block_tables.dtype}{list(block_tables.shape)}; use .astype(jnp.int32).")
+
+
+def _check_int_vector(x, n, name, fn):
+  if x.shape != (n,) or x.dtype != jnp.int32:
+    raise ValueError(f"{fn}: {name} must be int32 [{n}], got {x.dtype}{list(x.shape)}; "
+                     "use jnp.asarray(..., jnp.int32) with one entry per sequence.")
+
+
+def _layer_array(layer, num_layers, fn):
+  layer = jnp.asarray(layer)
+  if layer.shape not in ((), (1,)) or not jnp.issubdtype(layer.dtype, jnp.integer):
+    raise ValueError(f"{fn}: layer must be an integer scalar, got {layer.dtype}{layer.shape}.")
+  lv = _concrete_int(layer)
+  if lv is not None:
+    if not 0 <= lv < num_layers:
+      raise ValueError(f"{fn}: layer {lv} out of range for a pool of {num_layers} layers.")
+  return layer.astype(jnp.int32).reshape(1)
+
+
+def _concrete_int(x):
+  """The value of a concrete integer scalar, None when it is traced."""
+  try:
+    return int(np.asarray(x).reshape(()))
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError,
+          jax.errors.TracerIntegerConversionError):
+    return None
+
+
+def _pages_per_block(page_size: int, block_k: int | None, max_pages: int) -> int:
+  """Pages gathered per inner step: block_k // page_size, at most max_pages (powers of two)."""
+  block_k = _DEFAULT_BLOCK_K if block_k is None else int(block_k)
+  if not _is_pow2(block_k):
+    raise ValueError(f"block_k {block_k} must be a power of two.")
+  ppb = max(1, block_k // page_size)
+  while ppb > max_pages:
+    ppb //= 2
+  return ppb
+
+
+def _most_varying_mat(*xs):
+  """The manual-axis type (shard_map with check_vma) of the most varying input, or None."""
+  best = None
+  for x in xs:
+    mat = getattr(jax.typeof(x), "mat", None)
+    if mat is not None and (best is None or len(getattr(mat, "varying", ()))
+                            > len(getattr(best, "varying", ()))):
+      best = mat
+  return best
+
+
+def _out_struct(shape, dtype, mat):
+  if mat is not None:
+    try:
+      return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
+    except TypeError:  # a jax without manual axis types
+      pass
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _pad_axis(x, axis, size):
+  if x.shape[axis] >= size:
+    return x
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, pad)
+
+
+def _dot_nt(a, b):
+  """a [M, K] x b [N, K]^T -> [M, N] in fp32 (IEEE for fp32 inputs on Triton)."""
+  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot_nn(a, b):
+  return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _load_kv_block(bt_ref, k_ref, v_ref, layer, seq, p0, n_pages, ppb, masked):
+  """K, V of pages p0 .. p0+ppb-1 of sequence ``seq``: two [ppb * page_size, head_dim] tiles."""
+  page_size, head_dim = k_ref.shape[-2:]
+  if ppb == 1:
+    pid = bt_ref[seq, p0]
+    if masked:
+      pid = jnp.where(p0 < n_pages, pid, 0)
+  else:
+    pidx = p0 + jnp.arange(ppb, dtype=jnp.int32)
+    if masked:
+      ok = pidx < n_pages
+      pid = pltriton.load(bt_ref.at[seq, pl.ds(p0, ppb)], mask=ok, other=0)
+      pid = jnp.where(ok, pid, 0)
+    else:
+      pid = bt_ref[seq, pl.ds(p0, ppb)]
+  k = k_ref[layer, pid]
+  v = v_ref[layer, pid]
+  return k.reshape(ppb * page_size, head_dim), v.reshape(ppb * page_size, head_dim)
+
+
+def _online_step(carry, q, k, v, qk_scale, valid):
+  """One flash step (base-2 logits). ``valid`` None or a bool [M, BK] / [1, BK] mask."""
+  m_i, l_i, acc = carry
+  s = _dot_nt(q, k) * qk_scale
+  if valid is not None:
+    s = jnp.where(valid, s, _NEG)
+  m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
+  alpha = jnp.exp2(m_i - m_new)
+  p = jnp.exp2(s - m_new[:, None])
+  if valid is not None:
+    p = jnp.where(valid, p, 0.0)
+  l_new = l_i * alpha + jnp.sum(p, axis=1)
+  acc = acc * alpha[:, None] + _dot_nn(p.astype(v.dtype), v)
+  return m_new, l_new, acc
+
+
+# ----------------------------------------------------------------------------------------------
+# decode (flash-decoding)
+
+
+def decode_num_splits(batch: int, kv_heads: int, max_pages: int, page_size: int) -> int:
+  """The static split count of ``paged_decode_attention`` (see the module docstring)."""
+  want = -(-_TARGET_PROGRAMS // max(1, batch * kv_heads))
+  cap = max(1, (max_pages * page_size) // _MIN_SPLIT_TOKENS)
+  return int(max(1, min(want, cap)))
+
+
+def _decode_kernel(layer_ref, len_ref, bt_ref, q_ref, k_ref, v_ref, *out_refs, group, rows,
+                   ppb, max_pages, num_splits, static_pps, qk_scale):
+  b = pl.program_id(0)
+  s = pl.program_id(2)
+  page_size, head_dim = k_ref.shape[-2:]
+  bk = ppb * page_size
+  layer = layer_ref[0]
+  length = len_ref[b]
+  n_pages = jnp.minimum((length + page_size - 1) // page_size, max_pages)
+  if static_pps is None:
+    per = (n_pages + num_splits - 1) // num_splits
+    pps = ((per + ppb - 1) // ppb) * ppb
+  else:
+    pps = static_pps
+  p_start = s * pps
+  p_end = jnp.minimum(p_start + pps, n_pages)
+  t_start = p_start * page_size
+  t_end = jnp.minimum(p_end * page_size, length)
+  n_tok = jnp.maximum(t_end - t_start, 0)
+  n_full = n_tok // bk
+  n_all = (n_tok + bk - 1) // bk
+
+  row_ok = jnp.arange(rows, dtype=jnp.int32) < group
+  q = pltriton.load(q_ref.at[pl.ds(0, rows)], mask=row_ok[:, None], other=0)
+
+  def body(c, carry, masked):
+    p0 = p_start + c * ppb
+    k, v = _load_kv_block(bt_ref, k_ref, v_ref, layer, b, p0, n_pages, ppb, masked)
+    valid = None
+    if masked:
+      tok = t_start + c * bk + jnp.arange(bk, dtype=jnp.int32)
+      tok_ok = tok < length
+      v = jnp.where(tok_ok[:, None], v, jnp.zeros_like(v))
+      valid = tok_ok[None, :]
+    return _online_step(carry, q, k, v, qk_scale, valid)
+
+  carry = (jnp.full((rows,), _NEG, jnp.float32), jnp.zeros((rows,), jnp.float32),
+           jnp.zeros((rows, head_dim), jnp.float32))
+  carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
+  m_i, l_i, acc = lax.fori_loop(n_full, n_all, functools.partial(body, masked=True), carry)
+
+  if num_splits == 1:
+    (o_ref,) = out_refs
+    out = acc / jnp.where(l_i > 0, l_i, 1.0)[:, None]
+    pltriton.store(o_ref.at[pl.ds(0, rows)], out.astype(o_ref.dtype), mask=row_ok[:, None])
+  else:
+    o_ref, m_ref, l_ref = out_refs
+    pltriton.store(o_ref.at[pl.ds(0, rows)], acc, mask=row_ok[:, None])
+    pltriton.store(m_ref.at[pl.ds(0, rows)], m_i, mask=row_ok)
+    pltriton.store(l_ref.at[pl.ds(0, rows)], l_i, mask=row_ok)
+
+
+def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, layer, *, scale=None,
+                           pages_per_split=None, interpret=None, num_splits=None, block_k=None,
+                           num_warps=4, num_stages=2):
+  """Flash-decoding attention of one query per sequence over its pages of layer ``layer``.
+
+  q [B, H, hd]; k_pool, v_pool [L, KVH, num_pages, page_size, hd]; block_tables int32
+  [B, max_pages]; lengths int32 [B] (>= 1, <= max_pages * page_size): the query attends to
+  positions 0 .. lengths[b]-1; layer: int32 scalar (may be traced). Returns [B, H, hd] in q's
+  dtype. ``pages_per_split`` fixes the pages of each split (static boundaries), ``num_splits``
+  the split count; by default both follow the rule of the module docstring. ``block_k``: KV
+  tokens per inner step (power of two; default 64, at least one page).
+  """
+  fn = "paged_decode_attention"
+  _check_pool(q, k_pool, v_pool, block_tables, fn)
+  num_layers, kvh, _, page_size, head_dim = k_pool.shape
+  batch, heads, _ = q.shape
+  if block_tables.shape[0] != batch:
+    raise ValueError(f"{fn}: block_tables has {block_tables.shape[0]} rows for a batch of "
+                     f"{batch}; one block-table row per query.")
+  _check_int_vector(lengths, batch, "lengths", fn)
+  layer_arr = _layer_array(layer, num_layers, fn)
+  interpret = _resolve_interpret(interpret)
+  max_pages = block_tables.shape[1]
+  group = heads // kvh
+  rows = max(16, _next_pow2(group))
+  ppb = _pages_per_block(page_size, block_k, max_pages)
+  scale = head_dim ** -0.5 if scale is None else float(scale)
+
+  static_pps = None
+  if pages_per_split is not None:
+    pages_per_split = int(pages_per_split)
+    if pages_per_split < 1:
+      raise ValueError(f"{fn}: pages_per_split must be >= 1, got {pages_per_split}.")
+    # the inner block must tile the split: the largest power of two <= ppb dividing it
+    while pages_per_split % ppb:
+      ppb //= 2
+    static_pps = pages_per_split
+    ns = -(-max_pages // pages_per_split)
+    if num_splits is not None and int(num_splits) != ns:
+      raise ValueError(f"{fn}: pass pages_per_split or num_splits, not both inconsistent.")
+  elif num_splits is not None:
+    ns = int(num_splits)
+    if ns < 1:
+      raise ValueError(f"{fn}: num_splits must be >= 1, got {ns}.")
+  else:
+    ns = decode_num_splits(batch, kvh, max_pages, page_size)
+
+  mat = _most_varying_mat(q, k_pool, v_pool, block_tables, lengths)
+  # Interpret mode under shard_map with check_vma cannot pad the out-of-bounds part of a
+  # masked load/store (jax's interpreter pads a varying value with an invariant constant):
+  # there, and only there, the small arrays are padded in XLA so no access is out of bounds.
+  # On GPU the masked accesses go straight to the unpadded arrays.
+  pad = interpret and mat is not None and bool(getattr(mat, "varying", ()))
+  qg = q.reshape(batch, kvh, group, head_dim)
+  gq = group
+  bt = block_tables
+  if pad:
+    gq = rows
+    qg = _pad_axis(qg, 2, rows)
+    bt = _pad_axis(bt, 1, -(-max_pages // ppb) * ppb)
+  kernel = functools.partial(
+      _decode_kernel, group=group, rows=rows, ppb=ppb, max_pages=max_pages, num_splits=ns,
+      static_pps=static_pps, qk_scale=scale * _LOG2E)
+  pool_spec = pl.BlockSpec((num_layers, None) + k_pool.shape[2:], lambda b, h, s: (0, h, 0, 0, 0))
+  in_specs = [
+      pl.BlockSpec((1,), lambda b, h, s: (0,)),
+      pl.BlockSpec((batch,), lambda b, h, s: (0,)),
+      pl.BlockSpec(bt.shape, lambda b, h, s: (0, 0)),
+      pl.BlockSpec((None, None, gq, head_dim), lambda b, h, s: (b, h, 0, 0)),
+      pool_spec,
+      pool_spec,
+  ]
+  if ns == 1:
+    out_shape = _out_struct((batch, kvh, gq, head_dim), q.dtype, mat)
+    out_specs = pl.BlockSpec((None, None, gq, head_dim), lambda b, h, s: (b, h, 0, 0))
+  else:
+    out_shape = (
+        _out_struct((batch, kvh, ns, gq, head_dim), jnp.float32, mat),
+        _out_struct((batch, kvh, ns, gq), jnp.float32, mat),
+        _out_struct((batch, kvh, ns, gq), jnp.float32, mat),
+    )
+    out_specs = (
+        pl.BlockSpec((None, None, None, gq, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
+        pl.BlockSpec((None, None, None, gq), lambda b, h, s: (b, h, s, 0)),
+        pl.BlockSpec((None, None, None, gq), lambda b, h, s: (b, h, s, 0)),
+    )
+  out = pl.pallas_call(
+      kernel,
+      grid=(batch, kvh, ns),
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
+      interpret=interpret,
+      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      name=f"paged_decode_attention_s{ns}_bk{ppb * page_size}",
+  )(layer_arr, lengths, bt, qg, k_pool, v_pool)
+  if ns == 1:
+    return out[:, :, :group].reshape(batch, heads, head_dim)
+  o_part, m_part, l_part = (x[:, :, :, :group] for x in out)
+  m_max = jnp.max(m_part, axis=2, keepdims=True)
+  w = jnp.exp2(m_part - m_max)
+  l_tot = jnp.sum(w * l_part, axis=2)
+  o = jnp.sum(w[..., None] * o_part, axis=2) / jnp.where(l_tot > 0, l_tot, 1.0)[..., None]
+  return o.astype(q.dtype).reshape(batch, heads, head_dim)
+
+
+# ----------------------------------------------------------------------------------------------
+# ragged (continuous batching: decode rows + prefill chunks)
+
+
+def _ragged_kernel(layer_ref, meta_ref, qs_ref, ctx_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *,
+                   group, gpad, bq, ppb, max_pages, num_seqs_static, qk_scale):
+  i = pl.program_id(0)
+  page_size, head_dim = k_ref.shape[-2:]
+  bk = ppb * page_size
+  m_rows = bq * gpad
+  seq = meta_ref[0, i]
+  r0 = meta_ref[1, i]
+  r1 = meta_ref[2, i]
+  row = r0 + jnp.arange(bq, dtype=jnp.int32)
+  row_ok = row < r1
+  g_ok = jnp.arange(gpad, dtype=jnp.int32) < group
+  io_mask = row_ok[:, None, None] & g_ok[None, :, None]
+
+  @pl.when(seq < num_seqs_static)
+  def _attend():
+    layer = layer_ref[0]
+    q_start = qs_ref[seq]
+    q_len = qs_ref[seq + 1] - q_start
+    ctx = ctx_ref[seq]
+    n_pages = jnp.minimum((ctx + page_size - 1) // page_size, max_pages)
+    base = ctx - q_len - q_start  # position of row r is base + r
+    p_lo = base + r0
+    p_hi = base + r1 - 1
+    n_full = jnp.maximum(p_lo + 1, 0) // bk
+    n_all = jnp.maximum(p_hi + 1 + bk - 1, 0) // bk
+    q = pltriton.load(q_ref.at[pl.ds(r0, bq), pl.ds(0, gpad)], mask=io_mask, other=0)
+    q = q.reshape(m_rows, head_dim)
+    pos = jnp.broadcast_to((base + row)[:, None], (bq, gpad)).reshape(m_rows)
+
+    def body(c, carry, masked):
+      k, v = _load_kv_block(bt_ref, k_ref, v_ref, layer, seq, c * ppb, n_pages, ppb, masked)
+      valid = None
+      if masked:
+        key = c * bk + jnp.arange(bk, dtype=jnp.int32)
+        valid = key[None, :] <= pos[:, None]
+        v = jnp.where((key < ctx)[:, None], v, jnp.zeros_like(v))
+      return _online_step(carry, q, k, v, qk_scale, valid)
+
+    carry = (jnp.full((m_rows,), _NEG, jnp.float32), jnp.zeros((m_rows,), jnp.float32),
+             jnp.zeros((m_rows, head_dim), jnp.float32))
+    carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
+    _, l_i, acc = lax.fori_loop(n_full, n_all, functools.partial(body, masked=True), carry)
+    out = acc / jnp.where(l_i > 0, l_i, 1.0)[:, None]
+    out = out.reshape(bq, gpad, head_dim).astype(o_ref.dtype)
+    pltriton.store(o_ref.at[pl.ds(r0, bq), pl.ds(0, gpad)], out, mask=io_mask)
+
+  @pl.when(seq >= num_seqs_static)
+  def _zero():
+    pltriton.store(o_ref.at[pl.ds(r0, bq), pl.ds(0, gpad)],
+                   jnp.zeros((bq, gpad, head_dim), o_ref.dtype), mask=io_mask)
+
+
+def _ragged_block_table(query_start, num_seqs, num_rows, num_seq_slots, bq):
+  """[3, NB] int32: (sequence or S for a zero block, first row, end row) of each query block."""
+  s_slots = num_seq_slots
+  nb = -(-num_rows // bq) + s_slots + 2
+  qs = query_start
+  ns = jnp.clip(jnp.asarray(num_seqs, jnp.int32).reshape(()), 0, s_slots)
+  q_len = jnp.maximum(qs[1:] - qs[:-1], 0)
+  live = jnp.arange(s_slots, dtype=jnp.int32) < ns
+  nblk = jnp.where(live, (q_len + bq - 1) // bq, 0)
+  cum = jnp.cumsum(nblk)
+  start = cum - nblk
+  total = cum[-1]
+  qs0 = jnp.clip(qs[0], 0, num_rows)
+  qs_end = jnp.clip(qs[ns], qs0, num_rows)
+  lead = (qs0 + bq - 1) // bq
+  trail = (num_rows - qs_end + bq - 1) // bq
+  idx = jnp.arange(nb, dtype=jnp.int32)
+  seq = jnp.sum((cum[None, :] <= idx[:, None]).astype(jnp.int32), axis=1)  # owner if idx < total
+  seq_c = jnp.minimum(seq, s_slots - 1)
+  j = idx - start[seq_c]
+  a_r0 = qs[seq_c] + j * bq
+  a_r1 = jnp.minimum(a_r0 + bq, qs[seq_c + 1])
+  k_lead = idx - total
+  l_r0 = k_lead * bq
+  l_r1 = jnp.minimum(l_r0 + bq, qs0)
+  k_trail = idx - total - lead
+  t_r0 = qs_end + k_trail * bq
+  t_r1 = jnp.minimum(t_r0 + bq, num_rows)
+  is_attn = idx < total
+  is_lead = (~is_attn) & (k_lead < lead)
+  is_trail = (~is_attn) & (~is_lead) & (k_trail < trail)
+  out_seq = jnp.where(is_attn, seq_c, s_slots)
+  r0 = jnp.where(is_attn, a_r0, jnp.where(is_lead, l_r0, jnp.where(is_trail, t_r0, 0)))
+  r1 = jnp.where(is_attn, a_r1, jnp.where(is_lead, l_r1, jnp.where(is_trail, t_r1, 0)))
+  return jnp.stack([out_seq, r0, r1]).astype(jnp.int32), nb
+
+
+def ragged_paged_attention(q, k_pool, v_pool, block_tables, context_lens, query_start, num_seqs,
+                           layer, *, scale=None, interpret=None, block_q=None, block_k=None,
+                           num_warps=4, num_stages=2):
+  """Causal attention of a flat ragged batch of query rows over the paged cache.
+
+  q [T, H, hd]: sequence s owns rows query_start[s] : query_start[s+1] (query_start int32
+  [S+1], nondecreasing, query_start[0] normally 0); its K/V (the new rows included, already in
+  the pages) has context_lens[s] positions (int32 [S]); row j of its chunk sits at position
+  context_lens[s] - q_len + j and attends to keys 0 .. that position. num_seqs (int32 scalar,
+  may be traced): sequences >= num_seqs and rows outside [query_start[0],
+  query_start[num_seqs]) are padding and come back as zeros. block_tables int32 [S, max_pages].
+  ``block_q``: query rows per block (power of two, default 64 // G_pad, at least 1);
+  ``block_k``: KV tokens per inner step. Returns [T, H, hd] in q's dtype.
+  """
+  fn = "ragged_paged_attention"
+  _check_pool(q, k_pool, v_pool, block_tables, fn)
+  num_layers, kvh, _, page_size, head_dim = k_pool.shape
+  num_rows, heads, _ = q.shape
+  s_slots, max_pages = block_tables.shape
+  _check_int_vector(context_lens, s_slots, "context_lens", fn)
+  _check_int_vector(query_start, s_slots + 1, "query_start", fn)
+  num_seqs = jnp.asarray(num_seqs)
+  if num_seqs.shape not in ((), (1,)) or not jnp.issubdtype(num_seqs.dtype, jnp.integer):
+    raise ValueError(f"{fn}: num_seqs must be an integer scalar, got "
+                     f"{num_seqs.dtype}{num_seqs.shape}.")
+  layer_arr = _layer_array(layer, num_layers, fn)
+  interpret = _resolve_interpret(interpret)
+  group = heads // kvh
+  gpad = _next_pow2(group)
+  if block_q is None:
+    bq = max(1, _DEFAULT_RAGGED_ROWS // gpad)
+  else:
+    bq = int(block_q)
+    if not _is_pow2(bq):
+      raise ValueError(f"{fn}: block_q {bq} must be a power of two.")
+  if bq * gpad < 16:
+    bq = 16 // gpad  # Triton dot needs M >= 16
+  ppb = _pages_per_block(page_size, block_k, max_pages)
+  scale = head_dim ** -0.5 if scale is None else float(scale)
+
+  meta, nb = _ragged_block_table(query_start, num_seqs, num_rows, s_slots, bq)
+  mat = _most_varying_mat(q, k_pool, v_pool, block_tables, context_lens, query_start)
+  pad = interpret and mat is not None and bool(getattr(mat, "varying", ()))  # see decode
+  qg = q.reshape(num_rows, kvh, group, head_dim)
+  rows_p, gq, bt = num_rows, group, block_tables
+  if pad:
+    rows_p, gq = (-(-num_rows // bq) + 1) * bq, gpad
+    qg = _pad_axis(_pad_axis(qg, 0, rows_p), 2, gpad)
+    bt = _pad_axis(bt, 1, -(-max_pages // ppb) * ppb)
+  kernel = functools.partial(
+      _ragged_kernel, group=group, gpad=gpad, bq=bq, ppb=ppb, max_pages=max_pages,
+      num_seqs_static=s_slots, qk_scale=scale * _LOG2E)
+  pool_spec = pl.BlockSpec((num_layers, None) + k_pool.shape[2:], lambda i, h: (0, h, 0, 0, 0))
+  out = pl.pallas_call(
+      kernel,
+      grid=(nb, kvh),
+      in_specs=[
+          pl.BlockSpec((1,), lambda i, h: (0,)),
+          pl.BlockSpec(meta.shape, lambda i, h: (0, 0)),
+          pl.BlockSpec((s_slots + 1,), lambda i, h: (0,)),
+          pl.BlockSpec((s_slots,), lambda i, h: (0,)),
+          pl.BlockSpec(bt.shape, lambda i, h: (0, 0)),
+          pl.BlockSpec((rows_p, None, gq, head_dim), lambda i, h: (0, h, 0, 0)),
+          pool_spec,
+          pool_spec,
+      ],
+      out_specs=pl.BlockSpec((rows_p, None, gq, head_dim), lambda i, h: (0, h, 0, 0)),
+      out_shape=_out_struct((rows_p, kvh, gq, head_dim), q.dtype, mat),
+      interpret=interpret,
+      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      name=f"ragged_paged_attention_bq{bq}_bk{ppb * page_size}",
+  )(layer_arr, meta, query_start, context_lens, bt, qg, k_pool, v_pool)
+  return out[:num_rows, :, :group].reshape(num_rows, heads, head_dim)
+
+
+# ----------------------------------------------------------------------------------------------
+# XLA reference
+
+
+def paged_attention_reference(q, k_pool, v_pool, block_tables, context_lens, layer, *,
+                              query_start=None, num_seqs=None, scale=None):
+  """Plain XLA attention over gathered pages, fp32 softmax; the tests' ground truth.
+
+  Decode form (``query_start`` None): q [B, H, hd], one query per sequence at position
+  context_lens[b] - 1 (so ``context_lens`` is ``lengths``). Ragged form: the arguments of
+  ``ragged_paged_attention``; rows outside [query_start[0], query_start[num_seqs]) give zeros.
+  """
+  num_rows, heads, head_dim = q.shape
+  _, kvh, _, page_size, _ = k_pool.shape
+  s_slots, max_pages = block_tables.shape
+  if query_start is None:
+    query_start = jnp.arange(num_rows + 1, dtype=jnp.int32)
+    num_seqs = num_rows
+  scale = head_dim ** -0.5 if scale is None else scale
+  group = heads // kvh
+  n_keys = max_pages * page_size
+  # [S, KVH, n_keys, hd] per sequence, fp32
+  k = jnp.asarray(k_pool)[layer][:, block_tables].astype(jnp.float32)
+  v = jnp.asarray(v_pool)[layer][:, block_tables].astype(jnp.float32)
+  k = k.reshape(kvh, s_slots, n_keys, head_dim).transpose(1, 0, 2, 3)
+  v = v.reshape(kvh, s_slots, n_keys, head_dim).transpose(1, 0, 2, 3)
+  rows = jnp.arange(num_rows)
+  seq = jnp.clip(jnp.searchsorted(query_start, rows, side="right") - 1, 0, s_slots - 1)
+  live = (rows >= query_start[0]) & (rows < query_start[num_seqs])
+  q_len = query_start[seq + 1] - query_start[seq]
+  pos = context_lens[seq] - q_len + (rows - query_start[seq])
+  qf = q.astype(jnp.float32).reshape(num_rows, kvh, group, head_dim)
+  logits = jnp.einsum("tkgd,tknd->tkgn", qf, k[seq], precision=lax.Precision.HIGHEST) * scale
+  key = jnp.arange(n_keys)
+  mask = (key[None, :] <= pos[:, None]) & (key[None, :] < context_lens[seq][:, None])
+  logits = jnp.where(mask[:, None, None, :], logits, -jnp.inf)
+  w = jax.nn.softmax(logits, axis=-1)
+  w = jnp.where(live[:, None, None, None], w, 0.0)
+  o = jnp.einsum("tkgn,tknd->tkgd", w, v[seq], precision=lax.Precision.HIGHEST)
+  return o.reshape(num_rows, heads, head_dim).astype(q.dtype)
