@@ -11,7 +11,8 @@ model's forward takes (models/transformer.py, weave/schedule.py). One per kind o
                 pages plus causal within itself)
 
 Each returns ``attend(q, k, v, cache, layer) -> (out, cache)``; ``cache`` is a kv_cache.KVPages
-(or None for causal) and ``layer`` the scan's layer index.
+(or None for causal) and ``layer`` the scan's layer index. ``split_causal`` / ``split_prefill``
+give the two halves' attention of a split batch (weave/schedule.py's attend0 / attend1).
 """
 from __future__ import annotations
 
@@ -60,3 +61,36 @@ def ragged(batch):
                                      batch.query_start, batch.num_seqs, layer)
         return out[None], cache
     return attend
+
+
+def _halves(a0, a1, plan):
+    """attend0 also hands half 0's keys/values on; half 1 reads them when the split cuts through
+    sequences (kind "seq"), else its sequences are its own."""
+    def attend0(q, k, v, cache, layer):
+        out, cache = a0(q, k, v, cache, layer)
+        return out, (cache, (k, v))
+
+    def attend1(q, k, v, cache, layer, kv0):
+        return a1(q, k, v, cache, layer, prefix_kv=kv0 if plan.kind == "seq" else None)
+    return attend0, attend1
+
+
+def split_causal(impl: str):
+    def make(plan):
+        def attend(q, k, v, cache, layer, prefix_kv=None):
+            return causal_attention(q, k, v, impl, prefix_kv), cache
+        return _halves(attend, attend, plan)
+    return make
+
+
+def split_prefill(impl: str, block_tables, lengths):
+    def make(plan):
+        if plan.kind == "batch":
+            n = plan.n0
+            a0 = prefill(impl, block_tables[:n], lengths[:n])
+            a1 = prefill(impl, block_tables[n:], lengths[n:])
+        else:
+            a0 = prefill(impl, block_tables, lengths)
+            a1 = prefill(impl, block_tables, lengths, prefix_len=plan.n0)
+        return _halves(a0, a1, plan)
+    return make

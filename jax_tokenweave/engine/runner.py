@@ -27,12 +27,12 @@ from jax_tokenweave.model_io.random_weights import random_params
 from jax_tokenweave.models import transformer
 from jax_tokenweave.models.config import ModelConfig
 from jax_tokenweave.models.hf_keys import check_complete, state_to_flat
-from jax_tokenweave.models.layers import LayerSpec, causal_attention, rope_inv_freq
+from jax_tokenweave.models.layers import LayerSpec, rope_inv_freq
 from jax_tokenweave.models.llama import is_stacked, stack_layers, stacked_param_info
 from jax_tokenweave.models.moe import MOE_IMPLS
 from jax_tokenweave.parallel.sharding import cache_spec, param_shardings
-from jax_tokenweave.weave.schedule import split_forward, use_overlap
-from jax_tokenweave.weave.split import SplitConfig, config_for, plan_split
+from jax_tokenweave.weave import schedule
+from jax_tokenweave.weave.split import SplitConfig, config_for
 
 __all__ = ["TPModel", "KVCache", "to_host"]
 
@@ -124,50 +124,9 @@ class TPModel:
     # ------------------------------------------------------------------ compiled functions
 
     def forward(self, params, tokens, positions, *, attend, cache=None, split_attend=None):
-        """The model on local shards (inside shard_map): final normed hidden [B, S, D], cache.
-        split_attend(plan) -> (attend0, attend1) runs a split batch (weave) when the split
-        config cuts this shape; else `attend` runs the unsplit layers."""
-        B, S = tokens.shape
-        plan = plan_split(B, S, self.split) if (self.split is not None and split_attend) else None
-        if plan is None:
-            return transformer.forward(params, tokens, positions, spec=self.spec, reduce=self.reducer,
-                                       inv_freq=self._inv_freq, attend=attend, cache=cache)
-        attend0, attend1 = split_attend(plan)
-        return split_forward(params, tokens, positions, plan, spec=self.spec, red=self.reducer,
-                             inv_freq=self._inv_freq, overlap=use_overlap(self.split, self.reducer),
-                             attend0=attend0, attend1=attend1, cache=cache)
-
-    def _split_prefill(self, block_tables, lengths):
-        """The attention of a split prefill's halves (weave/schedule.py's attend0 / attend1)."""
-        impl = self.attn_impl
-
-        def make(plan):
-            if plan.kind == "batch":
-                n = plan.n0
-                a0 = attention.prefill(impl, block_tables[:n], lengths[:n])
-                a1 = attention.prefill(impl, block_tables[n:], lengths[n:])
-            else:
-                a0 = attention.prefill(impl, block_tables, lengths)
-                a1 = attention.prefill(impl, block_tables, lengths, prefix_len=plan.n0)
-
-            def attend0(q, k, v, cache, layer):
-                out, cache = a0(q, k, v, cache, layer)
-                return out, (cache, (k, v))
-
-            def attend1(q, k, v, cache, layer, kv0):
-                return a1(q, k, v, cache, layer, prefix_kv=kv0 if plan.kind == "seq" else None)
-            return attend0, attend1
-        return make
-
-    def _split_causal(self, plan):
-        impl = self.attn_impl
-
-        def attend0(q, k, v, cache, layer):
-            return attention.causal(impl)(q, k, v, cache, layer)[0], (cache, (k, v))
-
-        def attend1(q, k, v, cache, layer, kv0):
-            return causal_attention(q, k, v, impl, kv0 if plan.kind == "seq" else None), cache
-        return attend0, attend1
+        """The model on local shards (inside shard_map): final normed hidden [B, S, D], cache."""
+        return schedule.forward(params, tokens, positions, split=self.split, spec=self.spec, red=self.reducer,
+                                inv_freq=self._inv_freq, attend=attend, split_attend=split_attend, cache=cache)
 
     def prefill_fn(self, params, tokens, lengths, cache: KVCache):
         """Pure (un-jitted) prefill on global arrays: (float32 logits [B, V] at lengths-1, cache)."""
@@ -176,7 +135,7 @@ class TPModel:
             pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
             x, pages = self.forward(params, tokens, pos, cache=pages,
                                     attend=attention.prefill(self.attn_impl, block_tables, lengths),
-                                    split_attend=self._split_prefill(block_tables, lengths))
+                                    split_attend=attention.split_prefill(self.attn_impl, block_tables, lengths))
             last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
             return transformer.logits_at(params, last, self.axis_name), pages
         logits, pages = self._smap(local, (self._pspecs, P(), P(), P(), self._cspecs), (P(), self._cspecs))(
@@ -205,7 +164,7 @@ class TPModel:
             B, S = tokens.shape
             pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
             x, _ = self.forward(params, tokens, pos, attend=attention.causal(self.attn_impl),
-                                split_attend=self._split_causal)
+                                split_attend=attention.split_causal(self.attn_impl))
             return transformer.logits_at(params, x.reshape(B * S, -1), self.axis_name).reshape(B, S, -1)
 
         # jax.jit caches one executable per input shape; the cache pools are updated in place.

@@ -199,8 +199,31 @@ def _dot_nn(a, b):
   return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _load_kv_block(bt_ref, k_ref, v_ref, layer, seq, p0, n_pages, ppb, masked):
-  """K, V of pages p0 .. p0+ppb-1 of sequence ``seq``: two [ppb * page_size, head_dim] tiles."""
+def _masked_load(view, mask, plain):
+  """Masked load (masked-off elements read as 0, never touched in memory on GPU).
+
+  ``plain``: the view is known to be in bounds (interpret mode under check_vma, see
+  ``_needs_plain``): read it whole and select.
+  """
+  if plain:
+    x = view[...]
+    return jnp.where(mask, x, jnp.zeros_like(x))
+  return pltriton.load(view, mask=mask, other=0)
+
+
+def _masked_store(view, val, mask, plain):
+  if plain:
+    view[...] = jnp.where(mask, val, view[...])
+  else:
+    pltriton.store(view, val, mask=mask)
+
+
+def _load_kv_block(bt_ref, k_ref, v_ref, layer, seq, p0, n_pages, ppb, masked, plain):
+  """K, V of pages p0 .. p0+ppb-1 of sequence ``seq``: two [ppb * page_size, head_dim] tiles.
+
+  ``masked``: pages >= n_pages may be in the block; their table entries are not read (page 0
+  is read instead and the caller masks those positions).
+  """
   page_size, head_dim = k_ref.shape[-2:]
   if ppb == 1:
     pid = bt_ref[seq, p0]
@@ -209,9 +232,7 @@ def _load_kv_block(bt_ref, k_ref, v_ref, layer, seq, p0, n_pages, ppb, masked):
   else:
     pidx = p0 + jnp.arange(ppb, dtype=jnp.int32)
     if masked:
-      ok = pidx < n_pages
-      pid = pltriton.load(bt_ref.at[seq, pl.ds(p0, ppb)], mask=ok, other=0)
-      pid = jnp.where(ok, pid, 0)
+      pid = _masked_load(bt_ref.at[seq, pl.ds(p0, ppb)], pidx < n_pages, plain)
     else:
       pid = bt_ref[seq, pl.ds(p0, ppb)]
   k = k_ref[layer, pid]
@@ -247,7 +268,7 @@ def decode_num_splits(batch: int, kv_heads: int, max_pages: int, page_size: int)
 
 
 def _decode_kernel(layer_ref, len_ref, bt_ref, q_ref, k_ref, v_ref, *out_refs, group, rows,
-                   ppb, max_pages, num_splits, static_pps, qk_scale):
+                   ppb, max_pages, num_splits, static_pps, qk_scale, plain):
   b = pl.program_id(0)
   s = pl.program_id(2)
   page_size, head_dim = k_ref.shape[-2:]
@@ -269,11 +290,11 @@ def _decode_kernel(layer_ref, len_ref, bt_ref, q_ref, k_ref, v_ref, *out_refs, g
   n_all = (n_tok + bk - 1) // bk
 
   row_ok = jnp.arange(rows, dtype=jnp.int32) < group
-  q = pltriton.load(q_ref.at[pl.ds(0, rows)], mask=row_ok[:, None], other=0)
+  q = _masked_load(q_ref.at[pl.ds(0, rows)], row_ok[:, None], plain)
 
   def body(c, carry, masked):
     p0 = p_start + c * ppb
-    k, v = _load_kv_block(bt_ref, k_ref, v_ref, layer, b, p0, n_pages, ppb, masked)
+    k, v = _load_kv_block(bt_ref, k_ref, v_ref, layer, b, p0, n_pages, ppb, masked, plain)
     valid = None
     if masked:
       tok = t_start + c * bk + jnp.arange(bk, dtype=jnp.int32)
@@ -290,12 +311,12 @@ def _decode_kernel(layer_ref, len_ref, bt_ref, q_ref, k_ref, v_ref, *out_refs, g
   if num_splits == 1:
     (o_ref,) = out_refs
     out = acc / jnp.where(l_i > 0, l_i, 1.0)[:, None]
-    pltriton.store(o_ref.at[pl.ds(0, rows)], out.astype(o_ref.dtype), mask=row_ok[:, None])
+    _masked_store(o_ref.at[pl.ds(0, rows)], out.astype(o_ref.dtype), row_ok[:, None], plain)
   else:
     o_ref, m_ref, l_ref = out_refs
-    pltriton.store(o_ref.at[pl.ds(0, rows)], acc, mask=row_ok[:, None])
-    pltriton.store(m_ref.at[pl.ds(0, rows)], m_i, mask=row_ok)
-    pltriton.store(l_ref.at[pl.ds(0, rows)], l_i, mask=row_ok)
+    _masked_store(o_ref.at[pl.ds(0, rows)], acc, row_ok[:, None], plain)
+    _masked_store(m_ref.at[pl.ds(0, rows)], m_i, row_ok, plain)
+    _masked_store(l_ref.at[pl.ds(0, rows)], l_i, row_ok, plain)
 
 
 def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, layer, *, scale=None,
@@ -409,7 +430,7 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, layer, *, s
 
 
 def _ragged_kernel(layer_ref, meta_ref, qs_ref, ctx_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *,
-                   group, gpad, bq, ppb, max_pages, num_seqs_static, qk_scale):
+                   group, gpad, bq, ppb, max_pages, num_seqs_static, qk_scale, plain):
   i = pl.program_id(0)
   page_size, head_dim = k_ref.shape[-2:]
   bk = ppb * page_size
@@ -434,12 +455,13 @@ def _ragged_kernel(layer_ref, meta_ref, qs_ref, ctx_ref, bt_ref, q_ref, k_ref, v
     p_hi = base + r1 - 1
     n_full = jnp.maximum(p_lo + 1, 0) // bk
     n_all = jnp.maximum(p_hi + 1 + bk - 1, 0) // bk
-    q = pltriton.load(q_ref.at[pl.ds(r0, bq), pl.ds(0, gpad)], mask=io_mask, other=0)
+    q = _masked_load(q_ref.at[pl.ds(r0, bq), pl.ds(0, gpad)], io_mask, plain)
     q = q.reshape(m_rows, head_dim)
     pos = jnp.broadcast_to((base + row)[:, None], (bq, gpad)).reshape(m_rows)
 
     def body(c, carry, masked):
-      k, v = _load_kv_block(bt_ref, k_ref, v_ref, layer, seq, c * ppb, n_pages, ppb, masked)
+      k, v = _load_kv_block(bt_ref, k_ref, v_ref, layer, seq, c * ppb, n_pages, ppb, masked,
+                            plain)
       valid = None
       if masked:
         key = c * bk + jnp.arange(bk, dtype=jnp.int32)
@@ -453,12 +475,12 @@ def _ragged_kernel(layer_ref, meta_ref, qs_ref, ctx_ref, bt_ref, q_ref, k_ref, v
     _, l_i, acc = lax.fori_loop(n_full, n_all, functools.partial(body, masked=True), carry)
     out = acc / jnp.where(l_i > 0, l_i, 1.0)[:, None]
     out = out.reshape(bq, gpad, head_dim).astype(o_ref.dtype)
-    pltriton.store(o_ref.at[pl.ds(r0, bq), pl.ds(0, gpad)], out, mask=io_mask)
+    _masked_store(o_ref.at[pl.ds(r0, bq), pl.ds(0, gpad)], out, io_mask, plain)
 
   @pl.when(seq >= num_seqs_static)
   def _zero():
-    pltriton.store(o_ref.at[pl.ds(r0, bq), pl.ds(0, gpad)],
-                   jnp.zeros((bq, gpad, head_dim), o_ref.dtype), mask=io_mask)
+    _masked_store(o_ref.at[pl.ds(r0, bq), pl.ds(0, gpad)],
+                  jnp.zeros((bq, gpad, head_dim), o_ref.dtype), io_mask, plain)
 
 
 def _ragged_block_table(query_start, num_seqs, num_rows, num_seq_slots, bq):

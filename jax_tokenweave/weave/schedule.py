@@ -39,8 +39,8 @@ from jax_tokenweave.collective.fused import fused_allreduce_rmsnorm_done
 from jax_tokenweave.collective.reducer import Reducer
 from jax_tokenweave.models import layers
 from jax_tokenweave.models.layers import LayerSpec
-from jax_tokenweave.models.transformer import layer_weights, next_norms
-from jax_tokenweave.weave.split import SplitConfig, SplitPlan
+from jax_tokenweave.models import transformer
+from jax_tokenweave.weave.split import SplitConfig, SplitPlan, plan_split
 
 
 def use_overlap(split: SplitConfig, red: Reducer) -> bool:
@@ -102,7 +102,7 @@ def split_forward(weights: dict, tokens: jax.Array, positions: jax.Array, plan: 
                   attend1: Callable, cache=None):
     """models.transformer.forward for a split batch: the same outputs, final normed hidden
     [B, S, D] and the cache, with the layers in TokenWeave's overlapped order."""
-    stacked = layer_weights(weights)
+    stacked = transformer.layer_weights(weights)
     tok0, tok1 = plan.split(tokens)
     pos0, pos1 = plan.split(positions)
     rope0, rope1 = layers.rope_cos_sin(pos0, inv_freq), layers.rope_cos_sin(pos1, inv_freq)
@@ -123,9 +123,25 @@ def split_forward(weights: dict, tokens: jax.Array, positions: jax.Array, plan: 
                            overlap=overlap, attend0=attend0, attend1=attend1), None
 
     L = stacked["input_norm.weight"].shape[0]
-    xs = (stacked, next_norms(stacked, weights["final_norm.weight"]), jnp.arange(L, dtype=jnp.int32))
+    xs = (stacked, transformer.next_norms(stacked, weights["final_norm.weight"]), jnp.arange(L, dtype=jnp.int32))
     with jax.named_scope("layers"):
         (x0, r0, p1, r1, cache), _ = jax.lax.scan(body, carry, xs)
     with jax.named_scope("reduce_final"):
         x1, _ = red(p1, r1, weights["final_norm.weight"])
     return plan.join(x0, x1.reshape(B1, S1, D)), cache
+
+
+def forward(weights: dict, tokens: jax.Array, positions: jax.Array, *, split: SplitConfig | None,
+            spec: LayerSpec, red: Reducer, inv_freq, attend: Callable, split_attend: Callable | None = None,
+            cache=None):
+    """The decoder on a [B, S] batch: TokenWeave's split schedule when `split` cuts this shape
+    (split_attend(plan) -> (attend0, attend1) gives the halves' attention), else the unsplit
+    scan (models/transformer.py) with `attend`. Same outputs either way."""
+    B, S = tokens.shape
+    plan = plan_split(B, S, split) if (split is not None and split_attend is not None) else None
+    if plan is None:
+        return transformer.forward(weights, tokens, positions, spec=spec, reduce=red, inv_freq=inv_freq,
+                                   attend=attend, cache=cache)
+    attend0, attend1 = split_attend(plan)
+    return split_forward(weights, tokens, positions, plan, spec=spec, red=red, inv_freq=inv_freq,
+                         overlap=use_overlap(split, red), attend0=attend0, attend1=attend1, cache=cache)
