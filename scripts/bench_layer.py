@@ -4,9 +4,13 @@
     python scripts/bench_layer.py                      # Llama-3.3-70B layer, TP = all GPUs
     python scripts/bench_layer.py --quick --profile    # fewer sizes/iters + a TokenWeave trace PNG
 
-Each measurement runs --layers layers (lax.scan, same random bf16 weights, created sharded) on
-one prompt of T tokens (or --seqs sequences of T/seqs), median of --iters calls, reported per
-layer. Writes <out>/bench_layer.{json,md,png} (+ profile_tokenweave.png and the trace with
+Each measurement runs the model's own forward (weave.schedule.forward: embedding, --layers
+layers under lax.scan, final norm; no LM head) on random token ids, one prompt of T tokens (or
+--seqs sequences of T/seqs), with random bf16 weights of a --layers-deep model in the runtime
+layout (harness.random_weights, created sharded); the variants differ only in the reduction
+they pass in and whether the batch is split. Median of --iters calls, reported per layer (the
+embedding lookup and its reduction are counted in; they are one gather and one reduction of
+2L+1). Writes <out>/bench_layer.{json,md,png} (+ profile_tokenweave.png and the trace with
 --profile). Ratios: baseline/variant (>1 = faster than XLA's native path) and tokenweave/nocomm.
 """
 import os
@@ -51,7 +55,6 @@ def main(argv=None):
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from jax.sharding import NamedSharding, PartitionSpec as P
     from jax_tokenweave.bench import harness as bench
     from jax_tokenweave import weave
     from jax_tokenweave.parallel.mesh import make_mesh
@@ -72,7 +75,7 @@ def main(argv=None):
     if a.comm_ctas is not None:
         split = dataclasses.replace(split, comm_ctas=a.comm_ctas)
     dtype = jnp.float32 if a.tiny and not on_gpu else jnp.bfloat16
-    w, wspecs = bench.random_layer(cfg, mesh, dtype=dtype)
+    w = bench.random_weights(cfg, mesh, num_layers=a.layers, dtype=dtype)
     variants = a.variants.split(",")
     info = bench.run_info(argv if argv is not None else sys.argv)
     info.update(model=a.model if not a.tiny else "tiny-llama", tp=tp, impl=impl, attn=attn,
@@ -81,13 +84,11 @@ def main(argv=None):
     results = {v: {} for v in variants}
     plans = {}
     for T in tokens:
-        p = jax.device_put(0.5 * jax.random.normal(jax.random.key(T), (T, cfg.hidden_size), dtype),
-                           NamedSharding(mesh, P()))
+        p = bench.token_ids(mesh, a.seqs, T // a.seqs, cfg.vocab_size, seed=T)
         outs = {}
         for v in variants:
-            fn, plan = bench.layer_stack_fn(v, cfg, mesh, wspecs, tokens=T, batch=a.seqs,
-                                            num_layers=a.layers, impl=impl, comm=comm,
-                                            attn_impl=attn, split=split)
+            fn, plan = bench.layer_stack_fn(v, cfg, mesh, tokens=T, batch=a.seqs, impl=impl,
+                                            comm=comm, attn_impl=attn, split=split)
             if plan is not None:
                 plans[T] = dict(kind=plan.kind, tokens=plan.tokens)
             try:
@@ -117,7 +118,7 @@ def main(argv=None):
     os.makedirs(a.out, exist_ok=True)
     out = dict(info=info, split_plans=plans, results=results, ratios=ratios)
     if a.profile:
-        out["profile"] = profile(a, cfg, mesh, wspecs, w, impl, comm, attn, split, dtype)
+        out["profile"] = profile(a, cfg, mesh, w, impl, comm, attn, split)
     bench.write_json(os.path.join(a.out, "bench_layer.json"), out)
     bench.plot_lines(os.path.join(a.out, "bench_layer.png"), tokens,
                      {v: [per(v, T) for T in tokens] for v in variants},
@@ -128,16 +129,13 @@ def main(argv=None):
     return out
 
 
-def profile(a, cfg, mesh, wspecs, w, impl, comm, attn, split, dtype):
+def profile(a, cfg, mesh, w, impl, comm, attn, split):
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
     from jax_tokenweave.bench import harness as bench
     T = a.profile_tokens if not a.tiny else min(a.profile_tokens, 64)
-    fn, _ = bench.layer_stack_fn("tokenweave", cfg, mesh, wspecs, tokens=T, batch=a.seqs,
-                                 num_layers=a.layers, impl=impl, comm=comm, attn_impl=attn,
-                                 split=split)
-    p = jax.device_put(0.5 * jax.random.normal(jax.random.key(1), (T, cfg.hidden_size), dtype),
-                       NamedSharding(mesh, P()))
+    fn, _ = bench.layer_stack_fn("tokenweave", cfg, mesh, tokens=T, batch=a.seqs, impl=impl,
+                                 comm=comm, attn_impl=attn, split=split)
+    p = bench.token_ids(mesh, a.seqs, T // a.seqs, cfg.vocab_size, seed=1)
     jax.block_until_ready(fn(w, p))
     log_dir = os.path.join(a.out, "trace_tokenweave")
     with jax.profiler.trace(log_dir):

@@ -1,18 +1,26 @@
 #!/usr/bin/env python
-"""Full-depth model benchmarks of the split schedule (random bf16 weights, created sharded).
+"""Full-depth model benchmarks of the split schedule (random bf16 weights in the model's
+runtime layout, created sharded).
 
     python scripts/bench_model.py                       # Llama-3.3-70B shapes, 80 layers, TP = all GPUs
-    python scripts/bench_model.py --quick               # 4K/8K prefill, short chunked/decode runs
+    python scripts/bench_model.py --quick               # 4K/8K prefill, a short decode run
 
-Sections (written to <out>/bench_model.{json,md,png}):
-  prefill    latency of one prompt of T tokens through --layers layers + final norm (the
-             embedding lookup and LM head are left out: a few µs), variants baseline / fused /
-             tokenweave / nocomm (bench.py), attention --attn (cudnn on GPU).
-  chunked    one --chunked-len prompt prefilled in chunks of --chunk (each chunk attends to the
-             cache of the earlier ones; TokenWeave splits each chunk), then --decode-steps decode
-             steps of --decode-batch sequences (never split: fused op vs psum); tokens/s.
+Sections (--sections; written to <out>/bench_model.{json,md,png}):
+  prefill    latency of one prompt of T tokens through the model's own forward
+             (harness.layer_stack_fn -> weave.schedule.forward: embedding, --layers layers, final
+             norm; the LM head is left out), variants baseline / fused / tokenweave / nocomm
+             (jax_tokenweave/bench/harness.py: they differ only in the reduction passed in and in
+             whether the batch is split), attention --attn (cudnn on GPU).
+  decode     TPModel.decode steps (the engine's own decode: paged KV cache, Pallas paged
+             attention, never split) of --decode-batch sequences after a --decode-context token
+             prompt each; step ms and tokens/s. Only the fused reduction is timed: TPModel always
+             runs the fused op, so there is no psum decode column any more. The prompts are
+             written into the cache by a second TPModel on the same weights with impl "xla"
+             (setup, not timed), so the Communicator stays sized for the prefill section.
   attention  one GPU's share of causal prefill attention (heads/TP, kv_heads/TP): cuDNN vs XLA
              vs the Pallas Mosaic GPU kernel (errors are recorded, e.g. its bf16 refusal).
+Chunked prefill (chunks attending to the earlier pages) is not measured here: the continuous
+engine's serving benchmark measures it (through engine/attention.py's ``ragged``).
 The layers run under lax.scan over stacked weights (one compiled layer body), so the compile
 time does not grow with depth.
 """
@@ -38,11 +46,10 @@ def parse(argv=None):
     ap.add_argument("--xla-attn-max", type=int, default=8192, help="largest T for XLA attention")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--chunk", type=int, default=2048)
-    ap.add_argument("--chunked-len", type=int, default=8192)
     ap.add_argument("--decode-batch", type=int, default=32)
+    ap.add_argument("--decode-context", type=int, default=4096, help="prompt tokens per sequence before decoding")
     ap.add_argument("--decode-steps", type=int, default=16)
-    ap.add_argument("--sections", default="prefill,chunked,attention")
+    ap.add_argument("--sections", default="prefill,decode,attention")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="tiny-llama shapes (CPU smoke test)")
     ap.add_argument("--out", default="bench/results")
@@ -54,17 +61,19 @@ def parse(argv=None):
 
 def main(argv=None):
     a = parse(argv)
+    import time
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from jax.sharding import NamedSharding, PartitionSpec as P
     from jax_tokenweave.bench import harness as bench
     from jax_tokenweave import weave
+    from jax_tokenweave.engine.runner import TPModel
     from jax_tokenweave.parallel.mesh import make_mesh
     from jax_tokenweave.models import get_preset
 
     cfg = get_preset("tiny-llama" if a.tiny else a.model)
     L = a.layers or cfg.num_layers
+    cfg = cfg.replace(num_layers=L)
     mesh = make_mesh(a.tp)
     tp = mesh.shape["tp"]
     on_gpu = jax.default_backend() == "gpu"
@@ -74,19 +83,15 @@ def main(argv=None):
     sections = a.sections.split(",")
     variants = a.variants.split(",")
     dtype = jnp.bfloat16 if on_gpu or not a.tiny else jnp.float32
-    comm = bench.make_comm(mesh, impl, max(tokens + [a.chunk]), cfg.hidden_size)
+    comm = bench.make_comm(mesh, impl, max(tokens + [a.decode_batch]), cfg.hidden_size)
     split = weave.config_for(cfg, tp)
-    w, wspecs = bench.random_layer(cfg, mesh, dtype=dtype, num_layers=L)
-    rep = NamedSharding(mesh, P())
+    w = bench.random_weights(cfg, mesh, dtype=dtype)
     info = bench.run_info(argv if argv is not None else sys.argv)
     info.update(model="tiny-llama" if a.tiny else a.model, layers=L, tp=tp, impl=impl, attn=attns,
                 split=split.to_dict(), dtype=str(dtype))
     print(f"# {info['device']} x{tp}, jax {info['jax']}, impl={impl}, {L} layers", flush=True)
     out = dict(info=info)
     os.makedirs(a.out, exist_ok=True)
-
-    def rand(shape, seed):
-        return jax.device_put(0.5 * jax.random.normal(jax.random.key(seed), shape, dtype), rep)
 
     if "prefill" in sections:
         pre = {}
@@ -95,12 +100,11 @@ def main(argv=None):
                 for T in tokens:
                     if attn == "xla" and on_gpu and T > a.xla_attn_max:
                         continue
-                    fn, _ = bench.layer_stack_fn(v, cfg, mesh, wspecs, tokens=T, num_layers=L,
-                                                 impl=impl, comm=comm, attn_impl=attn,
-                                                 split=split, stacked=True)
+                    fn, _ = bench.layer_stack_fn(v, cfg, mesh, tokens=T, impl=impl, comm=comm,
+                                                 attn_impl=attn, split=split)
                     try:
-                        r = bench.time_fn(fn, w, rand((T, cfg.hidden_size), T), iters=a.iters,
-                                          warmup=a.warmup)
+                        r = bench.time_fn(fn, w, bench.token_ids(mesh, 1, T, cfg.vocab_size, seed=T),
+                                          iters=a.iters, warmup=a.warmup)
                     except Exception as e:  # noqa: BLE001
                         r = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
                     pre.setdefault(f"{v}/{attn}", {})[T] = r
@@ -119,54 +123,32 @@ def main(argv=None):
                          xlabel="prompt tokens", ylabel="prefill ms",
                          title=f"{info['model']} {L} layers, TP{tp}, {info['device']} (attn={a0})")
 
-    if "chunked" in sections:
-        ch = {}
-        n_chunks = max(1, a.chunked_len // a.chunk)
-        B = a.decode_batch
-        for v in [x for x in ("baseline", "tokenweave") if x in variants or x == "baseline"]:
-            try:
-                max_len = n_chunks * a.chunk + 1
-                cshape = bench.cache_shape(cfg, tp, L, 1, max_len)
-                cs = NamedSharding(mesh, P(None, None, None, "tp", None))
-                ck = jax.device_put(jnp.zeros(cshape, dtype), cs)
-                cv = jax.device_put(jnp.zeros(cshape, dtype), cs)
-                fns = [bench.chunk_fn(v, cfg, mesh, wspecs, chunk=a.chunk, offset=i * a.chunk,
-                                      num_layers=L, impl=impl, comm=comm, attn_impl=attns[0],
-                                      split=split) for i in range(n_chunks)]
-                p = rand((a.chunk, cfg.hidden_size), 7)
-                import time
-                times = []
-                for rep_i in range(1 + max(1, a.iters // 2)):   # first pass compiles
-                    t = time.perf_counter()
-                    for i, f in enumerate(fns):
-                        x, ck, cv = f(w, p, ck, cv)
-                    jax.block_until_ready(x)
-                    times.append(time.perf_counter() - t)
-                t_pre = float(np.median(times[1:]))
-                del ck, cv
-                dshape = bench.cache_shape(cfg, tp, L, B, max_len)
-                ck = jax.device_put(jnp.zeros(dshape, dtype), cs)
-                cv = jax.device_put(jnp.zeros(dshape, dtype), cs)
-                dv = "baseline" if v == "baseline" else "fused"
-                df = bench.decode_fn(dv, cfg, mesh, wspecs, batch=B, impl=impl, comm=comm)
-                pd = rand((B, cfg.hidden_size), 8)
-                lengths = jax.device_put(jnp.full((B,), n_chunks * a.chunk // 2, jnp.int32), rep)
-                x, ck, cv = df(w, pd, ck, cv, lengths)
-                jax.block_until_ready(x)
-                t = time.perf_counter()
-                for s in range(a.decode_steps):
-                    x, ck, cv = df(w, pd, ck, cv, lengths + s)
-                jax.block_until_ready(x)
-                t_dec = (time.perf_counter() - t) / a.decode_steps
-                del ck, cv
-                ch[v] = dict(prefill_s=t_pre, prefill_tok_per_s=n_chunks * a.chunk / t_pre,
-                             decode_step_ms=t_dec * 1e3, decode_tok_per_s=B / t_dec,
-                             chunks=n_chunks, chunk=a.chunk, decode_batch=B,
-                             decode_context=n_chunks * a.chunk // 2)
-            except Exception as e:  # noqa: BLE001
-                ch[v] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
-            print(f"chunked {v}: {ch[v]}", flush=True)
-        out["chunked"] = ch
+    if "decode" in sections:
+        B, ctx = a.decode_batch, a.decode_context
+        try:
+            model = TPModel(cfg, w, mesh, impl=impl, comm=comm, attn_impl=attns[0])
+            filler = model if impl == "xla" else TPModel(cfg, w, mesh, impl="xla", attn_impl=attns[0])
+            rng = np.random.default_rng(0)
+            prompts = rng.integers(0, cfg.vocab_size, (B, ctx)).astype(np.int32)
+            step_ids = rng.integers(0, cfg.vocab_size, (B,)).astype(np.int32)
+            cache = filler.init_cache(B, ctx + a.decode_steps + 2)
+            _, cache = filler.prefill(prompts, np.full((B,), ctx, np.int32), cache)
+            del filler
+            logits, cache = model.decode(step_ids, cache)   # compiles
+            jax.block_until_ready(logits)
+            t = time.perf_counter()
+            for _ in range(a.decode_steps):
+                logits, cache = model.decode(step_ids, cache, check_capacity=False)
+            jax.block_until_ready(logits)
+            t_dec = (time.perf_counter() - t) / a.decode_steps
+            dec = {"fused": dict(decode_step_ms=t_dec * 1e3, decode_tok_per_s=B / t_dec, decode_batch=B,
+                                 decode_context=ctx, decode_steps=a.decode_steps,
+                                 logits_finite=bool(np.isfinite(np.asarray(jax.device_get(logits))).all()))}
+            del cache, model
+        except Exception as e:  # noqa: BLE001
+            dec = {"fused": dict(error=f"{type(e).__name__}: {str(e)[:300]}")}
+        print(f"decode fused: {dec['fused']}", flush=True)
+        out["decode"] = dec
 
     if "attention" in sections:
         if on_gpu:
@@ -202,12 +184,13 @@ def write_md(path, out, tokens, variants):
         lines += ["", "| ratio | " + " | ".join(str(T) for T in tokens) + " |", "|---|" + "---|" * len(tokens)]
         for r in ("baseline/tokenweave", "tokenweave/nocomm"):
             lines.append(f"| {r} | " + " | ".join(f(out["prefill_ratios"][T][r], 3) for T in tokens) + " |")
-    if "chunked" in out:
-        lines += ["", "## Chunked prefill + decode", "",
-                  "| variant | prefill tok/s | decode step ms | decode tok/s |", "|---|---|---|---|"]
-        for v, r in out["chunked"].items():
-            lines.append(f"| {v} | {f(r.get('prefill_tok_per_s'), 0)} | {f(r.get('decode_step_ms'))} | "
-                         f"{f(r.get('decode_tok_per_s'), 0)} |" if "error" not in r else f"| {v} | {r['error']} | | |")
+    if "decode" in out:
+        lines += ["", "## Decode (TPModel.decode, fused reduction only)", "",
+                  "| variant | batch | context | decode step ms | decode tok/s |", "|---|---|---|---|---|"]
+        for v, r in out["decode"].items():
+            lines.append(f"| {v} | {r.get('decode_batch')} | {r.get('decode_context')} | "
+                         f"{f(r.get('decode_step_ms'))} | {f(r.get('decode_tok_per_s'), 0)} |"
+                         if "error" not in r else f"| {v} | {r['error']} | | | |")
     if "attention" in out:
         lines += ["", "## Attention, one GPU's share (µs)", ""]
         for T, row in out["attention"].items():

@@ -1,28 +1,33 @@
 #!/usr/bin/env python
-"""Mixtral (MoE) prefill benchmarks: baseline vs TokenWeave vs no-comm, random bf16 weights
-created sharded, experts tensor-parallel (every expert's FFN split over TP, router replicated).
+"""Mixtral (MoE) prefill benchmarks: baseline vs TokenWeave vs no-comm, random bf16 weights in
+the model's runtime layout (harness.random_weights, created sharded), experts tensor-parallel
+(every expert's FFN split over TP, router replicated). The layer and model sections run the
+model's own forward on the Mixtral config (harness.layer_stack_fn -> weave.schedule.forward;
+LayerSpec.of(cfg) picks the MoE FFN): the same functions as the dense benchmarks, the variants
+differing only in the reduction passed in and in whether the batch is split.
 
     python scripts/bench_moe.py                         # Mixtral-8x22B shapes, TP = all GPUs
     python scripts/bench_moe.py --quick                 # fewer sizes, fewer iterations
     python scripts/bench_moe.py --tiny --tp 2           # tiny-mixtral on CPU (smoke test)
 
 Sections (--sections; results in <out>/bench_moe.{json,md} and bench_moe_{layer,model}.png):
-  moe     the MoE block alone (router + grouped experts, one GPU's ffn shard, no collective):
+  moe     the MoE block alone (models.moe.moe_ffn on layer 0's router and expert weights of
+          random_weights, one GPU's ffn shard, no collective):
           --moe-impls (ragged = jax.lax.ragged_dot, capacity = [E, C, D] batched matmul with a
           ragged fallback) next to a dense SwiGLU of the same active FLOPs (width k*F/TP). A
           ragged time far above the dense one means XLA lowered ragged_dot densely here;
           `ragged_pallas` is ragged_dot through jax's Pallas Triton grouped-GEMM lowering
           (jax_ragged_dot_use_gpu_pallas_triton_lowering, GPU only; --ragged-lowering pallas
           uses it in the layer/model sections too).
-  layer   --layers layers (same weights each, lax.scan) on one prompt of T tokens, per-layer
-          median; variants baseline (psum + add + RMSNorm, replicated residual), xla_split,
+  layer   a --layers-deep model (embedding, layers under lax.scan, final norm; no LM head) on
+          one prompt of T random tokens, median per layer; variants baseline (psum + add + RMSNorm, replicated residual), xla_split,
           fused (fused AllReduce+RMSNorm, token-sharded residual), tokenweave (fused + split +
           overlap), nocomm (reductions removed: the ideal). `threshold_estimate`: the smallest
           measured T from which tokenweave beats fused at every larger T (TokenWeave ships 2048
           for Mixtral; ours is this number).
-  model   full depth (--model-layers, default the model's 56) prefill of one prompt through all
-          layers + final norm (embedding and LM head left out), stacked weights, variants as in
-          `layer` minus xla_split. Mixtral-8x22B's layers take ~1.2 GB per GPU each at TP4 (bf16).
+  model   full depth (--model-layers, default the model's 56) prefill of one prompt through the
+          embedding, all layers and the final norm (LM head left out), variants as in `layer`
+          minus xla_split. Mixtral-8x22B's layers take ~1.2 GB per GPU each at TP4 (bf16).
 
 Split: weave.config_for(model, TP) (tile/offset from weave_table.json); below its threshold the
 tokenweave variant is still split (threshold 2) so that every size shows split vs unsplit.
@@ -36,9 +41,6 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from jax_tokenweave.gpu_env import forbid_multicast  # noqa: E402
 forbid_multicast()
-
-MOE_KEYS = ("router", "w1", "w3", "w2")
-
 
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,105 +86,30 @@ def ragged_lowering(pallas: bool):
     return flag(pallas) if flag is not None else contextlib.nullcontext()
 
 
-def moe_layer_specs(cfg, tp: int, axis: str = "tp"):
-    from jax.sharding import PartitionSpec as P
-    from jax_tokenweave.bench import harness as bench
-    specs = {k: v for k, v in bench.layer_specs(cfg, tp, axis).items()
-             if k not in ("w_gate", "w_up", "w_down")}
-    specs.update(router=P(), w1=P(None, None, axis), w3=P(None, None, axis), w2=P(None, axis, None))
-    return specs
+# ------------------------------------------------------------------------------ MoE alone
 
-
-def random_moe_layer(cfg, mesh, *, dtype, num_layers=None, seed=0, axis="tp"):
-    """Attention + MoE weights of one layer (or `num_layers` stacked), created sharded."""
-    from jax_tokenweave.bench import harness as bench
-    D, H, KVH, hd, F, E = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                           cfg.intermediate_size, cfg.num_experts)
-    shapes = dict(wq=(D, H, hd), wk=(D, KVH, hd), wv=(D, KVH, hd), wo=(H, hd, D),
-                  input_norm=(D,), post_attn_norm=(D,), router=(D, E), w1=(E, D, F), w3=(E, D, F),
-                  w2=(E, F, D))
-    fan_in = dict(wq=D, wk=D, wv=D, wo=H * hd, router=D, w1=D, w3=D, w2=F)
-    return bench.random_sharded(mesh, shapes, moe_layer_specs(cfg, mesh.shape[axis], axis), fan_in,
-                                seed=seed, dtype=dtype, num_layers=num_layers)
-
-
-# ------------------------------------------------------------------------------ layers
-
-def moe_fn(w, k: int, impl: str):
-    from jax_tokenweave.models.mixtral import moe_ffn
-    return lambda x: moe_ffn(x, w["router"], w["w1"], w["w3"], w["w2"], k=k, impl=impl)
-
-
-def stack_fn(variant, cfg, mesh, wspecs, *, tokens, num_layers, stacked, impl, comm, attn_impl,
-             split, moe_impl, axis="tp"):
-    """jitted fn(weights, partial [T, D]) -> normed [1, T, D]: `num_layers` Mixtral layers of
-    `variant` (bench.py's variants, with the MoE block in place of the dense MLP)."""
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import PartitionSpec as P
-    from jax_tokenweave.bench import harness as bench
-    from jax_tokenweave import weave
-    from jax_tokenweave.compat import shard_map
-    from jax_tokenweave.models.llama import rope_cos_sin, rope_inv_freq
-    red = bench.make_reducer(variant, cfg, impl, comm, axis, split)
-    spec = weave.LayerSpec(cfg.num_kv_heads, axis, attn_impl)
-    k = cfg.num_experts_per_tok
-    plan = None
-    if variant in ("xla_split", "tokenweave"):
-        plan = weave.plan_split(1, tokens, split) or weave.plan_split(
-            1, tokens, weave.SplitConfig(threshold=2, tile=split.tile, offset=split.offset))
-    overlap = variant == "tokenweave" and weave.use_overlap(split, red)
-    inv = rope_inv_freq(cfg)
-
-    def body(w, p):
-        D = p.shape[-1]
-        pos = jnp.arange(tokens, dtype=jnp.int32)[None]
-        norm0 = w["input_norm"][0] if stacked else w["input_norm"]
-        xs = w if stacked else None
-        pick = (lambda wl: wl) if stacked else (lambda _: w)
-        if plan is None:
-            x, r = red(p, red.init(tokens, D, p.dtype), norm0)
-            rope = rope_cos_sin(pos, inv)
-
-            def step(c, wl):
-                wl = pick(wl)
-                x, r = c
-                h, _, _ = weave.attention_block(wl, x, *rope, spec)
-                xf, r = red(h, r, wl["post_attn_norm"])
-                xf, r = red(moe_fn(wl, k, moe_impl)(xf), r, wl["input_norm"])
-                return (xf.reshape(1, tokens, D), r), None
-            (x, _), _ = jax.lax.scan(step, (x.reshape(1, tokens, D), r), xs, length=num_layers)
-            return x
-        rope0, rope1 = (rope_cos_sin(q, inv) for q in plan.split(pos))
-        p0, p1 = (a.reshape(-1, D) for a in plan.split(p.reshape(1, tokens, D)))
-        carry = weave.split_begin(p0, p1, norm0, plan, red)
-
-        def step(c, wl):
-            wl = pick(wl)
-            c, _ = weave.split_layer(wl, c, wl["input_norm"], rope0, rope1, plan=plan, spec=spec,
-                                     red=red, overlap=overlap, ffn=moe_fn(wl, k, moe_impl))
-            return c, None
-        carry, _ = jax.lax.scan(step, carry, xs, length=num_layers)
-        return weave.split_end(carry, norm0, plan, red)
-
-    fn = shard_map(body, mesh=mesh, in_specs=(wspecs, P()), out_specs=P(), check_vma=False)
-    return jax.jit(fn), plan
-
-
-def moe_alone_fn(cfg, mesh, wspecs, impl: str, axis="tp"):
-    """jitted fn(weights, x [T, D]) -> per-rank MoE partial (no reduction), or a dense SwiGLU
-    of the same active FLOPs for impl="dense_equiv" (weights w_gate/w_up/w_down)."""
+def moe_alone_fn(cfg, mesh, impl: str, axis="tp"):
+    """(jitted fn(ffn weights, x [T, D]) -> per-rank FFN partial [tp, T, D] (no reduction), the
+    weight paths it takes): layer 0 of random_weights' ``layers.mlp.*``, through models.moe.moe_ffn
+    with grouped-matmul `impl`, or, for impl="dense_equiv" (a dense config), the dense SwiGLU
+    (models.layers.dense_ffn)."""
     import jax
     from jax.sharding import PartitionSpec as P
+    from jax_tokenweave.bench import harness as bench
     from jax_tokenweave.compat import shard_map
+    from jax_tokenweave.models.layers import dense_ffn
+    from jax_tokenweave.models.moe import moe_ffn
+    specs = {k: v for k, v in bench.weight_specs(cfg, mesh, axis).items() if k.startswith("layers.mlp.")}
 
     def body(w, x):
+        lw = {k[len("layers."):]: v[0] for k, v in w.items()}
         if impl == "dense_equiv":
-            return ((jax.nn.silu(x @ w["w_gate"]) * (x @ w["w_up"])) @ w["w_down"])[None]
-        return moe_fn(w, cfg.num_experts_per_tok, impl)(x)[None]
+            return dense_ffn(lw, x)[None]
+        return moe_ffn(x, lw["mlp.gate.kernel"], lw["mlp.experts.w1"], lw["mlp.experts.w3"],
+                       lw["mlp.experts.w2"], k=cfg.num_experts_per_tok, impl=impl)[None]
 
-    fn = shard_map(body, mesh=mesh, in_specs=(wspecs, P()), out_specs=P(axis), check_vma=False)
-    return jax.jit(fn)
+    fn = shard_map(body, mesh=mesh, in_specs=(specs, P()), out_specs=P(axis), check_vma=False)
+    return jax.jit(fn), tuple(specs)
 
 
 # -------------------------------------------------------------------------------- main
@@ -238,19 +165,19 @@ def main(argv=None):
         return r
 
     if "moe" in sections or "layer" in sections:
-        w, wspecs = random_moe_layer(cfg, mesh, dtype=dtype)
+        w = bench.random_weights(cfg, mesh, num_layers=a.layers if "layer" in sections else 1, dtype=dtype)
     if "moe" in sections:
         F_active = cfg.num_experts_per_tok * cfg.intermediate_size
         dense_cfg = cfg.replace(model_type="llama", num_experts=0, num_experts_per_tok=0,
                                 intermediate_size=F_active)
-        wd, dspecs = bench.random_layer(dense_cfg, mesh, dtype=dtype)
+        wd = bench.random_weights(dense_cfg, mesh, num_layers=1, dtype=dtype)
         res = {}
         for T in tokens:
             x = rand((T, cfg.hidden_size), T)
             for mi in moe_impls + ["ragged_pallas", "dense_equiv"]:
-                ww, ss = (wd, dspecs) if mi == "dense_equiv" else (w, wspecs)
-                fn = moe_alone_fn(cfg, mesh, ss, "ragged" if mi == "ragged_pallas" else mi)
-                r = timed(f"moe T={T} {mi}", fn, ww, x, pallas=mi == "ragged_pallas")
+                ww, cc = (wd, dense_cfg) if mi == "dense_equiv" else (w, cfg)
+                fn, keys = moe_alone_fn(cc, mesh, "ragged" if mi == "ragged_pallas" else mi)
+                r = timed(f"moe T={T} {mi}", fn, {k: ww[k] for k in keys}, x, pallas=mi == "ragged_pallas")
                 res.setdefault(mi, {})[T] = r
                 if "median_us" in r:
                     print(f"moe   T={T:6d} {mi:12s} {r['median_us']:10.1f} us", flush=True)
@@ -260,11 +187,10 @@ def main(argv=None):
     if "layer" in sections:
         res, outs_all = {v: {} for v in variants}, {}
         for T in tokens:
-            p, outs = rand((T, cfg.hidden_size), T), {}
+            p, outs = bench.token_ids(mesh, 1, T, cfg.vocab_size, seed=T), {}
             for v in variants:
-                fn, plan = stack_fn(v, cfg, mesh, wspecs, tokens=T, num_layers=a.layers,
-                                    stacked=False, impl=impl, comm=comm, attn_impl=attn,
-                                    split=split, moe_impl=moe_impls[0])
+                fn, plan = bench.layer_stack_fn(v, cfg, mesh, tokens=T, impl=impl, comm=comm,
+                                                attn_impl=attn, split=split, moe_impl=moe_impls[0])
                 r = timed(f"layer T={T} {v}", fn, w, p)
                 if "median_us" in r:
                     r["per_layer_us"] = r["median_us"] / a.layers
@@ -292,14 +218,13 @@ def main(argv=None):
     if "model" in sections:
         L = a.model_layers or cfg.num_layers
         info["model_layers"] = L
-        w, wspecs = random_moe_layer(cfg, mesh, dtype=dtype, num_layers=L, seed=1)
+        w = bench.random_weights(cfg, mesh, num_layers=L, dtype=dtype, seed=1)
         res = {}
         for v in [v for v in variants if v != "xla_split"]:
             for T in model_tokens:
-                fn, _ = stack_fn(v, cfg, mesh, wspecs, tokens=T, num_layers=L, stacked=True,
-                                 impl=impl, comm=comm, attn_impl=attn, split=split,
-                                 moe_impl=moe_impls[0])
-                r = timed(f"model T={T} {v}", fn, w, rand((T, cfg.hidden_size), T))
+                fn, _ = bench.layer_stack_fn(v, cfg, mesh, tokens=T, impl=impl, comm=comm,
+                                             attn_impl=attn, split=split, moe_impl=moe_impls[0])
+                r = timed(f"model T={T} {v}", fn, w, bench.token_ids(mesh, 1, T, cfg.vocab_size, seed=T))
                 res.setdefault(v, {})[T] = r
                 if "median_us" in r:
                     print(f"model T={T:6d} {v:10s} {r['median_us'] / 1e3:10.2f} ms", flush=True)

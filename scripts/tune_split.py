@@ -6,7 +6,9 @@ jax_tokenweave/weave/weave_table.json (entry weave.model_key(model, tp)).
     python scripts/tune_split.py --quick --dry-run                # print, do not write
     python scripts/tune_split.py --table $OUT/weave_table.json    # write elsewhere (device runs)
 
-Four steps, each at every token count: (1) the CTA count of the overlapped collectives
+Every measurement is the model's own forward (harness.layer_stack_fn: weave.schedule.forward
+over --layers layers of random weights in the runtime layout, one prompt of T random tokens),
+per layer. Four steps, each at every token count: (1) the CTA count of the overlapped collectives
 (SplitConfig.comm_ctas, all pairs alike) at offset 0, best summed over the sizes; (2) a smaller
 count for the collectives beside the MLP (comm_ctas_mlp; the MLP is longer than attention, so
 fewer SMs may still hide them); (3) the split offset with those counts, best per size
@@ -47,9 +49,9 @@ def main(argv=None):
 
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
     from jax_tokenweave.bench import harness as bench
     from jax_tokenweave import weave
+    from jax_tokenweave.weave import split as weave_split
     from jax_tokenweave.parallel.mesh import make_mesh
     from jax_tokenweave.models import get_preset
 
@@ -61,15 +63,14 @@ def main(argv=None):
     tokens = [int(t) for t in a.tokens.split(",")]
     comm = bench.make_comm(mesh, impl, max(tokens), cfg.hidden_size)
     dtype = jnp.bfloat16 if on_gpu else jnp.float32
-    w, wspecs = bench.random_layer(cfg, mesh, dtype=dtype)
+    w = bench.random_weights(cfg, mesh, num_layers=a.layers, dtype=dtype)
     attn = "cudnn" if on_gpu else "xla"
-    inputs = {T: jax.device_put(0.5 * jax.random.normal(jax.random.key(T), (T, cfg.hidden_size), dtype),
-                                NamedSharding(mesh, P())) for T in tokens}
+    inputs = {T: bench.token_ids(mesh, 1, T, cfg.vocab_size, seed=T) for T in tokens}
 
     def layer_us(variant, T, **split_kw):
         split = weave.SplitConfig(threshold=2, tile=a.tile, **split_kw)
-        fn, plan = bench.layer_stack_fn(variant, cfg, mesh, wspecs, tokens=T, num_layers=a.layers,
-                                        impl=impl, comm=comm, attn_impl=attn, split=split)
+        fn, plan = bench.layer_stack_fn(variant, cfg, mesh, tokens=T, impl=impl, comm=comm,
+                                        attn_impl=attn, split=split)
         us = bench.time_fn(fn, w, inputs[T], iters=a.iters)["median_us"] / a.layers
         print(f"{variant:10s} T={T:6d} {split_kw} split={plan.tokens if plan else None} {us:9.1f} us/layer",
               flush=True)
@@ -98,7 +99,7 @@ def main(argv=None):
     print(f"{key}: {entry.to_dict()}")
     if a.dry_run:
         return entry
-    path = a.table or weave.TABLE_PATH
+    path = a.table or weave_split.TABLE_PATH
     raw = json.load(open(path)) if os.path.exists(path) else {"default": weave.SplitConfig().to_dict()}
     raw[key] = entry.to_dict()
     info = bench.run_info(argv if argv is not None else sys.argv)

@@ -1,5 +1,5 @@
-"""CPU smoke tests of the benchmark scripts (tiny shapes, 8 host devices) and a correctness check
-of the chunked-prefill path they time."""
+"""CPU smoke tests of the benchmark scripts (tiny shapes, 8 host devices) and a check that the
+benchmark variants run the model: the correct ones give the model's hidden states."""
 import importlib.util
 import json
 import os
@@ -7,12 +7,18 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+import pytest
+from jax.sharding import PartitionSpec as P
 
 from jax_tokenweave.bench import harness as bench
 from jax_tokenweave import weave
+from jax_tokenweave.collective.reducer import Reducer
+from jax_tokenweave.compat import shard_map
+from jax_tokenweave.engine import attention
+from jax_tokenweave.engine.runner import TPModel, to_host
+from jax_tokenweave.models import get_preset, transformer
+from jax_tokenweave.models.layers import LayerSpec, rope_inv_freq
 from jax_tokenweave.parallel.mesh import make_mesh
-from jax_tokenweave.models import get_preset
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -39,13 +45,15 @@ def test_bench_layer_smoke(tmp_path):
 
 def test_bench_model_smoke(tmp_path):
     out = _script("bench_model").main(["--tiny", "--tp", "2", "--tokens", "64", "--iters", "1",
-                                       "--warmup", "1", "--chunk", "32", "--chunked-len", "64",
-                                       "--decode-batch", "2", "--decode-steps", "2",
-                                       "--out", str(tmp_path)])
+                                       "--warmup", "1", "--decode-batch", "2", "--decode-context", "20",
+                                       "--decode-steps", "2", "--out", str(tmp_path)])
     assert (tmp_path / "bench_model.md").exists() and (tmp_path / "bench_model.png").exists()
     assert all("median_us" in out["prefill"][f"{v}/xla"][64]
                for v in ("baseline", "fused", "tokenweave", "nocomm"))
-    assert all("decode_tok_per_s" in out["chunked"][v] for v in ("baseline", "tokenweave"))
+    dec = out["decode"]["fused"]
+    assert dec["decode_tok_per_s"] > 0 and dec["decode_step_ms"] > 0 and dec["logits_finite"], dec
+    assert (dec["decode_batch"], dec["decode_context"]) == (2, 20)
+    assert "Decode" in open(tmp_path / "bench_model.md").read()
 
 
 def test_tune_split_smoke(tmp_path):
@@ -63,24 +71,64 @@ def test_tune_split_smoke(tmp_path):
     assert cfg.threshold in (32, 64, 128)   # a measured size, or above all (never split)
 
 
-def test_chunked_prefill_matches_one_shot():
-    """Chunked prefill (TokenWeave split inside each chunk, prefix from the cache) gives the
-    one-shot prefill's hidden states for the last chunk, and decode runs on the filled cache."""
+def _model_hidden(cfg, tokens, dtype):
+    """The reference: models.transformer.forward on one device (tp 1, nothing to reduce), the
+    same random weights (a function of seed and index, not of the sharding)."""
+    mesh1 = make_mesh(1)
+    w = bench.random_weights(cfg, mesh1, dtype=dtype)
+    B, S = tokens.shape
+
+    def body(w, ids):
+        pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+        x, _ = transformer.forward(w, ids, pos, spec=LayerSpec.of(cfg), inv_freq=rope_inv_freq(cfg),
+                                   reduce=Reducer("psum", "tp", cfg.rms_norm_eps),
+                                   attend=attention.causal("xla"))
+        return x
+    fn = shard_map(body, mesh=mesh1, in_specs=(bench.weight_specs(cfg, mesh1), P()), out_specs=P(),
+                   check_vma=False)
+    return np.asarray(jax.jit(fn)(w, jnp.asarray(tokens)))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_variants_match_model(batch):
+    """Every variant of layer_stack_fn but nocomm gives the model's final normed hidden states:
+    fused against models.transformer.forward run directly (tp 1) and against TPModel.logits (its
+    LM head applied to the hidden states), baseline / xla_split / tokenweave against fused
+    (split actually cut: kind "seq" for one prompt, "batch" for two; tokenweave's start/done
+    structure forced). nocomm, the no-communication ideal, does not."""
     cfg = get_preset("tiny-llama")
     mesh = make_mesh(4)
-    L, T, C = 2, 48, 16
-    w, wspecs = bench.random_layer(cfg, mesh, dtype=jnp.float32, num_layers=L)
-    rep = NamedSharding(mesh, P())
-    p = jax.device_put(0.5 * jax.random.normal(jax.random.key(0), (T, cfg.hidden_size)), rep)
-    full, _ = bench.layer_stack_fn("fused", cfg, mesh, wspecs, tokens=T, num_layers=L,
-                                   stacked=True)
-    ref = np.asarray(full(w, p))[0]
-    split = weave.SplitConfig(threshold=8, tile=4)
-    cs = NamedSharding(mesh, P(None, None, None, "tp", None))
-    shape = bench.cache_shape(cfg, 4, L, 1, T)
-    ck, cv = (jax.device_put(jnp.zeros(shape), cs) for _ in range(2))
-    for i in range(T // C):
-        f = bench.chunk_fn("tokenweave", cfg, mesh, wspecs, chunk=C, offset=i * C, num_layers=L,
-                           split=split)
-        x, ck, cv = f(w, p[i * C:(i + 1) * C], ck, cv)
-        np.testing.assert_allclose(np.asarray(x)[0], ref[i * C:(i + 1) * C], atol=1e-5, rtol=1e-5)
+    T = 48
+    w = bench.random_weights(cfg, mesh, dtype=jnp.float32)
+    ids = bench.token_ids(mesh, batch, T // batch, cfg.vocab_size, seed=3)
+    split = weave.SplitConfig(threshold=8, tile=4, overlap="force")
+    outs = {}
+    for v in bench.VARIANTS:
+        fn, plan = bench.layer_stack_fn(v, cfg, mesh, tokens=T, batch=batch, split=split)
+        if v in ("xla_split", "tokenweave"):
+            assert plan is not None and plan.kind == ("seq" if batch == 1 else "batch"), plan
+        else:
+            assert plan is None
+        outs[v] = np.asarray(fn(w, ids))
+        assert outs[v].shape == (batch, T // batch, cfg.hidden_size)
+    ref = _model_hidden(cfg, np.asarray(ids), jnp.float32)
+    np.testing.assert_allclose(outs["fused"], ref, atol=1e-5, rtol=1e-5)
+    logits = to_host(TPModel(cfg, w, mesh).logits(np.asarray(ids)))
+    np.testing.assert_allclose(outs["fused"] @ np.asarray(w["lm_head.kernel"]), logits, atol=1e-4, rtol=1e-4)
+    for v in ("baseline", "xla_split", "tokenweave"):
+        np.testing.assert_allclose(outs[v], outs["fused"], atol=1e-5, rtol=1e-5, err_msg=v)
+    assert not np.allclose(outs["nocomm"], outs["fused"], atol=1e-2), "nocomm drops the reductions"
+
+
+def test_variant_split_forced_below_threshold():
+    """xla_split / tokenweave split every size (threshold 2 below the config's threshold, same
+    tile and offset, overlap and CTA counts kept); the others never split."""
+    split = weave.SplitConfig(threshold=1024, tile=16, offset=4, comm_ctas=8, overlap="off",
+                              offsets=((512, 8),))
+    forced = bench.variant_split("tokenweave", 1, 64, split)
+    assert (forced.threshold, forced.tile, forced.offset, forced.offsets) == (2, 16, 4, ())
+    assert (forced.comm_ctas, forced.overlap) == (8, "off")
+    assert bench.variant_split("xla_split", 1, 2048, split) is split   # the config cuts it itself
+    assert all(bench.variant_split(v, 1, 2048, split) is None for v in ("baseline", "fused", "nocomm"))
+    kinds = {v: bench.make_reducer(v, get_preset("tiny-llama")).kind for v in bench.VARIANTS}
+    assert kinds == dict(baseline="psum", xla_split="psum", fused="fused", tokenweave="fused", nocomm="nocomm")

@@ -303,8 +303,9 @@ def test_hf_key_errors(hf_dir, tmp_path):
 
 
 def test_bench_moe_smoke(tmp_path):
-    """scripts/bench_moe.py on tiny-mixtral shapes (CPU): every section runs, split and unsplit
-    layers agree, results are written."""
+    """scripts/bench_moe.py on tiny-mixtral shapes (CPU): every section runs (the layer and model
+    sections through harness.layer_stack_fn, the model's forward on the Mixtral config), split
+    and unsplit layers agree, results are written."""
     import importlib.util
     import json
     spec = importlib.util.spec_from_file_location(
@@ -317,6 +318,9 @@ def test_bench_moe_smoke(tmp_path):
                           "--out", str(tmp_path)])
     assert out["layer"]["tokenweave"][24]["max_abs_diff_vs_fused"] < 1e-5
     assert out["layer"]["baseline"][24]["max_abs_diff_vs_fused"] < 1e-5
+    assert sum(out["layer"]["tokenweave"][24]["split"]["tokens"]) == 24   # split below the threshold too
+    assert "split" not in out["layer"]["fused"][24]
     assert "median_us" in out["model"]["tokenweave"][24] and "median_us" in out["moe"]["ragged"][24]
+    assert "median_us" in out["moe"]["dense_equiv"][24]
     assert json.load(open(tmp_path / "bench_moe.json"))["info"]["model"] == "tiny-mixtral"
     assert (tmp_path / "bench_moe.md").exists()

@@ -1,18 +1,25 @@
-"""Benchmark harness for the split schedule: random sharded layer weights, the five layer
-variants, timing, result files and a profile-trace timeline. Used by scripts/bench_layer.py,
-scripts/bench_model.py and scripts/tune_split.py.
+"""Benchmark harness for the split schedule: the five variants of the model's forward, random
+weights in the model's runtime layout, timing, result files and a profile-trace timeline. Used
+by scripts/bench_layer.py, scripts/bench_model.py, scripts/bench_moe.py and scripts/tune_split.py.
 
-Variants (all run the same attention/MLP math, weave.py's functional layer):
-    baseline    XLA's native TP path: psum + residual add + RMSNorm, replicated residual, no split
-    xla_split   the same psum path with the batch split in two (weave's order): XLA's own async
+There is no benchmark-only layer math: every variant runs the model's functions
+(``weave.schedule.forward`` -> models/transformer.py or the split schedule -> models/layers.py)
+on ``random_weights`` (model_io/random_weights.py, the layout TPModel runs) and differs only in
+the reduction it passes in (collective/reducer.py) and in whether the batch is split:
+
+    baseline    Reducer "psum": XLA's native TP path (psum + residual add + RMSNorm, replicated
+                residual), no split
+    xla_split   the same psum reducer with the batch split in two (weave's order): XLA's own async
                 collectives do whatever overlap they can
-    fused       fused_allreduce_rmsnorm (token-sharded residual), no split
+    fused       Reducer "fused": fused_allreduce_rmsnorm (token-sharded residual), no split
     tokenweave  fused + split + overlap (start/done pairs on GPU with the CUDA impl, the
-                collective on SplitConfig.comm_ctas SMs)
-    nocomm      reductions removed (residual += local partial): the ideal, not a correct model
+                collective on SplitConfig.comm_ctas SMs; ``schedule.use_overlap`` decides)
+    nocomm      Reducer "nocomm": reductions removed (residual += local partial): the ideal, not
+                a correct model
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import gzip
 import glob
@@ -30,12 +37,17 @@ forbid_multicast()
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jax_tokenweave import weave
-from jax_tokenweave.compat import shard_map
 from jax_tokenweave.collective.extension import available as cuda_available
+from jax_tokenweave.collective.reducer import Reducer
+from jax_tokenweave.compat import shard_map
+from jax_tokenweave.engine import attention
+from jax_tokenweave.model_io.random_weights import random_params
+from jax_tokenweave.models.layers import LayerSpec, rope_inv_freq
+from jax_tokenweave.parallel.sharding import param_shardings
+from jax_tokenweave.weave import schedule
+from jax_tokenweave.weave.split import SplitConfig, plan_split
 
 VARIANTS = ("baseline", "xla_split", "fused", "tokenweave", "nocomm")
 
@@ -62,119 +74,86 @@ def make_comm(mesh, impl: str, max_tokens: int, hidden: int, itemsize: int = 2):
     return Communicator(mesh, "tp", max_bytes=rows * hidden * itemsize + (1 << 20))
 
 
-def layer_specs(cfg, tp: int, axis: str = "tp") -> dict[str, P]:
-    kv = axis if tp <= cfg.num_kv_heads else None
-    specs = dict(wq=P(None, axis, None), wk=P(None, kv, None), wv=P(None, kv, None),
-                 wo=P(axis, None, None), w_gate=P(None, axis), w_up=P(None, axis),
-                 w_down=P(axis, None), input_norm=P(), post_attn_norm=P())
-    if cfg.attention_bias:
-        specs.update(bq=P(axis, None), bk=P(kv, None), bv=P(kv, None))
-    return specs
+def random_weights(cfg, mesh, *, num_layers: int | None = None, dtype=jnp.bfloat16, seed: int = 0,
+                   axis: str = "tp") -> dict:
+    """The model's own random weights (model_io/random_weights.py) in its runtime layout
+    (``layers.<path>`` [L, ...]) with `num_layers` layers (default: the config's), created
+    sharded on the devices: what TPModel and every benchmark variant run on."""
+    if num_layers is not None:
+        cfg = cfg.replace(num_layers=num_layers)
+    return random_params(cfg, mesh, seed=seed, dtype=dtype, axis_name=axis)
 
 
-def random_sharded(mesh, shapes: dict, specs: dict, fan_in: dict, *, seed=0,
-                   dtype=jnp.bfloat16, num_layers: int | None = None):
-    """Random weights {name: shape} (or `num_layers` stacked on a leading axis), created sharded
-    on the devices by a jit with out_shardings, so a large model never sits whole on one device.
-    Norm weights are ones; biases (names starting with "b") std 0.02; the rest fan_in**-0.5.
-    Returns (weights, {name: PartitionSpec})."""
-    lead = () if num_layers is None else (num_layers,)
-    shard = {k: NamedSharding(mesh, P(*((None,) * len(lead)), *specs[k])) for k in shapes}
-
-    def init():
-        keys = jax.random.split(jax.random.key(seed), len(shapes))
-        out = {}
-        for key, (name, shp) in zip(keys, sorted(shapes.items())):
-            if name.endswith("norm"):
-                out[name] = jnp.ones(lead + shp, dtype)
-            else:
-                std = 0.02 if name.startswith("b") else fan_in[name] ** -0.5
-                out[name] = (std * jax.random.normal(key, lead + shp, jnp.float32)).astype(dtype)
-        return out
-
-    return jax.jit(init, out_shardings=shard)(), {k: s.spec for k, s in shard.items()}
+def weight_specs(cfg, mesh, axis: str = "tp") -> dict[str, P]:
+    """path -> PartitionSpec of the runtime layout (the shard_map in_specs of the weights; the
+    layer count does not enter them)."""
+    return {k: s.spec for k, s in param_shardings(cfg, mesh, axis, stacked=True).items()}
 
 
-def random_layer(cfg, mesh, *, seed=0, dtype=jnp.bfloat16, num_layers: int | None = None,
-                 axis: str = "tp"):
-    """One dense layer's weights (or `num_layers` stacked), created sharded."""
-    D, H, KVH, hd, F = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                        cfg.intermediate_size)
-    shapes = dict(wq=(D, H, hd), wk=(D, KVH, hd), wv=(D, KVH, hd), wo=(H, hd, D), w_gate=(D, F),
-                  w_up=(D, F), w_down=(F, D), input_norm=(D,), post_attn_norm=(D,))
-    if cfg.attention_bias:
-        shapes.update(bq=(H, hd), bk=(KVH, hd), bv=(KVH, hd))
-    fan_in = dict(wq=D, wk=D, wv=D, w_gate=D, w_up=D, wo=H * hd, w_down=F)
-    return random_sharded(mesh, shapes, layer_specs(cfg, mesh.shape[axis], axis), fan_in,
-                          seed=seed, dtype=dtype, num_layers=num_layers)
+def token_ids(mesh, batch: int, seq: int, vocab: int, seed: int = 0) -> jax.Array:
+    """Random token ids [batch, seq] int32, replicated over the mesh."""
+    ids = jax.random.randint(jax.random.key(seed), (batch, seq), 0, vocab, jnp.int32)
+    return jax.device_put(ids, NamedSharding(mesh, P()))
 
 
-def make_reducer(variant: str, cfg, impl: str, comm=None, axis: str = "tp",
-                 split: weave.SplitConfig | None = None) -> weave.Reducer:
-    kind = {"baseline": "psum", "xla_split": "psum", "nocomm": "nocomm"}.get(variant, "fused")
-    split = split or weave.SplitConfig()
-    return weave.Reducer(kind, axis, cfg.rms_norm_eps, impl, comm, split.comm_ctas, split.comm_ctas_mlp)
-
-
-def layer_stack_fn(variant: str, cfg, mesh, wspecs, *, tokens: int, batch: int = 1,
-                   num_layers: int = 4, impl: str = "xla", comm=None, attn_impl: str = "xla",
-                   split: weave.SplitConfig | None = None, stacked: bool = False,
-                   axis: str = "tp"):
-    """A jitted fn(weights, partial [T, D]) -> normed [B, S, D] running `num_layers` layers of
-    `variant` under shard_map (lax.scan over the layers; the same weights each layer unless
-    `stacked`). `partial` plays the embedding's partial sum; every rank gets the same."""
-    from jax_tokenweave.models.llama import rope_cos_sin, rope_inv_freq
+def make_reducer(variant: str, cfg, impl: str = "xla", comm=None, axis: str = "tp",
+                 split: SplitConfig | None = None) -> Reducer:
+    """The reduction a variant passes to the model's forward (the only thing that differs
+    between the variants besides the split): psum for baseline/xla_split, none for nocomm, the
+    fused op for fused/tokenweave (with the split's CTA counts for the overlapped calls)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant {variant!r}; choose from {VARIANTS}")
+    kind = {"baseline": "psum", "xla_split": "psum", "nocomm": "nocomm"}.get(variant, "fused")
+    split = split or SplitConfig()
+    return Reducer(kind, axis, cfg.rms_norm_eps, impl, comm, split.comm_ctas, split.comm_ctas_mlp)
+
+
+def variant_split(variant: str, batch: int, seq: int, split: SplitConfig | None) -> SplitConfig | None:
+    """The SplitConfig a variant runs a [batch, seq] batch with: None (unsplit) for baseline,
+    fused and nocomm; for xla_split and tokenweave `split`, or, where `split` would not cut this
+    shape (below its threshold), the same config with threshold 2 and no per-size offsets, so
+    that every size shows split against unsplit."""
+    if variant not in ("xla_split", "tokenweave"):
+        return None
+    split = split or SplitConfig()
+    if plan_split(batch, seq, split) is None:
+        split = dataclasses.replace(split, threshold=2, offsets=())
+    return split
+
+
+def layer_stack_fn(variant: str, cfg, mesh, *, tokens: int, batch: int = 1, impl: str = "xla",
+                   comm=None, attn_impl: str = "xla", split: SplitConfig | None = None,
+                   moe_impl: str = "ragged", axis: str = "tp"):
+    """(jitted fn(weights, token_ids [B, S]) -> final normed hidden [B, S, D] (replicated), the
+    SplitPlan the variant runs, or None).
+
+    fn is the model's own forward, ``weave.schedule.forward`` (embedding, the stacked layers
+    under lax.scan, final norm; the LM head left out), under shard_map over `axis`, with
+    causal attention over the batch (engine/attention.py's ``causal`` / ``split_causal`` with
+    `attn_impl`). The variants differ only in the Reducer they pass (make_reducer) and in the
+    SplitConfig (variant_split); tokenweave's start/done overlap is ``schedule.use_overlap``'s
+    choice. The depth is the weights' (random_weights(num_layers=...)); a Mixtral config runs
+    its MoE FFN (LayerSpec.of(cfg), `moe_impl`). B = batch, S = tokens // batch."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant {variant!r}; choose from {VARIANTS}")
+    if tokens % batch:
+        raise ValueError(f"tokens ({tokens}) must be a multiple of batch ({batch})")
     S = tokens // batch
-    split = split or weave.SplitConfig()
     red = make_reducer(variant, cfg, impl, comm, axis, split)
-    spec = weave.LayerSpec(cfg.num_kv_heads, axis, attn_impl)
-    plan = None
-    if variant in ("xla_split", "tokenweave"):
-        plan = weave.plan_split(batch, S, split)
-        if plan is None:
-            plan = weave.plan_split(batch, S, weave.SplitConfig(threshold=2, tile=split.tile,
-                                                                offset=split.offset))
-    overlap = variant == "tokenweave" and weave.use_overlap(split, red)
-    inv = rope_inv_freq(cfg)
+    vsplit = variant_split(variant, batch, S, split)
+    plan = plan_split(batch, S, vsplit) if vsplit is not None else None
+    spec = LayerSpec.of(cfg, axis, moe_impl)
+    inv_freq = rope_inv_freq(cfg)
 
-    def body(w, p):
+    def body(weights, ids):
         pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (batch, S))
-        D = p.shape[-1]
-        norm0 = jax.tree.map(lambda a: a[0], w)["input_norm"] if stacked else w["input_norm"]
-        xs = w if stacked else None
-        pick = (lambda wl: wl) if stacked else (lambda _: w)
-        if plan is None:
-            x, r = red(p, red.init(tokens, D, p.dtype), norm0)
-            x = x.reshape(batch, S, D)
-            rope = rope_cos_sin(pos, inv)
+        x, _ = schedule.forward(weights, ids, pos, split=vsplit, spec=spec, red=red, inv_freq=inv_freq,
+                                attend=attention.causal(attn_impl),
+                                split_attend=attention.split_causal(attn_impl))
+        return x
 
-            def step(c, wl):
-                wl = pick(wl)
-                x, r, _ = weave.plain_layer(wl, *c, wl["input_norm"], rope, spec=spec, red=red)
-                return (x, r), None
-            (x, _), _ = jax.lax.scan(step, (x, r), xs, length=num_layers)
-            return x
-        pos0, pos1 = plan.split(pos)
-        rope0, rope1 = rope_cos_sin(pos0, inv), rope_cos_sin(pos1, inv)
-        T0, _ = plan.tokens
-        if plan.kind == "batch":
-            p0, p1 = p[:T0], p[T0:]
-        else:
-            pb = p.reshape(batch, S, D)
-            p0, p1 = (a.reshape(-1, D) for a in plan.split(pb))
-        carry = weave.split_begin(p0, p1, norm0, plan, red)
-
-        def step(c, wl):
-            wl = pick(wl)
-            c, _ = weave.split_layer(wl, c, wl["input_norm"], rope0, rope1, plan=plan, spec=spec,
-                                     red=red, overlap=overlap)
-            return c, None
-        carry, _ = jax.lax.scan(step, carry, xs, length=num_layers)
-        return weave.split_end(carry, norm0, plan, red)
-
-    fn = shard_map(body, mesh=mesh, in_specs=(wspecs, P()), out_specs=P(), check_vma=False)
+    fn = shard_map(body, mesh=mesh, in_specs=(weight_specs(cfg, mesh, axis), P()), out_specs=P(),
+                   check_vma=False)
     return jax.jit(fn), plan
 
 
@@ -339,106 +318,7 @@ def trace_timeline(trace_path: str, png_path: str, *, device_filter: str = "GPU"
                 comm_compute_overlap_us=overlap, rows=summary)
 
 
-# ------------------------------------------------------------------ chunked prefill + decode
-
-def cache_shape(cfg, tp: int, num_layers: int, batch: int, max_len: int):
-    return (num_layers, batch, max_len, max(cfg.num_kv_heads, tp), cfg.head_dim)
-
-
-def chunk_fn(variant: str, cfg, mesh, wspecs, *, chunk: int, offset: int, num_layers: int,
-             impl="xla", comm=None, attn_impl="xla", split=None, axis="tp"):
-    """A jitted fn(stacked weights, partial [chunk, D], ck, cv) -> (normed [1, chunk, D], ck, cv):
-    one prefill chunk of one sequence at static position `offset`, attending to the cache's
-    first `offset` positions; its k/v written at [offset, offset+chunk). ck/cv donated."""
-    from jax_tokenweave.models.llama import rope_cos_sin, rope_inv_freq
-    split = split or weave.SplitConfig()
-    red = make_reducer(variant, cfg, impl, comm, axis, split)
-    spec = weave.LayerSpec(cfg.num_kv_heads, axis, attn_impl)
-    plan = weave.plan_split(1, chunk, split) if variant in ("xla_split", "tokenweave") else None
-    overlap = variant == "tokenweave" and weave.use_overlap(split, red)
-    inv = rope_inv_freq(cfg)
-    cs = P(None, None, None, axis, None)
-
-    def body(w, p, ck, cv):
-        D = p.shape[-1]
-        pos = (offset + jnp.arange(chunk, dtype=jnp.int32))[None]
-        norm0 = w["input_norm"][0]
-
-        def prefix(ckl, cvl):
-            return (ckl[:, :offset], cvl[:, :offset]) if offset else None
-
-        if plan is None:
-            x, r = red(p, red.init(chunk, D, p.dtype), norm0)
-            rope = rope_cos_sin(pos, inv)
-
-            def step(c, xs):
-                wl, ckl, cvl = xs
-                x, r, kv = weave.plain_layer(wl, *c, wl["input_norm"], rope, spec=spec, red=red,
-                                             prefix_kv=prefix(ckl, cvl))
-                return (x, r), kv
-            (x, _), (ks, vs) = jax.lax.scan(step, (x.reshape(1, chunk, D), r), (w, ck, cv))
-        else:
-            pos0, pos1 = plan.split(pos)
-            rope0, rope1 = rope_cos_sin(pos0, inv), rope_cos_sin(pos1, inv)
-            T0, _ = plan.tokens
-            carry = weave.split_begin(p[:T0], p[T0:], norm0, plan, red)
-
-            def step(c, xs):
-                wl, ckl, cvl = xs
-                c, (k0, v0, k1, v1) = weave.split_layer(
-                    wl, c, wl["input_norm"], rope0, rope1, plan=plan, spec=spec, red=red,
-                    overlap=overlap, prefix_kv=prefix(ckl, cvl))
-                return c, (jnp.concatenate([k0, k1], 1), jnp.concatenate([v0, v1], 1))
-            carry, (ks, vs) = jax.lax.scan(step, carry, (w, ck, cv))
-            x = weave.split_end(carry, norm0, plan, red)
-        ck = jax.lax.dynamic_update_slice(ck, ks.astype(ck.dtype), (0, 0, offset, 0, 0))
-        cv = jax.lax.dynamic_update_slice(cv, vs.astype(cv.dtype), (0, 0, offset, 0, 0))
-        return x, ck, cv
-
-    fn = shard_map(body, mesh=mesh, in_specs=(wspecs, P(), cs, cs), out_specs=(P(), cs, cs),
-                   check_vma=False)
-    return jax.jit(fn, donate_argnums=(2, 3))
-
-
-def decode_fn(variant: str, cfg, mesh, wspecs, *, batch: int, impl="xla", comm=None, axis="tp"):
-    """A jitted fn(stacked weights, partial [B, D], ck, cv, lengths [B]) -> (normed [B, D], ck, cv):
-    one decode step for `batch` sequences (never split), k/v written at `lengths`."""
-    from jax_tokenweave.models.llama import rope_cos_sin, rope_inv_freq
-    red = make_reducer(variant, cfg, impl, comm, axis)
-    spec = weave.LayerSpec(cfg.num_kv_heads, axis, "xla")
-    inv = rope_inv_freq(cfg)
-    cs = P(None, None, None, axis, None)
-
-    def body(w, p, ck, cv, lengths):
-        D = p.shape[-1]
-        cos, sin = rope_cos_sin(lengths[:, None], inv)
-        x, r = red(p, red.init(batch, D, p.dtype), w["input_norm"][0])
-        max_len = ck.shape[2]
-        # cached keys j < lengths[b] plus the new key (appended last)
-        mask = jnp.concatenate([jnp.arange(max_len)[None] < lengths[:, None],
-                                jnp.ones((batch, 1), bool)], axis=1)[:, None, None, :]
-
-        def step(c, xs):
-            wl, ckl, cvl = xs
-            x, r = c
-            q, k, v = weave.qkv(wl, x.reshape(batch, 1, D), cos, sin, spec)
-            kk = jnp.concatenate([ckl.astype(k.dtype), k], axis=1)
-            vv = jnp.concatenate([cvl.astype(v.dtype), v], axis=1)
-            o = jax.nn.dot_product_attention(q, kk, vv, mask=mask, implementation="xla")
-            h = jnp.einsum("bshk,hkd->bsd", o, wl["wo"]).reshape(batch, D)
-            x, r = red(h, r, wl["post_attn_norm"])
-            x, r = red(weave.mlp_block(wl, x), r, wl["input_norm"])
-            return (x, r), (k[:, 0], v[:, 0])
-        (x, _), (ks, vs) = jax.lax.scan(step, (x, r), (w, ck, cv))
-        b = jnp.arange(batch)
-        ck = ck.at[:, b, lengths].set(ks.astype(ck.dtype))
-        cv = cv.at[:, b, lengths].set(vs.astype(cv.dtype))
-        return x, ck, cv
-
-    fn = shard_map(body, mesh=mesh, in_specs=(wspecs, P(), cs, cs, P()), out_specs=(P(), cs, cs),
-                   check_vma=False)
-    return jax.jit(fn, donate_argnums=(2, 3))
-
+# ------------------------------------------------------------------------ attention alone
 
 def attention_microbench(tokens, *, heads=16, kv_heads=2, head_dim=128, iters=10,
                          impls=("cudnn", "xla", "mgpu")):
