@@ -9,15 +9,30 @@ arithmetic on GPU), so no ``pool[layer]`` copy is ever made in XLA. Only pages t
 positions are read; ``block_tables`` entries past a sequence's pages are never dereferenced
 (they are replaced by page 0, whose contents are masked out).
 
-Lowering: Pallas' Triton backend on GPU, interpret mode elsewhere (``interpret=None``). Why Triton
-and not Mosaic GPU: the decode kernel is a memory-bound gather of 16-128-token pages through a
-block table, with a few (G = H // KVH, padded to 16) query rows; Triton's pointer-tensor loads
-express the gather directly and its software pipeliner keeps several page loads in flight, the
-lowering runs unchanged on jax 0.10.2 and 0.11.2, and the same kernel runs in interpret mode for
-CI. Mosaic GPU's strengths (TMA, wgmma with M >= 64) do not apply to a 16-row gather-bound
-kernel, TMA needs a descriptor per contiguous tile (a page is a tile: no longer bursts than
-Triton's), and jax 0.11.2's Mosaic GPU attention example refused bf16 here (DESIGN.md §9). The
-numbers for the two Triton block sizes benchmarked are in bench/results/paged_attention_h200.json.
+Lowering: Pallas' Triton backend on GPU, interpret mode elsewhere (``interpret=None``). Why
+Triton and not Mosaic GPU (Mosaic was not measured): the decode kernel is a memory-bound gather
+of 16-128-token pages through a block table with a few query rows (G = H // KVH padded to 16);
+Triton's pointer loads express the gather directly, its pipeliner keeps page loads in flight,
+the same lowering runs on jax 0.10.2 and 0.11.2 and the same kernel runs in interpret mode for
+CI. Mosaic GPU's strengths (TMA, wgmma with M >= 64) do not fit a 16-row kernel whose tiles are
+single pages, and jax 0.11.2's Mosaic attention example refused bf16 here (DESIGN.md section 9).
+What the measurements say there is left to win: on one H200 (jax 0.11.2, Llama-3.1-8B layer,
+bf16, copy bandwidth 3.95 TB/s measured in the same way; bench/results/paged_attention_h200.json)
+the default kernel at pages of 64 reads the *marginal* KV at 3.77 TB/s (batch 8: 85.6 us at
+8192 tokens - 32.2 us at 2048 = 53.4 us for 201 MB), 95% of the copy rate; its time is
+1.26x the valid-KV roofline at batch 8 / 8192 (cuDNN on a dense cache: 96.7 us, 1.42x) and
+1.20x at batch 32 / 8192. The rest is a fixed ~15 us per call in the timing loop (cuDNN shows
+the same: 22 us at batch 8 / 512, 17 MB), which no kernel-internal change removes.
+
+Loads: with pages >= 16 tokens each page of an inner step is its own [page_size, head_dim]
+load addressed by a scalar page id (default ``kv_gather=False``). Gathering several pages as
+one tile through a vector of page ids (``kv_gather=True``, needed for 8-token pages: Triton's
+dot wants N, K >= 16) measured 1.6x slower at pages of 16 (batch 8 / 8192: 150 us against
+93 us). ``block_k`` (KV tokens per step) defaults to 64: 128 measured 1.3x (pages of 16) to
+2.3x (pages of 64) slower at batch 8 / 8192 and within 10% at 2048; num_stages=3 no better
+than 2. The ragged kernel uses the same loads; its per-page version is checked on the GPU but
+was not timed (the second GPU call ran out of time first); the gathered version took 135 us for
+a 512-token chunk on 1024 tokens of context plus 31 decode rows (83 TFLOP/s).
 
 Split rule of ``paged_decode_attention`` (flash-decoding), static from shapes:
 ``num_splits = clamp(ceil(2 * 132 / (B * KVH)), 1, max(1, max_pages * page_size // 128))`` --
@@ -67,7 +82,7 @@ __all__ = [
 _NUM_SMS = 132
 _TARGET_PROGRAMS = 2 * _NUM_SMS
 _MIN_SPLIT_TOKENS = 128
-# Default KV tokens per inner-loop step (pages are gathered ``block_k // page_size`` at a time).
+# Default KV tokens per inner-loop step (``block_k // page_size`` pages loaded per step).
 _DEFAULT_BLOCK_K = 64
 # Default number of matrix rows (query rows x padded q heads of a group) of a ragged query block.
 _DEFAULT_RAGGED_ROWS = 64
@@ -139,7 +154,7 @@ def _layer_array(layer, num_layers, fn):
   if lv is not None:
     if not 0 <= lv < num_layers:
       raise ValueError(f"{fn}: layer {lv} out of range for a pool of {num_layers} layers.")
-  return layer.astype(jnp.int32).reshape(1)
+  return layer
 
 
 def _concrete_int(x):
@@ -149,6 +164,15 @@ def _concrete_int(x):
   except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError,
           jax.errors.TracerIntegerConversionError):
     return None
+
+
+def _resolve_gather(kv_gather, page_size, fn):
+  if kv_gather is None:
+    return page_size < 16
+  if not kv_gather and page_size < 16:
+    raise ValueError(f"{fn}: kv_gather=False needs pages of >= 16 tokens (Triton dot), got "
+                     f"{page_size}; leave kv_gather=None.")
+  return bool(kv_gather)
 
 
 def _pages_per_block(page_size: int, block_k: int | None, max_pages: int) -> int:
@@ -182,6 +206,14 @@ def _out_struct(shape, dtype, mat):
   return jax.ShapeDtypeStruct(shape, dtype)
 
 
+def _needs_plain(interpret, mat):
+  """Interpret mode inside shard_map with check_vma: jax's interpreter pads every masked access
+  of a varying ref with an invariant constant and fails. There (only there) the kernels pad the
+  small arrays (q, the output, the block table) in XLA so that nothing is out of bounds, and
+  use plain loads/stores with selects. On GPU masked accesses go to the unpadded arrays."""
+  return bool(interpret and mat is not None and getattr(mat, "varying", ()))
+
+
 def _pad_axis(x, axis, size):
   if x.shape[axis] >= size:
     return x
@@ -191,12 +223,16 @@ def _pad_axis(x, axis, size):
 
 
 def _dot_nt(a, b):
-  """a [M, K] x b [N, K]^T -> [M, N] in fp32 (IEEE for fp32 inputs on Triton)."""
-  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+  """a [M, K] x b [N, K]^T -> [M, N] in fp32 (IEEE for fp32 inputs on Triton, not tf32)."""
+  prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=prec,
+                         preferred_element_type=jnp.float32)
 
 
 def _dot_nn(a, b):
-  return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+  return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=prec,
+                         preferred_element_type=jnp.float32)
 
 
 def _masked_load(view, mask, plain):
@@ -218,41 +254,65 @@ def _masked_store(view, val, mask, plain):
     pltriton.store(view, val, mask=mask)
 
 
-def _load_kv_block(bt_ref, k_ref, v_ref, layer, seq, p0, n_pages, ppb, masked, plain):
-  """K, V of pages p0 .. p0+ppb-1 of sequence ``seq``: two [ppb * page_size, head_dim] tiles.
+def _kv_parts(bt_ref, k_ref, v_ref, layer, seq, p0, n_pages, ppb, masked, plain, gather,
+              max_pages):
+  """K/V of pages p0 .. p0+ppb-1 of sequence ``seq`` as [(token offset, k, v)].
 
-  ``masked``: pages >= n_pages may be in the block; their table entries are not read (page 0
-  is read instead and the caller masks those positions).
+  ``gather``: one [ppb * page_size, head_dim] tile pair loaded through a vector of page ids
+  (needed for pages of < 16 tokens: Triton's dot wants N, K >= 16). Otherwise one
+  [page_size, head_dim] pair per page, each addressed by a scalar page id (the loads stay
+  contiguous along head_dim; the gathered tile measured 1.6x slower on the H200). ``masked``: pages >= n_pages may be in the block; their table entries are
+  not read (page 0 is read instead and the caller masks those positions).
   """
   page_size, head_dim = k_ref.shape[-2:]
-  if ppb == 1:
-    pid = bt_ref[seq, p0]
-    if masked:
-      pid = jnp.where(p0 < n_pages, pid, 0)
-  else:
+  if gather and ppb > 1:
     pidx = p0 + jnp.arange(ppb, dtype=jnp.int32)
     if masked:
       pid = _masked_load(bt_ref.at[seq, pl.ds(p0, ppb)], pidx < n_pages, plain)
     else:
       pid = bt_ref[seq, pl.ds(p0, ppb)]
-  k = k_ref[layer, pid]
-  v = v_ref[layer, pid]
-  return k.reshape(ppb * page_size, head_dim), v.reshape(ppb * page_size, head_dim)
+    k = k_ref[layer, pid].reshape(ppb * page_size, head_dim)
+    v = v_ref[layer, pid].reshape(ppb * page_size, head_dim)
+    return [(0, k, v)]
+  parts = []
+  for j in range(ppb):
+    pj = p0 + j
+    if masked:
+      pid = bt_ref[seq, jnp.minimum(pj, max_pages - 1)]
+      pid = jnp.where(pj < n_pages, pid, 0)
+    else:
+      pid = bt_ref[seq, pj]
+    parts.append((j * page_size, k_ref[layer, pid], v_ref[layer, pid]))
+  return parts
 
 
-def _online_step(carry, q, k, v, qk_scale, valid):
-  """One flash step (base-2 logits). ``valid`` None or a bool [M, BK] / [1, BK] mask."""
+def _online_step(carry, q, parts, qk_scale, mask_fn):
+  """One flash step over the tiles ``parts`` (base-2 logits, one rescale for all of them).
+
+  ``mask_fn(offset, n)`` -> (score mask [M or 1, n], V row mask [n, 1]) or None: unmasked.
+  Masked scores get probability exactly 0 and masked V rows are zeroed, so stale or
+  non-finite cache contents past a sequence's end never reach the output.
+  """
   m_i, l_i, acc = carry
-  s = _dot_nt(q, k) * qk_scale
-  if valid is not None:
-    s = jnp.where(valid, s, _NEG)
-  m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
+  scored = []
+  m_new = m_i
+  for off, k, v in parts:
+    s = _dot_nt(q, k) * qk_scale
+    masks = None if mask_fn is None else mask_fn(off, k.shape[0])
+    if masks is not None:
+      s = jnp.where(masks[0], s, _NEG)
+    m_new = jnp.maximum(m_new, jnp.max(s, axis=1))
+    scored.append((s, masks, v))
   alpha = jnp.exp2(m_i - m_new)
-  p = jnp.exp2(s - m_new[:, None])
-  if valid is not None:
-    p = jnp.where(valid, p, 0.0)
-  l_new = l_i * alpha + jnp.sum(p, axis=1)
-  acc = acc * alpha[:, None] + _dot_nn(p.astype(v.dtype), v)
+  l_new = l_i * alpha
+  acc = acc * alpha[:, None]
+  for s, masks, v in scored:
+    p = jnp.exp2(s - m_new[:, None])
+    if masks is not None:
+      p = jnp.where(masks[0], p, 0.0)
+      v = jnp.where(masks[1], v, jnp.zeros_like(v))
+    l_new = l_new + jnp.sum(p, axis=1)
+    acc = acc + _dot_nn(p.astype(v.dtype), v)
   return m_new, l_new, acc
 
 
@@ -268,7 +328,7 @@ def decode_num_splits(batch: int, kv_heads: int, max_pages: int, page_size: int)
 
 
 def _decode_kernel(layer_ref, len_ref, bt_ref, q_ref, k_ref, v_ref, *out_refs, group, rows,
-                   ppb, max_pages, num_splits, static_pps, qk_scale, plain):
+                   ppb, max_pages, num_splits, static_pps, qk_scale, plain, gather):
   b = pl.program_id(0)
   s = pl.program_id(2)
   page_size, head_dim = k_ref.shape[-2:]
@@ -294,14 +354,14 @@ def _decode_kernel(layer_ref, len_ref, bt_ref, q_ref, k_ref, v_ref, *out_refs, g
 
   def body(c, carry, masked):
     p0 = p_start + c * ppb
-    k, v = _load_kv_block(bt_ref, k_ref, v_ref, layer, b, p0, n_pages, ppb, masked, plain)
-    valid = None
-    if masked:
-      tok = t_start + c * bk + jnp.arange(bk, dtype=jnp.int32)
-      tok_ok = tok < length
-      v = jnp.where(tok_ok[:, None], v, jnp.zeros_like(v))
-      valid = tok_ok[None, :]
-    return _online_step(carry, q, k, v, qk_scale, valid)
+    parts = _kv_parts(bt_ref, k_ref, v_ref, layer, b, p0, n_pages, ppb, masked, plain, gather,
+                      max_pages)
+
+    def mask_fn(off, n):
+      ok = t_start + c * bk + off + jnp.arange(n, dtype=jnp.int32) < length
+      return ok[None, :], ok[:, None]
+
+    return _online_step(carry, q, parts, qk_scale, mask_fn if masked else None)
 
   carry = (jnp.full((rows,), _NEG, jnp.float32), jnp.zeros((rows,), jnp.float32),
            jnp.zeros((rows, head_dim), jnp.float32))
@@ -321,7 +381,7 @@ def _decode_kernel(layer_ref, len_ref, bt_ref, q_ref, k_ref, v_ref, *out_refs, g
 
 def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, layer, *, scale=None,
                            pages_per_split=None, interpret=None, num_splits=None, block_k=None,
-                           num_warps=4, num_stages=2):
+                           kv_gather=None, num_warps=4, num_stages=2):
   """Flash-decoding attention of one query per sequence over its pages of layer ``layer``.
 
   q [B, H, hd]; k_pool, v_pool [L, KVH, num_pages, page_size, hd]; block_tables int32
@@ -329,7 +389,8 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, layer, *, s
   positions 0 .. lengths[b]-1; layer: int32 scalar (may be traced). Returns [B, H, hd] in q's
   dtype. ``pages_per_split`` fixes the pages of each split (static boundaries), ``num_splits``
   the split count; by default both follow the rule of the module docstring. ``block_k``: KV
-  tokens per inner step (power of two; default 64, at least one page).
+  tokens per inner step (power of two; default 64, at least one page). ``kv_gather``: load the
+  pages of a step as one gathered tile (default only for pages < 16 tokens; see _kv_parts).
   """
   fn = "paged_decode_attention"
   _check_pool(q, k_pool, v_pool, block_tables, fn)
@@ -366,12 +427,23 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, layer, *, s
   else:
     ns = decode_num_splits(batch, kvh, max_pages, page_size)
 
+  gather = _resolve_gather(kv_gather, page_size, fn)
+  return _decode_impl(q, k_pool, v_pool, block_tables, lengths, layer_arr, group=group,
+                      rows=rows, ppb=ppb, ns=ns, static_pps=static_pps, scale=scale,
+                      interpret=interpret, gather=gather, num_warps=int(num_warps),
+                      num_stages=int(num_stages))
+
+
+@functools.partial(jax.jit, static_argnames=("group", "rows", "ppb", "ns", "static_pps", "scale",
+                                             "interpret", "gather", "num_warps", "num_stages"))
+def _decode_impl(q, k_pool, v_pool, block_tables, lengths, layer_arr, *, group, rows, ppb, ns,
+                 static_pps, scale, interpret, gather, num_warps, num_stages):
+  num_layers, kvh, _, page_size, head_dim = k_pool.shape
+  batch, heads, _ = q.shape
+  max_pages = block_tables.shape[1]
+  layer_arr = layer_arr.astype(jnp.int32).reshape(1)
   mat = _most_varying_mat(q, k_pool, v_pool, block_tables, lengths)
-  # Interpret mode under shard_map with check_vma cannot pad the out-of-bounds part of a
-  # masked load/store (jax's interpreter pads a varying value with an invariant constant):
-  # there, and only there, the small arrays are padded in XLA so no access is out of bounds.
-  # On GPU the masked accesses go straight to the unpadded arrays.
-  pad = interpret and mat is not None and bool(getattr(mat, "varying", ()))
+  pad = _needs_plain(interpret, mat)
   qg = q.reshape(batch, kvh, group, head_dim)
   gq = group
   bt = block_tables
@@ -381,7 +453,7 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, layer, *, s
     bt = _pad_axis(bt, 1, -(-max_pages // ppb) * ppb)
   kernel = functools.partial(
       _decode_kernel, group=group, rows=rows, ppb=ppb, max_pages=max_pages, num_splits=ns,
-      static_pps=static_pps, qk_scale=scale * _LOG2E)
+      static_pps=static_pps, qk_scale=scale * _LOG2E, plain=pad, gather=gather)
   pool_spec = pl.BlockSpec((num_layers, None) + k_pool.shape[2:], lambda b, h, s: (0, h, 0, 0, 0))
   in_specs = [
       pl.BlockSpec((1,), lambda b, h, s: (0,)),
@@ -430,7 +502,7 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, layer, *, s
 
 
 def _ragged_kernel(layer_ref, meta_ref, qs_ref, ctx_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *,
-                   group, gpad, bq, ppb, max_pages, num_seqs_static, qk_scale, plain):
+                   group, gpad, bq, ppb, max_pages, num_seqs_static, qk_scale, plain, gather):
   i = pl.program_id(0)
   page_size, head_dim = k_ref.shape[-2:]
   bk = ppb * page_size
@@ -460,14 +532,14 @@ def _ragged_kernel(layer_ref, meta_ref, qs_ref, ctx_ref, bt_ref, q_ref, k_ref, v
     pos = jnp.broadcast_to((base + row)[:, None], (bq, gpad)).reshape(m_rows)
 
     def body(c, carry, masked):
-      k, v = _load_kv_block(bt_ref, k_ref, v_ref, layer, seq, c * ppb, n_pages, ppb, masked,
-                            plain)
-      valid = None
-      if masked:
-        key = c * bk + jnp.arange(bk, dtype=jnp.int32)
-        valid = key[None, :] <= pos[:, None]
-        v = jnp.where((key < ctx)[:, None], v, jnp.zeros_like(v))
-      return _online_step(carry, q, k, v, qk_scale, valid)
+      parts = _kv_parts(bt_ref, k_ref, v_ref, layer, seq, c * ppb, n_pages, ppb, masked, plain,
+                        gather, max_pages)
+
+      def mask_fn(off, n):
+        key = c * bk + off + jnp.arange(n, dtype=jnp.int32)
+        return key[None, :] <= pos[:, None], (key < ctx)[:, None]
+
+      return _online_step(carry, q, parts, qk_scale, mask_fn if masked else None)
 
     carry = (jnp.full((m_rows,), _NEG, jnp.float32), jnp.zeros((m_rows,), jnp.float32),
              jnp.zeros((m_rows, head_dim), jnp.float32))
@@ -522,7 +594,7 @@ def _ragged_block_table(query_start, num_seqs, num_rows, num_seq_slots, bq):
 
 def ragged_paged_attention(q, k_pool, v_pool, block_tables, context_lens, query_start, num_seqs,
                            layer, *, scale=None, interpret=None, block_q=None, block_k=None,
-                           num_warps=4, num_stages=2):
+                           kv_gather=None, num_warps=4, num_stages=2):
   """Causal attention of a flat ragged batch of query rows over the paged cache.
 
   q [T, H, hd]: sequence s owns rows query_start[s] : query_start[s+1] (query_start int32
@@ -532,7 +604,8 @@ def ragged_paged_attention(q, k_pool, v_pool, block_tables, context_lens, query_
   may be traced): sequences >= num_seqs and rows outside [query_start[0],
   query_start[num_seqs]) are padding and come back as zeros. block_tables int32 [S, max_pages].
   ``block_q``: query rows per block (power of two, default 64 // G_pad, at least 1);
-  ``block_k``: KV tokens per inner step. Returns [T, H, hd] in q's dtype.
+  ``block_k``: KV tokens per inner step; ``kv_gather`` as in ``paged_decode_attention``.
+  Returns [T, H, hd] in q's dtype.
   """
   fn = "ragged_paged_attention"
   _check_pool(q, k_pool, v_pool, block_tables, fn)
@@ -560,9 +633,24 @@ def ragged_paged_attention(q, k_pool, v_pool, block_tables, context_lens, query_
   ppb = _pages_per_block(page_size, block_k, max_pages)
   scale = head_dim ** -0.5 if scale is None else float(scale)
 
+  gather = _resolve_gather(kv_gather, page_size, fn)
+  return _ragged_impl(q, k_pool, v_pool, block_tables, context_lens, query_start,
+                      num_seqs.astype(jnp.int32).reshape(()), layer_arr, group=group, gpad=gpad,
+                      bq=bq, ppb=ppb, scale=scale, interpret=interpret, gather=gather,
+                      num_warps=int(num_warps), num_stages=int(num_stages))
+
+
+@functools.partial(jax.jit, static_argnames=("group", "gpad", "bq", "ppb", "scale", "interpret",
+                                             "gather", "num_warps", "num_stages"))
+def _ragged_impl(q, k_pool, v_pool, block_tables, context_lens, query_start, num_seqs, layer_arr,
+                 *, group, gpad, bq, ppb, scale, interpret, gather, num_warps, num_stages):
+  num_layers, kvh, _, page_size, head_dim = k_pool.shape
+  num_rows, heads, _ = q.shape
+  s_slots, max_pages = block_tables.shape
+  layer_arr = layer_arr.astype(jnp.int32).reshape(1)
   meta, nb = _ragged_block_table(query_start, num_seqs, num_rows, s_slots, bq)
   mat = _most_varying_mat(q, k_pool, v_pool, block_tables, context_lens, query_start)
-  pad = interpret and mat is not None and bool(getattr(mat, "varying", ()))  # see decode
+  pad = _needs_plain(interpret, mat)  # see _decode_impl
   qg = q.reshape(num_rows, kvh, group, head_dim)
   rows_p, gq, bt = num_rows, group, block_tables
   if pad:
@@ -571,7 +659,7 @@ def ragged_paged_attention(q, k_pool, v_pool, block_tables, context_lens, query_
     bt = _pad_axis(bt, 1, -(-max_pages // ppb) * ppb)
   kernel = functools.partial(
       _ragged_kernel, group=group, gpad=gpad, bq=bq, ppb=ppb, max_pages=max_pages,
-      num_seqs_static=s_slots, qk_scale=scale * _LOG2E)
+      num_seqs_static=s_slots, qk_scale=scale * _LOG2E, plain=pad, gather=gather)
   pool_spec = pl.BlockSpec((num_layers, None) + k_pool.shape[2:], lambda i, h: (0, h, 0, 0, 0))
   out = pl.pallas_call(
       kernel,
@@ -607,22 +695,29 @@ def paged_attention_reference(q, k_pool, v_pool, block_tables, context_lens, lay
   context_lens[b] - 1 (so ``context_lens`` is ``lengths``). Ragged form: the arguments of
   ``ragged_paged_attention``; rows outside [query_start[0], query_start[num_seqs]) give zeros.
   """
+  if query_start is None:
+    query_start = jnp.arange(q.shape[0] + 1, dtype=jnp.int32)
+    num_seqs = q.shape[0]
+  scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+  return _reference_impl(q, k_pool, v_pool, block_tables, context_lens, layer, query_start,
+                         num_seqs, scale=scale)
+
+
+@functools.partial(jax.jit, static_argnames=("scale",))
+def _reference_impl(q, k_pool, v_pool, block_tables, context_lens, layer, query_start, num_seqs,
+                    *, scale):
   num_rows, heads, head_dim = q.shape
   _, kvh, _, page_size, _ = k_pool.shape
   s_slots, max_pages = block_tables.shape
-  if query_start is None:
-    query_start = jnp.arange(num_rows + 1, dtype=jnp.int32)
-    num_seqs = num_rows
-  scale = head_dim ** -0.5 if scale is None else scale
   group = heads // kvh
   n_keys = max_pages * page_size
   # [S, KVH, n_keys, hd] per sequence, fp32
-  k = jnp.asarray(k_pool)[layer][:, block_tables].astype(jnp.float32)
-  v = jnp.asarray(v_pool)[layer][:, block_tables].astype(jnp.float32)
+  k = k_pool[layer][:, block_tables].astype(jnp.float32)
+  v = v_pool[layer][:, block_tables].astype(jnp.float32)
   k = k.reshape(kvh, s_slots, n_keys, head_dim).transpose(1, 0, 2, 3)
   v = v.reshape(kvh, s_slots, n_keys, head_dim).transpose(1, 0, 2, 3)
   rows = jnp.arange(num_rows)
-  seq = jnp.clip(jnp.searchsorted(query_start, rows, side="right") - 1, 0, s_slots - 1)
+  seq = jnp.clip(jnp.sum(query_start[None, :] <= rows[:, None], axis=1) - 1, 0, s_slots - 1)
   live = (rows >= query_start[0]) & (rows < query_start[num_seqs])
   q_len = query_start[seq + 1] - query_start[seq]
   pos = context_lens[seq] - q_len + (rows - query_start[seq])
