@@ -224,7 +224,7 @@ def _tiny_hf_tensors(cfg):
 def test_tiny_gguf_round_trip_undoes_the_permutation(tmp_path):
     from jax_tokenweave.model_io.checkpoint import convert_gguf_to_orbax, load_checkpoint
     from jax_tokenweave.models.hf_keys import hf_to_param
-    cfg = get_preset("tiny-llama").replace(rope_scaling=None)
+    cfg = get_preset("tiny-llama").replace(rope_scaling=None, head_dim=8)  # GGUF: head_dim = hidden / heads
     hf = _tiny_hf_tensors(cfg)
     _write_tiny_gguf(tmp_path / "tiny.gguf", cfg, hf)
     read = gguf_loader.config_from_gguf(tmp_path / "tiny.gguf")
@@ -239,7 +239,7 @@ def test_tiny_gguf_round_trip_undoes_the_permutation(tmp_path):
 
 def test_gguf_missing_tensor_is_named(tmp_path):
     from jax_tokenweave.model_io.checkpoint import CheckpointError, convert_gguf_to_orbax
-    cfg = get_preset("tiny-llama").replace(rope_scaling=None)
+    cfg = get_preset("tiny-llama").replace(rope_scaling=None, head_dim=8)  # GGUF: head_dim = hidden / heads
     _write_tiny_gguf(tmp_path / "broken.gguf", cfg, _tiny_hf_tensors(cfg),
                      drop={"model.layers.1.mlp.up_proj.weight"})
     with pytest.raises(CheckpointError, match="missing tensor 'model.layers.1.mlp.up_proj.weight'"):

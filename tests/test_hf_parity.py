@@ -14,7 +14,7 @@ from jax_tokenweave.parallel.mesh import make_mesh  # noqa: E402
 from jax_tokenweave.models import from_hf_config, get_preset  # noqa: E402
 from jax_tokenweave.models.config import to_hf_dict  # noqa: E402
 from jax_tokenweave.models.hf_keys import check_complete, hf_to_param, is_ignored  # noqa: E402
-from jax_tokenweave.models.llama import rope_inv_freq  # noqa: E402
+from jax_tokenweave.models.layers import rope_inv_freq  # noqa: E402
 from jax_tokenweave.engine.runner import TPModel, to_host  # noqa: E402
 
 ATOL = RTOL = 1e-4
@@ -106,7 +106,7 @@ def test_tied_lm_head_is_ignored_and_buffers_skipped(hf_case):
     with pytest.raises(ValueError, match="unknown HF key 'model.layers.0.mlp.experts.0.w1.weight'"):
         hf_to_param(cfg, "model.layers.0.mlp.experts.0.w1.weight", np.zeros((4, 4)))
     q = hf.state_dict()["model.layers.0.self_attn.q_proj.weight"].numpy()
-    with pytest.raises(ValueError, match=r"q_proj.weight.*got shape \(64, 63\)"):
+    with pytest.raises(ValueError, match=r"q_proj.weight.*got shape \(128, 63\)"):
         hf_to_param(cfg, "model.layers.0.self_attn.q_proj.weight", q[:, :63])
     with pytest.raises(ValueError, match="layers.7"):
         hf_to_param(cfg, "model.layers.7.input_layernorm.weight", np.ones(64, np.float32))

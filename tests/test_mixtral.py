@@ -14,8 +14,7 @@ from jax_tokenweave.parallel.mesh import make_mesh
 from jax_tokenweave.models import get_preset
 from jax_tokenweave.models import hf_keys
 from jax_tokenweave.models.config import ModelConfig, from_hf_config, to_hf_dict
-from jax_tokenweave.models.llama import TPContext
-from jax_tokenweave.models.mixtral import MoE, capacity, route, sort_by_expert
+from jax_tokenweave.models.mixtral import MoE, capacity, moe_ffn, route, sort_by_expert
 from jax_tokenweave.engine.runner import TPModel, to_host
 
 ATOL = RTOL = 1e-5
@@ -76,10 +75,16 @@ def _dense_reference(moe: MoE, x: np.ndarray) -> np.ndarray:
     g = np.asarray(moe.gate.kernel[...], np.float64)
     w1, w3, w2 = (np.asarray(a[...], np.float64) for a in
                   (moe.experts.w1, moe.experts.w3, moe.experts.w2))
-    w, idx = _np_route(x @ g, moe.num_experts_per_tok)
+    w, idx = _np_route(x @ g, CFG.num_experts_per_tok)
     gate, up = np.einsum("td,edf->tef", x, w1), np.einsum("td,edf->tef", x, w3)
     y = np.einsum("tef,efd->ted", gate / (1 + np.exp(-gate)) * up, w2)   # [T, E, D]
     return np.einsum("tkd,tk->td", np.take_along_axis(y, idx[:, :, None], 1), w)
+
+
+def _moe(moe: MoE, x, impl="ragged"):
+    """The MoE math (models/moe.py) on the container's weights, as the layer calls it."""
+    return moe_ffn(x, moe.gate.kernel[...], moe.experts.w1[...], moe.experts.w3[...], moe.experts.w2[...],
+                   k=CFG.num_experts_per_tok, impl=impl)
 
 
 @pytest.mark.parametrize("impl", ["ragged", "capacity"])
@@ -91,8 +96,7 @@ def test_moe_matches_dense_reference(impl, skew):
     if skew:
         moe.gate.kernel[...] = moe.gate.kernel[...].at[:, :2].add(5.0)
     x = np.random.default_rng(1).normal(size=(2, 37, CFG.hidden_size)).astype(np.float32)
-    ctx = TPContext(moe_impl=impl)
-    got = jax.jit(lambda m, x: m(x, ctx))(moe, jnp.asarray(x))
+    got = jax.jit(lambda m, x: _moe(m, x, impl))(moe, jnp.asarray(x))
     assert got.shape == x.shape and got.dtype == jnp.float32
     ref = _dense_reference(moe, x.reshape(-1, CFG.hidden_size).astype(np.float64))
     np.testing.assert_allclose(np.asarray(got).reshape(-1, CFG.hidden_size), ref, atol=1e-5, rtol=1e-5)
@@ -103,7 +107,7 @@ def test_moe_matches_dense_reference(impl, skew):
 
 def test_moe_lowers_to_ragged_dot_not_a_loop():
     moe = MoE(CFG, rngs=nnx.Rngs(0), dtype=jnp.float32)
-    jaxpr = str(jax.make_jaxpr(lambda x: moe(x))(jnp.zeros((16, CFG.hidden_size))))
+    jaxpr = str(jax.make_jaxpr(lambda x: _moe(moe, x))(jnp.zeros((16, CFG.hidden_size))))
     assert jaxpr.count("ragged_dot_general[") == 3 and "while" not in jaxpr
 
 
@@ -145,10 +149,11 @@ def test_logits_agree_across_tp(tp, tokens, reference):
 def test_expert_weights_sharded_on_ffn():
     m = model(4)
     shard = lambda p: m.params[p].addressable_shards[0].data.shape  # noqa: E731
-    assert shard("layers.0.mlp.experts.w1") == (8, 64, 16)
-    assert shard("layers.0.mlp.experts.w3") == (8, 64, 16)
-    assert shard("layers.0.mlp.experts.w2") == (8, 16, 64)
-    assert shard("layers.0.mlp.gate.kernel") == (64, 8)      # router replicated
+    L = CFG.num_layers   # layers stacked on a leading axis (runtime layout)
+    assert shard("layers.mlp.experts.w1") == (L, 8, 64, 16)
+    assert shard("layers.mlp.experts.w3") == (L, 8, 64, 16)
+    assert shard("layers.mlp.experts.w2") == (L, 8, 16, 64)
+    assert shard("layers.mlp.gate.kernel") == (L, 64, 8)      # router replicated
 
 
 def test_prefill_decode_match_full_forward(tokens):

@@ -11,6 +11,7 @@ from jax.sharding import PartitionSpec as P
 from jax_tokenweave import fused_allreduce_rmsnorm
 from jax_tokenweave.parallel.mesh import make_mesh
 from jax_tokenweave.models import ModelConfig, from_hf_config, get_preset
+from jax_tokenweave.models.llama import unstack_layers
 from jax_tokenweave.engine.runner import TPModel, to_host
 from jax_tokenweave.parallel.sharding import param_shardings
 
@@ -108,7 +109,7 @@ def model():
 
 
 def test_params_must_match_the_config(model):
-    flat = {k: to_host(v) for k, v in model.params.items()}
+    flat = unstack_layers({k: to_host(v) for k, v in model.params.items()})   # the checkpoint layout
     missing = dict(flat)
     del missing["layers.1.mlp.up_proj.kernel"]
     with pytest.raises(ValueError, match=r"missing \['layers.1.mlp.up_proj.kernel'\]"):

@@ -93,23 +93,28 @@ def test_odd_head_counts_tp_3_and_6():
 
 
 def test_cache_layout_and_weight_sharding():
-    cfg = get_preset("tiny-llama")  # 8 heads, 2 KV heads
+    cfg = get_preset("tiny-llama")  # 8 heads, 2 KV heads, 2 layers
+    L = cfg.num_layers
     m = model("tiny-llama", 8)
-    cache = m.init_cache(2, 8)
+    cache = m.init_cache(2, 40)
+    # Paged pools [L, KVH, pages, page, hd]: 1 scratch page + 2 sequences x ceil(40 / 16) pages.
     # KV heads replicated at tp=8 > 2: the cache holds one KV head per rank.
-    assert cache.k.shape == (cfg.num_layers, 2, 8, 8, cfg.head_dim)
-    assert cache.k.addressable_shards[0].data.shape == (cfg.num_layers, 2, 8, 1, cfg.head_dim)
+    assert cache.pages.k.shape == (L, 8, 1 + 2 * 3, 16, cfg.head_dim)
+    assert cache.pages.k.addressable_shards[0].data.shape == (L, 1, 7, 16, cfg.head_dim)
+    np.testing.assert_array_equal(to_host(cache.block_tables), [[1, 2, 3], [4, 5, 6]])
+    assert cache.max_len == 40
+    # Weights in the runtime layout: layers stacked on a leading axis.
     shard = lambda p: m.params[p].addressable_shards[0].data.shape  # noqa: E731
-    assert shard("layers.0.attn.q_proj.kernel") == (64, 1, 8)          # column-parallel heads
-    assert shard("layers.0.attn.k_proj.kernel") == (64, 2, 8)          # replicated KV heads
-    assert shard("layers.0.attn.o_proj.kernel") == (1, 8, 64)          # row-parallel
-    assert shard("layers.0.mlp.gate_proj.kernel") == (64, 16)
-    assert shard("layers.0.mlp.down_proj.kernel") == (16, 64)
-    assert shard("embed_tokens.embedding") == (32, 64)                 # vocab-parallel
+    assert shard("layers.attn.q_proj.kernel") == (L, 64, 1, 16)          # column-parallel heads
+    assert shard("layers.attn.k_proj.kernel") == (L, 64, 2, 16)          # replicated KV heads
+    assert shard("layers.attn.o_proj.kernel") == (L, 1, 16, 64)          # row-parallel
+    assert shard("layers.mlp.gate_proj.kernel") == (L, 64, 16)
+    assert shard("layers.mlp.down_proj.kernel") == (L, 16, 64)
+    assert shard("embed_tokens.embedding") == (32, 64)                   # vocab-parallel
     assert shard("lm_head.kernel") == (64, 32)
     assert shard("final_norm.weight") == (64,)
     m2 = model("tiny-llama", 2)
-    assert m2.params["layers.0.attn.k_proj.kernel"].addressable_shards[0].data.shape == (64, 1, 8)
+    assert m2.params["layers.attn.k_proj.kernel"].addressable_shards[0].data.shape == (L, 64, 1, 16)
 
 
 def test_bfloat16_runs_close_to_float32(tokens, reference):
@@ -125,9 +130,9 @@ def test_bfloat16_runs_close_to_float32(tokens, reference):
 def test_random_init_is_sharded_per_device():
     """TPModel.random builds each shard on its device: the result is already placed."""
     m = TPModel.random(get_preset("tiny-qwen2"), make_mesh(4), seed=3)
-    q = m.params["layers.1.attn.q_proj.bias"]
-    assert q.shape == (8, 8) and len(q.addressable_shards) == 4
-    assert q.addressable_shards[0].data.shape == (2, 8)
+    q = m.params["layers.attn.q_proj.bias"]
+    assert q.shape == (2, 8, 16) and len(q.addressable_shards) == 4
+    assert q.addressable_shards[0].data.shape == (2, 2, 16)
     assert "lm_head.kernel" not in m.params  # tied embeddings
     assert jax.tree.all(jax.tree.map(lambda a: bool(jnp.isfinite(a).all()), m.params))
 

@@ -175,11 +175,12 @@ def _model_logits(overlap, toks):
 
 def test_overlap_structure():
     """With overlap (forced here; automatic on GPU with the CUDA impls) every pair is start,
-    an optimization barrier, the other half's compute, done: one barrier per pair, 4 per layer.
-    On CPU ("auto") there are none, and the logits are the same either way."""
+    an optimization barrier, the other half's compute, done: one barrier per pair, 4 per layer,
+    in the one scanned layer body. On CPU ("auto") there are none, and the logits are the same
+    either way."""
     toks = np.random.default_rng(0).integers(0, 256, (1, 19)).astype(np.int32)
     txt_on, logits_on = _model_logits("force", toks)
     txt_auto, logits_auto = _model_logits("auto", toks)
-    assert txt_on.count("stablehlo.optimization_barrier") == 8   # 2 layers x 4 pairs
+    assert txt_on.count("stablehlo.optimization_barrier") == 4   # 4 pairs in the scanned layer
     assert "optimization_barrier" not in txt_auto
     np.testing.assert_array_equal(logits_on, logits_auto)

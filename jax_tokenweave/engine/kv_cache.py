@@ -46,14 +46,11 @@ class KVCache:
     pages: KVPages
     block_tables: jax.Array   # [B, pages_per_seq] int32 (replicated)
     lengths: jax.Array        # [B] int32: valid positions per sequence (replicated)
+    max_len: int = struct.field(pytree_node=False, default=0)   # positions a sequence may hold
 
     @property
     def batch(self) -> int:
         return self.block_tables.shape[0]
-
-    @property
-    def max_len(self) -> int:
-        return self.block_tables.shape[1] * self.pages.page_size
 
 
 def pages_bytes(cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> int:

@@ -140,7 +140,7 @@ class TPModel:
             return transformer.logits_at(params, last, self.axis_name), pages
         logits, pages = self._smap(local, (self._pspecs, P(), P(), P(), self._cspecs), (P(), self._cspecs))(
             params, tokens, lengths, cache.block_tables, cache.pages)
-        return logits, KVCache(pages=pages, block_tables=cache.block_tables, lengths=lengths)
+        return logits, KVCache(pages=pages, block_tables=cache.block_tables, lengths=lengths, max_len=cache.max_len)
 
     def decode_fn(self, params, tokens, cache: KVCache):
         """Pure (un-jitted) decode step: (float32 logits [B, V], cache with lengths + 1)."""
@@ -150,7 +150,8 @@ class TPModel:
             return transformer.logits_at(params, x[:, 0], self.axis_name), pages
         logits, pages = self._smap(local, (self._pspecs, P(), P(), P(), self._cspecs), (P(), self._cspecs))(
             params, tokens, cache.lengths, cache.block_tables, cache.pages)
-        return logits, KVCache(pages=pages, block_tables=cache.block_tables, lengths=cache.lengths + 1)
+        return logits, KVCache(pages=pages, block_tables=cache.block_tables, lengths=cache.lengths + 1,
+                               max_len=cache.max_len)
 
     def _smap(self, f, ins, outs):
         return shard_map(f, mesh=self.mesh, in_specs=ins, out_specs=outs, check_vma=False)
@@ -200,7 +201,8 @@ class TPModel:
         pages = init_pages(self.cfg, self.mesh, 1 + batch * per_seq, page_size, dtype or self.dtype,
                            self.axis_name)
         tables = self._input(static_block_tables(batch, per_seq), "block_tables", 2)
-        return KVCache(pages=pages, block_tables=tables, lengths=self._input(np.zeros(batch, np.int32), "lengths", 1))
+        return KVCache(pages=pages, block_tables=tables, lengths=self._input(np.zeros(batch, np.int32), "lengths", 1),
+                       max_len=max_len)
 
     def logits(self, tokens) -> jax.Array:
         """tokens [B, S] -> float32 logits [B, S, V] (causal, no cache)."""

@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from jax_tokenweave.models import hf_keys
+from jax_tokenweave.models.llama import is_stacked, unstack_layers
 from jax_tokenweave.models.config import ModelConfig, from_hf_config, to_hf_dict
 
 FORMAT = "jax_tokenweave/orbax-per-param/v1"
@@ -396,7 +397,11 @@ def convert_gguf_to_orbax(gguf_path: str | os.PathLike, out_dir: str | os.PathLi
 
 def save_params(out_dir: str | os.PathLike, cfg: ModelConfig, params: dict[str, Any], *,
                 tokenizer=None, dtype=None, overwrite: bool = False, progress: bool = False) -> str:
-    """Write a flat dict path -> array (numpy, or fully addressable jax arrays) in the same format."""
+    """Write a flat dict path -> array (numpy, or fully addressable jax arrays) in the same format.
+    Runtime-layout params (layers stacked, TPModel.params) are written per layer, as checkpoints are."""
+    if is_stacked(params):
+        params = unstack_layers(params)
+
     def tensors():
         for k, v in params.items():
             yield k, np.asarray(v)
