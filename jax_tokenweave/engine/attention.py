@@ -53,14 +53,38 @@ def decode(block_tables, lengths):
     return attend
 
 
-def ragged(batch):
-    """q/k/v [1, T, ...]: the flat batch described by `batch` (engine.model_runner.StepBatch)."""
+def ragged(batch, *, rows=None):
+    """q/k/v [1, T, ...]: the flat batch described by `batch` (engine/step_batch.StepBatch), or
+    with rows=(start, stop) (static) only its tokens [start, stop) -- one half of a split step,
+    whose sequences' earlier tokens (the other half's, written first) are read from the pages."""
     def attend(q, k, v, cache, layer):
-        cache = kv_cache.write(cache, layer, k[0], v[0], batch.slot_pages, batch.slot_offsets)
-        out = ragged_paged_attention(q[0], cache.k, cache.v, batch.block_tables, batch.context_lens,
-                                     batch.query_start, batch.num_seqs, layer)
+        lo, hi = rows or (0, batch.num_tokens)
+        cache = kv_cache.write(cache, layer, k[0], v[0], batch.slot_pages[lo:hi], batch.slot_offsets[lo:hi])
+        if batch.decode_only:
+            out = paged_decode_attention(q[0], cache.k, cache.v, batch.block_tables, batch.context_lens, layer)
+            return out[None], cache
+        qs = jnp.clip(batch.query_start, lo, hi)
+        # a sequence's queries are its last tokens: rows cut off after `hi` shorten its context
+        ctx = batch.context_lens - (batch.query_start[1:] - qs[1:])
+        out = ragged_paged_attention(q[0], cache.k, cache.v, batch.block_tables, ctx, qs - lo,
+                                     batch.num_seqs, layer)
         return out[None], cache
     return attend
+
+
+def split_ragged(batch):
+    """The halves of a split flat batch (a "seq" plan of shape [1, T] cut at token n0)."""
+    def make(plan):
+        a0, a1 = ragged(batch, rows=(0, plan.n0)), ragged(batch, rows=(plan.n0, batch.num_tokens))
+
+        def attend0(q, k, v, cache, layer):
+            out, cache = a0(q, k, v, cache, layer)
+            return out, (cache, None)
+
+        def attend1(q, k, v, cache, layer, kv0):
+            return a1(q, k, v, cache, layer)
+        return attend0, attend1
+    return make
 
 
 def _halves(a0, a1, plan):

@@ -20,7 +20,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jax_tokenweave.collective.reducer import Reducer
 from jax_tokenweave.compat import shard_map
-from jax_tokenweave.engine import attention
+from jax_tokenweave.engine import attention, sampler
+from jax_tokenweave.engine.step_batch import StepBatch
 from jax_tokenweave.engine.kv_cache import (DEFAULT_PAGE_SIZE, KVCache, KVPages, init_pages,
                                             static_block_tables)
 from jax_tokenweave.model_io.random_weights import random_params
@@ -32,7 +33,7 @@ from jax_tokenweave.models.llama import is_stacked, stack_layers, stacked_param_
 from jax_tokenweave.models.moe import MOE_IMPLS
 from jax_tokenweave.parallel.sharding import cache_spec, param_shardings
 from jax_tokenweave.weave import schedule
-from jax_tokenweave.weave.split import SplitConfig, config_for
+from jax_tokenweave.weave.split import SplitConfig, config_for, plan_split
 
 __all__ = ["TPModel", "KVCache", "to_host"]
 
@@ -153,6 +154,34 @@ class TPModel:
         return logits, KVCache(pages=pages, block_tables=cache.block_tables, lengths=cache.lengths + 1,
                                max_len=cache.max_len)
 
+    def step_fn(self, params, batch: StepBatch, pages: KVPages):
+        """Pure (un-jitted) continuous-batching step: the flat ragged batch through the model
+        (TokenWeave's split when it is large enough and mixes prefill), each sequence's next token
+        sampled on the device. -> (tokens [S] int32, pages)."""
+        def local(params, batch, pages):
+            x, pages = self.forward(params, batch.token_ids[None], batch.positions[None], cache=pages,
+                                    attend=attention.ragged(batch),
+                                    split_attend=None if batch.decode_only else attention.split_ragged(batch))
+            logits = transformer.logits_at(params, x[0][batch.sample_rows], self.axis_name)
+            keys = sampler.row_keys(batch.keys, batch.sample_step)
+            return sampler.sample(logits, keys, batch.temperature, batch.top_k, batch.top_p), pages
+        bspec = jax.tree.map(lambda _: P(), batch)
+        return self._smap(local, (self._pspecs, bspec, self._cspecs), (P(), self._cspecs))(params, batch, pages)
+
+    def step(self, batch: StepBatch, pages: KVPages) -> tuple[jax.Array, KVPages]:
+        """One engine step (step_fn, compiled per bucket shape); `pages` is donated."""
+        batch = jax.tree.map(lambda a: a if isinstance(a, jax.Array) else
+                             jax.make_array_from_process_local_data(self._replicated, np.asarray(a)), batch)
+        return self._step_fn(self.params, batch, pages)
+
+    def splits(self, num_tokens: int, decode_only: bool) -> bool:
+        """Whether a step of num_tokens flat tokens runs as TokenWeave's two halves."""
+        return not decode_only and self.split is not None and plan_split(1, num_tokens, self.split) is not None
+
+    def init_pages(self, num_pages: int, page_size: int = DEFAULT_PAGE_SIZE, dtype=None) -> KVPages:
+        """Empty pools of num_pages pages (page 0 is scratch) for the continuous engine."""
+        return init_pages(self.cfg, self.mesh, num_pages, page_size, dtype or self.dtype, self.axis_name)
+
     def _smap(self, f, ins, outs):
         return shard_map(f, mesh=self.mesh, in_specs=ins, out_specs=outs, check_vma=False)
 
@@ -172,6 +201,7 @@ class TPModel:
         self._logits_fn = jax.jit(self._smap(logits_local, (self._pspecs, P()), P()))
         self._prefill_fn = jax.jit(self.prefill_fn, donate_argnums=(3,))
         self._decode_fn = jax.jit(self.decode_fn, donate_argnums=(2,))
+        self._step_fn = jax.jit(self.step_fn, donate_argnums=(2,))
 
     # ---------------------------------------------------------------------------- inputs
 

@@ -72,6 +72,13 @@ def step_keys(keys: jax.Array, step) -> jax.Array:
     return jax.random.key_data(jax.vmap(lambda k: jax.random.fold_in(k, step))(wrapped))
 
 
+def row_keys(keys: jax.Array, steps: jax.Array) -> jax.Array:
+    """Keys for rows at their own steps: fold_in(key_i, steps[i]) (the continuous engine, where
+    each request is at its own step)."""
+    wrapped = jax.random.wrap_key_data(keys, impl="threefry2x32")
+    return jax.random.key_data(jax.vmap(jax.random.fold_in)(wrapped, steps))
+
+
 def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array,
                   top_p: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Scaled, top-k / top-p masked logits in *descending order*, and the vocabulary ids of
