@@ -12,12 +12,12 @@ a power of two (at least 16), the batch to a power of two, and the KV cache to t
 that holds the longest prompt plus ``max_new_tokens`` (capped at ``max_cache_len``). Two requests
 whose sizes fall into the same buckets run the same executables.
 
-The model is anything with the runner's interface (``jax_tokenweave.engine.runner.TPModel``)::
-
-    model.mesh                                   the jax.sharding.Mesh it runs on
-    model.init_cache(batch, max_len)   -> cache
-    model.prefill(tokens[B,S], lengths[B], cache) -> (logits[B,V] at lengths-1, cache)
-    model.decode(tokens[B], cache)     -> (logits[B,V], cache)
+The model is a ``jax_tokenweave.engine.runner.TPModel`` (its ``init_cache``, ``params`` and the
+pure ``prefill_fn`` / ``decode_fn``, which the Generator compiles together with sampling: one
+program per prefill and per decode step). The loop dispatches step n+1 before it reads step n's
+tokens, so the device never waits for the host's stop checks and detokenizing. This is static
+batching (one padded batch, prefill then decode until the longest finishes); ``engine.llm.LLM``
+is the continuous-batching engine.
 
 Multi-process (``jax.distributed``): every process calls ``generate`` with the same prompts and
 settings; inputs are placed as replicated global arrays, sampled tokens come back replicated, so
@@ -29,10 +29,11 @@ import dataclasses
 import time
 from typing import Callable, Iterator, Sequence
 
+import jax
 import numpy as np
 
 from jax_tokenweave.parallel import distributed as dist
-from jax_tokenweave.engine.sampler import SamplingParams, as_arrays, request_keys, sample_and_advance
+from jax_tokenweave.engine.sampler import SamplingParams, as_arrays, request_keys, sample, step_keys
 
 MIN_PROMPT_BUCKET = 16
 
@@ -177,8 +178,17 @@ class Generator:
         self.stop_ids = _stop_ids_of(tokenizer) | {int(i) for i in stop_token_ids}
         self.pad_id = pad_id
         self._spare_cache = None
-        import inspect
-        self._decode_takes_check = "check_capacity" in inspect.signature(model.decode).parameters
+        # Model step and sampling compiled as one program each (no separate sampling dispatch,
+        # nothing on the host between steps); the cache is donated, so updated in place.
+        def prefill_sample(params, tokens, lengths, cache, keys, step, temp, top_k, top_p):
+            logits, cache = model.prefill_fn(params, tokens, lengths, cache)
+            return sample(logits, step_keys(keys, step), temp, top_k, top_p), step + 1, cache
+
+        def decode_sample(params, tok, cache, keys, step, temp, top_k, top_p):
+            logits, cache = model.decode_fn(params, tok, cache)
+            return sample(logits, step_keys(keys, step), temp, top_k, top_p), step + 1, cache
+        self._prefill_sample = jax.jit(prefill_sample, donate_argnums=(3,))
+        self._decode_sample = jax.jit(decode_sample, donate_argnums=(2,))
 
     # ---------------------------------------------------------------- prompts
     def encode_prompt(self, prompt: str | Sequence[int], *, chat: bool = False,
@@ -253,12 +263,6 @@ class Generator:
         del spare
         return self.model.init_cache(batch, max_len)
 
-    def _decode(self, tok, cache):
-        # the loop below keeps every sequence within the cache: skip the runner's host-side check
-        if self._decode_takes_check:
-            return self.model.decode(tok, cache, check_capacity=False)
-        return self.model.decode(tok, cache)
-
     def _run(self, ids: list[list[int]], max_new_tokens: int, sampling: list[SamplingParams],
              ignore_eos: bool, detokenize: bool, max_steps: int | None = None):
         if max_new_tokens < 1:
@@ -279,10 +283,10 @@ class Generator:
         temp, top_k, top_p, keys = (dist.replicate(a, mesh) for a in (temp, top_k, top_p, keys))
 
         cache = self._take_cache(B, cache_len)
-        logits, cache = self.model.prefill(dist.replicate(tokens, mesh),
-                                           dist.replicate(lengths, mesh), cache)
         step_dev = dist.replicate(np.int32(0), mesh)        # the sampling step, kept on device
-        tok, step_dev = sample_and_advance(logits, keys, step_dev, temp, top_k, top_p)
+        tok, step_dev, cache = self._prefill_sample(self.model.params, dist.replicate(tokens, mesh),
+                                                    dist.replicate(lengths, mesh), cache, keys, step_dev,
+                                                    temp, top_k, top_p)
         host = dist.to_host(tok)
         t_first = time.perf_counter()
 
@@ -301,8 +305,8 @@ class Generator:
             # needed only if some request may want token number step + 1.
             nxt = None
             if not all(done) and step + 1 < limit and max(lens) + step < cache_len:
-                logits, cache = self._decode(tok, cache)
-                nxt, step_dev = sample_and_advance(logits, keys, step_dev, temp, top_k, top_p)
+                nxt, step_dev, cache = self._decode_sample(self.model.params, tok, cache, keys, step_dev,
+                                                           temp, top_k, top_p)
             if host is None:
                 host = dist.to_host(tok)
             for i in range(n):
