@@ -124,9 +124,3 @@ def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: ja
 def sample_step(logits, keys, step, temperature, top_k, top_p):
     """jit'd `sample` with the per-step keys folded in."""
     return sample(logits, step_keys(keys, step), temperature, top_k, top_p)
-
-
-@jax.jit
-def sample_and_advance(logits, keys, step, temperature, top_k, top_p):
-    """(tokens, step + 1): what the generation loop calls, keeping the step counter on device."""
-    return sample(logits, step_keys(keys, step), temperature, top_k, top_p), step + 1
