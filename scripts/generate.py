@@ -13,6 +13,17 @@ Multi-process (one GPU per process, or several CPU processes with gloo collectiv
         --num-processes 2 --process-id 0          # and --process-id 1 in a second shell
 
 (or set JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID). Only process 0 prints.
+
+Many requests through the continuous-batching engine (engine/llm.py), one JSON object per line in
+and out:
+
+    python scripts/generate.py --requests reqs.jsonl --output results.jsonl
+
+Each request line: {"id": "a", "prompt": "..."} or {"prompt_ids": [1, 2, 3]}, optionally
+"max_new_tokens", "temperature", "top_k", "top_p", "seed", "chat" (else the command-line values).
+Each result line: id, text, tokens, finish_reason ("stop" | "length" | "error"), error,
+prompt_tokens, ttft_s, tpot_s, latency_s, preemptions. A progress bar runs meanwhile; a summary
+(requests/s, output tokens/s, TTFT and time per output token, median and p99) ends it.
 """
 from __future__ import annotations
 
@@ -68,6 +79,14 @@ def parse_args(argv=None):
                    help="fused all-reduce+RMSNorm implementation (default: auto on GPU, xla on CPU)")
     p.add_argument("--no-warmup", action="store_true",
                    help="don't compile before timing (the summary then includes compile time)")
+    p.add_argument("--requests", default=None, metavar="JSONL",
+                   help="a file of requests, one JSON object per line: run them through the continuous-"
+                        "batching engine (see the module doc)")
+    p.add_argument("--output", default=None, metavar="JSONL",
+                   help="with --requests: where the results go (default: <requests>.out.jsonl)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="with --requests: the token budget of one engine step")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="with --requests: most requests running at once")
     p.add_argument("--json", default=None, metavar="PATH",
                    help="also write the results (tokens, text, timings) as JSON (process 0)")
     dist.add_cli_flags(p)
@@ -141,6 +160,96 @@ def make_comm(impl, mesh, max_tokens, hidden, itemsize):
     return impl, Communicator(mesh, mesh.axis_names[0], max_bytes=max_bytes)
 
 
+def read_requests(path: str, args) -> list[dict]:
+    """The request lines, with the command-line defaults filled in; a bad line names its number."""
+    out = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path}:{n}: not JSON ({e}); write one JSON object per line")
+            if not isinstance(r, dict) or ("prompt" in r) == ("prompt_ids" in r):
+                raise SystemExit(f"{path}:{n}: needs exactly one of \"prompt\" (text) or \"prompt_ids\" (token ids)")
+            r.setdefault("id", str(len(out)))
+            for key in ("max_new_tokens", "temperature", "top_k", "top_p"):
+                r.setdefault(key, getattr(args, key))
+            r.setdefault("seed", args.seed + len(out))
+            out.append(r)
+    if not out:
+        raise SystemExit(f"{path}: no requests")
+    if len({r["id"] for r in out}) != len(out):
+        raise SystemExit(f"{path}: request ids must be unique")
+    return out
+
+
+def percentile(xs, q):
+    import numpy as np
+    return float(np.percentile(xs, q)) if xs else float("nan")
+
+
+def serve_requests(args, cfg, params, tokenizer, mesh, impl) -> int:
+    """--requests: the continuous engine over a JSONL file; results to --output."""
+    import jax
+    from jax_tokenweave.engine.llm import LLM
+    from jax_tokenweave.engine.runner import TPModel
+    from jax_tokenweave.engine.sampler import SamplingParams
+    reqs = read_requests(args.requests, args)
+    if any("prompt" in r for r in reqs) and tokenizer is None:
+        raise SystemExit("this model has no tokenizer: give requests as \"prompt_ids\"")
+    instruct = bool(getattr(tokenizer, "chat_template", None))
+    prompts = []
+    from jax_tokenweave.engine.generate import encode_prompt
+    for r in reqs:
+        if "prompt_ids" in r:
+            prompts.append([int(t) for t in r["prompt_ids"]])
+        else:
+            chat = r.get("chat", instruct if args.chat is None else args.chat)
+            prompts.append(encode_prompt(tokenizer, r["prompt"], chat=chat, system=args.system))
+    itemsize = jax.numpy.dtype(params["embed_tokens.embedding"].dtype).itemsize
+    impl, comm = make_comm(impl, mesh, args.max_num_batched_tokens, cfg.hidden_size, itemsize)
+    model = TPModel(cfg, params, mesh, axis_name=mesh.axis_names[0], impl=impl, comm=comm)
+    llm = LLM(model, tokenizer, max_num_batched_tokens=args.max_num_batched_tokens,
+              max_num_seqs=args.max_num_seqs, max_model_len=args.max_cache_len)
+    log(f"engine: {llm.num_pages} KV pages of {llm.page_size} tokens, budget {llm.max_num_batched_tokens} "
+        f"tokens/step, tp={model.tp}, impl={impl}")
+    sampling = [SamplingParams(float(r["temperature"]), int(r["top_k"]), float(r["top_p"]), int(r["seed"]))
+                for r in reqs]
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, sampling, max_new_tokens=[int(r["max_new_tokens"]) for r in reqs],
+                        ignore_eos=args.ignore_eos, request_ids=[str(r["id"]) for r in reqs],
+                        progress=dist.is_main_process())
+    wall = time.perf_counter() - t0
+    if dist.is_main_process():
+        path = args.output or os.path.splitext(args.requests)[0] + ".out.jsonl"
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            for o in outs:
+                f.write(json.dumps(dict(id=o.request_id, text=o.text, tokens=o.tokens, finish_reason=o.finish_reason,
+                                        error=o.error, prompt_tokens=len(o.prompt_tokens), ttft_s=o.ttft_s,
+                                        tpot_s=o.tpot_s, preemptions=o.num_preemptions,
+                                        latency_s=None if o.finish_s is None else o.finish_s - o.arrival_s)) + "\n")
+        os.replace(tmp, path)   # never a half-written results file
+        ok = [o for o in outs if o.finish_reason != "error"]
+        gen = sum(len(o.tokens) for o in outs)
+        ttft = [o.ttft_s for o in ok if o.ttft_s is not None]
+        tpot = [o.tpot_s for o in ok if o.tpot_s is not None]
+        log(f"--- {len(outs)} requests ({len(outs) - len(ok)} errors) in {wall:.2f} s -> {path}\n"
+            f"requests/s: {len(outs) / wall:.2f}   output tokens/s: {gen / wall:.1f}   "
+            f"steps: {llm.stats.steps} ({llm.stats.split_steps} split)   preemptions: {llm.stats.preemptions}\n"
+            f"TTFT median {1e3 * percentile(ttft, 50):.1f} ms, p99 {1e3 * percentile(ttft, 99):.1f} ms   "
+            f"TPOT median {1e3 * percentile(tpot, 50):.2f} ms, p99 {1e3 * percentile(tpot, 99):.2f} ms")
+        for o in outs:
+            if o.error:
+                log(f"request {o.request_id}: error: {o.error}")
+    dist.sync("generate-done")
+    if comm is not None:
+        comm.close()
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     dist.initialize_from_args(args)
@@ -154,6 +263,11 @@ def main(argv=None) -> int:
     impl = args.impl or ("auto" if on_gpu else "xla")
     t0 = time.perf_counter()
     cfg, params, tokenizer, mesh = load_weights(args)
+    if args.requests:
+        rc = serve_requests(args, cfg, params, tokenizer, mesh, impl)
+        if jax.process_count() > 1:
+            jax.distributed.shutdown()
+        return rc
 
     if args.prompt_ids:
         prompts = [[int(t) for t in s.replace(" ", "").split(",") if t] for s in args.prompt_ids]

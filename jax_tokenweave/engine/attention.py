@@ -10,17 +10,40 @@ model's forward takes (models/transformer.py, weave/schedule.py). One per kind o
                 to their pages, then the Pallas ragged paged kernel (each chunk over its earlier
                 pages plus causal within itself)
 
+On GPU the paged modes run the Pallas kernels (kernels/paged_attention.py); on other backends
+their XLA reference (Pallas' interpret mode, which CI uses to test the kernels against that
+reference, is far too slow to serve with).
+
 Each returns ``attend(q, k, v, cache, layer) -> (out, cache)``; ``cache`` is a kv_cache.KVPages
 (or None for causal) and ``layer`` the scan's layer index. ``split_causal`` / ``split_prefill``
 give the two halves' attention of a split batch (weave/schedule.py's attend0 / attend1).
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from jax_tokenweave.engine import kv_cache
-from jax_tokenweave.kernels.paged_attention import paged_decode_attention, ragged_paged_attention
+from jax_tokenweave.kernels import paged_attention as kernels
 from jax_tokenweave.models.layers import causal_attention
+
+
+def use_kernels() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, layer):
+    if use_kernels():
+        return kernels.paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, layer)
+    return kernels.paged_attention_reference(q, k_pool, v_pool, block_tables, lengths, layer)
+
+
+def ragged_paged_attention(q, k_pool, v_pool, block_tables, context_lens, query_start, num_seqs, layer):
+    if use_kernels():
+        return kernels.ragged_paged_attention(q, k_pool, v_pool, block_tables, context_lens, query_start,
+                                              num_seqs, layer)
+    return kernels.paged_attention_reference(q, k_pool, v_pool, block_tables, context_lens, layer,
+                                             query_start=query_start, num_seqs=num_seqs)
 
 
 def causal(impl: str):

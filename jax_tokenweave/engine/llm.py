@@ -70,19 +70,23 @@ class EngineStats:
     wall_s: float = 0.0
 
 
+CPU_KV_BYTES = 2 << 30
+
+
 def default_num_pages(model, page_size: int, max_num_seqs: int, max_model_len: int,
                       memory_fraction: float = 0.5) -> int:
-    """Pages for the pools: on GPU a fraction of the device memory still free (vLLM's
-    gpu_memory_utilization idea); elsewhere enough for max_num_seqs sequences of a quarter of
-    max_model_len (the pools are host memory there)."""
+    """Pages for the pools: enough for max_num_seqs sequences of max_model_len, capped by memory:
+    on GPU a fraction of the device memory still free (vLLM's gpu_memory_utilization idea),
+    elsewhere CPU_KV_BYTES of host memory. Fewer pages only means more waiting and preemption."""
     want = 1 + max_num_seqs * -(-max_model_len // page_size)
+    per_page = pages_bytes(model.cfg, 1, page_size, model.dtype) / model.tp
     dev = model.mesh.devices.flat[0]
     stats = dev.memory_stats() if dev.platform == "gpu" else None
     if stats and "bytes_limit" in stats:
-        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-        per_page = pages_bytes(model.cfg, 1, page_size, model.dtype) / model.tp
-        return int(max(2, min(want, memory_fraction * free // per_page)))
-    return max(2, 1 + max_num_seqs * -(-max_model_len // (4 * page_size)))
+        budget = memory_fraction * (stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    else:
+        budget = CPU_KV_BYTES
+    return int(max(2, min(want, budget // per_page)))
 
 
 class LLM:
@@ -103,7 +107,7 @@ class LLM:
         self.num_pages = num_pages or default_num_pages(model, page_size, max_num_seqs, self.max_model_len)
         self.block_manager = BlockManager(self.num_pages, page_size)
         self.max_num_batched_tokens, self.max_num_seqs = max_num_batched_tokens, max_num_seqs
-        self.width = -(-self.max_model_len // page_size)   # block-table width: one shape for all steps
+        self.width = -(-self.max_model_len // page_size)   # most pages a request can hold
         self.pages = model.init_pages(self.num_pages, page_size)
         self.stop_ids = frozenset(getattr(tokenizer, "eos_ids", None) or ())
         self.stats = EngineStats()
@@ -143,7 +147,10 @@ class LLM:
             temp, top_k, top_p = as_arrays(sps)
             rows = (temp, top_k, top_p, np.stack([keys[c.seq.request_id] for c in plan.chunks]),
                     np.array([c.seq.num_generated for c in plan.chunks], np.int32))
-            batch = from_plan(plan, width=self.width, sampling_rows=rows)
+            # block tables as wide as this step needs (a power of two): the XLA attention off GPU
+            # reads every listed page; the kernels read only valid ones either way
+            width = min(self.width, 1 << max(3, (plan.block_tables.shape[1] - 1).bit_length()))
+            batch = from_plan(plan, width=width, sampling_rows=rows)
             toks, self.pages = self.model.step(batch, self.pages)
             self.stats.steps += 1
             self.stats.split_steps += int(self.model.splits(batch.num_tokens, batch.decode_only))
