@@ -77,6 +77,11 @@ def parse_args(argv=None):
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: as many devices as the head counts allow)")
     p.add_argument("--impl", default=None, choices=["auto", "xla", "p2p", "multimem"],
                    help="fused all-reduce+RMSNorm implementation (default: auto on GPU, xla on CPU)")
+    p.add_argument("--split", default="auto", choices=["auto", "off"],
+                   help="TokenWeave's split of large batches (prefill, mixed engine steps) into two overlapped "
+                        "halves: auto = the model's measured settings (weave_table.json) when tp > 1")
+    p.add_argument("--split-threshold", type=int, default=None,
+                   help="split batches of at least this many tokens (default: the table's)")
     p.add_argument("--no-warmup", action="store_true",
                    help="don't compile before timing (the summary then includes compile time)")
     p.add_argument("--requests", default=None, metavar="JSONL",
@@ -160,6 +165,18 @@ def make_comm(impl, mesh, max_tokens, hidden, itemsize):
     return impl, Communicator(mesh, mesh.axis_names[0], max_bytes=max_bytes)
 
 
+def split_config(args, cfg, tp):
+    """The SplitConfig --split / --split-threshold ask for (None: no split; nothing to overlap at tp 1)."""
+    import dataclasses
+    from jax_tokenweave.weave import config_for
+    if args.split == "off" or tp == 1:
+        return None
+    split = config_for(cfg, tp)
+    if args.split_threshold is not None:
+        split = dataclasses.replace(split, threshold=args.split_threshold)
+    return split
+
+
 def read_requests(path: str, args) -> list[dict]:
     """The request lines, with the command-line defaults filled in; a bad line names its number."""
     out = []
@@ -210,7 +227,8 @@ def serve_requests(args, cfg, params, tokenizer, mesh, impl) -> int:
             prompts.append(encode_prompt(tokenizer, r["prompt"], chat=chat, system=args.system))
     itemsize = jax.numpy.dtype(params["embed_tokens.embedding"].dtype).itemsize
     impl, comm = make_comm(impl, mesh, args.max_num_batched_tokens, cfg.hidden_size, itemsize)
-    model = TPModel(cfg, params, mesh, axis_name=mesh.axis_names[0], impl=impl, comm=comm)
+    model = TPModel(cfg, params, mesh, axis_name=mesh.axis_names[0], impl=impl, comm=comm,
+                    split=split_config(args, cfg, mesh.devices.size))
     llm = LLM(model, tokenizer, max_num_batched_tokens=args.max_num_batched_tokens,
               max_num_seqs=args.max_num_seqs, max_model_len=args.max_cache_len)
     log(f"engine: {llm.num_pages} KV pages of {llm.page_size} tokens, budget {llm.max_num_batched_tokens} "
@@ -232,6 +250,12 @@ def serve_requests(args, cfg, params, tokenizer, mesh, impl) -> int:
                                         tpot_s=o.tpot_s, preemptions=o.num_preemptions,
                                         latency_s=None if o.finish_s is None else o.finish_s - o.arrival_s)) + "\n")
         os.replace(tmp, path)   # never a half-written results file
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"results": [dict(id=o.request_id, tokens=o.tokens, finish_reason=o.finish_reason)
+                                       for o in outs],
+                           "devices": len(jax.devices()), "processes": jax.process_count(), "impl": impl,
+                           "steps": llm.stats.steps, "split_steps": llm.stats.split_steps}, f)
         ok = [o for o in outs if o.finish_reason != "error"]
         gen = sum(len(o.tokens) for o in outs)
         ttft = [o.ttft_s for o in ok if o.ttft_s is not None]
@@ -284,7 +308,8 @@ def main(argv=None) -> int:
     B, S = bucket_batch(len(ids)), bucket_len(max(len(x) for x in ids))
     itemsize = jax.numpy.dtype(params["embed_tokens.embedding"].dtype).itemsize
     impl, comm = make_comm(impl, mesh, B * S, cfg.hidden_size, itemsize)
-    model = TPModel(cfg, params, mesh, axis_name=mesh.axis_names[0], impl=impl, comm=comm)
+    model = TPModel(cfg, params, mesh, axis_name=mesh.axis_names[0], impl=impl, comm=comm,
+                    split=split_config(args, cfg, mesh.devices.size))
     log(f"model loaded in {time.perf_counter() - t0:.1f} s; {len(jax.devices())} "
         f"{jax.devices()[0].platform} device(s) over {jax.process_count()} process(es); "
         f"tp={model.tp}; impl={impl}; dtype={model.dtype}")

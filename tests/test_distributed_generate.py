@@ -60,7 +60,8 @@ def _run_two_processes(tmp_path, extra):
     for p, (so, se) in zip(procs, outs):
         assert p.returncode == 0, f"process exited {p.returncode}:\n{se[-3000:]}"
     # only process 0 prints and writes results
-    assert "time to first token" in outs[0][1] and "time to first token" not in outs[1][1]
+    summary = "TTFT median" if "--requests" in extra else "time to first token"
+    assert summary in outs[0][1] and summary not in outs[1][1]
     # (gloo's native library prints its connection lines itself)
     assert [l for l in outs[1][0].splitlines() if l.strip() and not l.startswith("[Gloo]")] == []
     assert not (tmp_path / "multi1.json").exists()
@@ -77,6 +78,24 @@ def test_two_processes_match_one(tmp_path):
     assert single["processes"] == 1 and multi["processes"] == 2
     assert [r["tokens"] for r in multi["results"]] == [r["tokens"] for r in single["results"]]
     assert all(len(r["tokens"]) == 12 for r in single["results"])
+
+
+def test_two_processes_match_one_continuous_engine(tmp_path):
+    """The continuous engine (--requests) at tp=4 with TokenWeave's split of mixed steps: the
+    processes schedule identically and 2 processes x 2 devices == 1 process x 4 devices."""
+    import json as _json
+    reqs = tmp_path / "reqs.jsonl"
+    with open(reqs, "w") as f:
+        for i, ids in enumerate(([5, 17, 99, 3, 250, 8, 1] * 5, [42, 7], list(range(1, 30)))):
+            f.write(_json.dumps({"id": f"r{i}", "prompt_ids": ids, "max_new_tokens": 6 + i,
+                                 "temperature": 0.8, "top_k": 50, "seed": i}) + "\n")
+    extra = ["--tp", "4", "--requests", str(reqs), "--max-num-batched-tokens", "32", "--split-threshold", "16"]
+    single = _run_single(tmp_path, extra)
+    multi = _run_two_processes(tmp_path, extra)
+    assert single["processes"] == 1 and multi["processes"] == 2
+    assert [r["tokens"] for r in multi["results"]] == [r["tokens"] for r in single["results"]]
+    assert [len(r["tokens"]) for r in single["results"]] == [6, 7, 8]
+    assert single["split_steps"] > 0 and single["split_steps"] == multi["split_steps"]
 
 
 def test_missing_process_is_an_error_not_a_hang(tmp_path):

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from jax_tokenweave.engine.llm import LLM
 from jax_tokenweave.engine.generate import (Generator, IncrementalDetokenizer, bucket_batch, bucket_len,
                                      summary)
 from jax_tokenweave.parallel.mesh import make_mesh
@@ -228,7 +229,7 @@ def default_checkpoint():
 
 def test_default_model_greedy_matches_transformers(default_checkpoint):
     """32 greedy steps of the default GGUF model at tp=3 agree with Hugging Face transformers
-    loading the same GGUF file (float32)."""
+    loading the same GGUF file (float32), for static-batch generation and the continuous engine."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from jax_tokenweave.model_io import default_model
@@ -247,7 +248,10 @@ def test_default_model_greedy_matches_transformers(default_checkpoint):
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
     hf.eval()
-    for p, r in zip(ids, ours):
+    # the continuous engine on the same prompts (both in one flat step, chunked by a small budget)
+    llm = LLM(TPModel(cfg, params, mesh), tok, max_num_batched_tokens=32, max_num_seqs=2, max_model_len=512)
+    engine = llm.generate(ids, max_new_tokens=steps, ignore_eos=True, progress=False)
+    for p, r, e in zip(ids, ours, engine):
         seq = torch.tensor([p])
         out, past = [], None
         with torch.no_grad():
@@ -262,6 +266,7 @@ def test_default_model_greedy_matches_transformers(default_checkpoint):
                                  f"{next(i for i, (a, b) in enumerate(zip(r.tokens, out)) if a != b)}:"
                                  f"\nours: {tok.decode(r.tokens)!r}\nhf:   {tok.decode(out)!r}")
         assert len(out) == steps
+        assert e.tokens == out, "the continuous engine diverged from transformers"
 
 
 def test_readme_command_generates_text(default_checkpoint):
