@@ -157,6 +157,12 @@ _LLAMA3_ROPE = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0
                            original_max_position_embeddings=8192)
 
 PRESETS: dict[str, ModelConfig] = {
+    # meta-llama/Llama-3.1-8B-Instruct config.json
+    "llama-3.1-8b": ModelConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+        num_kv_heads=8, head_dim=128, rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE,
+        rms_norm_eps=1e-5, tie_word_embeddings=False, attention_bias=False,
+        max_position_embeddings=131072, model_type="llama"),
     # meta-llama/Llama-3.3-70B-Instruct config.json
     "llama-3.3-70b": ModelConfig(
         vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64,
