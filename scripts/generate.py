@@ -73,7 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--random-model", default=None, metavar="PRESET",
                    help="random weights (seed 0) with a config preset (e.g. 'tiny-llama'); token-id prompts only")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
-                   help="parameter dtype (default: the checkpoint's)")
+                   help="parameter dtype (default: the checkpoint's; random models: bfloat16 on GPU, else float32)")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: as many devices as the head counts allow)")
     p.add_argument("--impl", default=None, choices=["auto", "xla", "p2p", "multimem"],
                    help="fused all-reduce+RMSNorm implementation (default: auto on GPU, xla on CPU)")
@@ -127,7 +127,9 @@ def load_weights(args):
         from jax_tokenweave.engine.runner import TPModel
         cfg = get_preset(args.random_model)
         mesh = make_mesh(pick_tp(cfg, args.tp, n))
-        m = TPModel.random(cfg, mesh, seed=0, axis_name=mesh.axis_names[0])
+        dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(
+            args.dtype, jnp.bfloat16 if jax.devices()[0].platform == "gpu" else jnp.float32)
+        m = TPModel.random(cfg, mesh, seed=0, dtype=dtype, axis_name=mesh.axis_names[0])
         return cfg, m.params, None, mesh
     from jax_tokenweave.model_io.checkpoint import load_checkpoint, load_config
     if args.checkpoint:

@@ -46,6 +46,8 @@ def to_host(x: jax.Array) -> np.ndarray:
 
 
 def _place(value: Any, sharding: NamedSharding, dtype) -> jax.Array:
+    if isinstance(value, jax.ShapeDtypeStruct):   # abstract weights: compile without allocating
+        return jax.ShapeDtypeStruct(value.shape, dtype or value.dtype, sharding=sharding)
     if isinstance(value, jax.Array):
         if dtype is not None and value.dtype != dtype:
             value = value.astype(dtype)
