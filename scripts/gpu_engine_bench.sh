@@ -30,11 +30,11 @@ stage() {  # stage NAME SECONDS CMD...
 }
 for s in ${STAGES//,/ }; do
   case $s in
-    init) stage init 240 $PY scripts/bench_init.py --out "$R/init" ;;
-    generate) stage generate 150 $PY scripts/generate.py --random-model llama-3.1-8b --prompt-ids 1,2,3,4,5 \
+    init) stage init 150 $PY scripts/bench_init.py --out "$R/init" ;;
+    generate) stage generate 110 $PY scripts/generate.py --random-model llama-3.1-8b --prompt-ids 1,2,3,4,5 \
                 --max-new-tokens 64 --ignore-eos ;;
     decode) stage decode 420 $PY scripts/bench_decode.py --out "$R/decode" ;;
-    serving) stage serving 420 $PY scripts/bench_serving.py --out "$R/serving" ;;
+    serving) stage serving 430 $PY scripts/bench_serving.py --out "$R/serving" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done
