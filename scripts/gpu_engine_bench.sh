@@ -6,6 +6,8 @@
 #   generate  the README's GPU command: scripts/generate.py --random-model llama-3.1-8b
 #   decode    scripts/bench_decode.py: decode step vs roofline, Generator, XLA attention, peer
 #   serving   scripts/bench_serving.py: continuous engine vs static batching vs peer
+#   dsf       bench_decode.py on two rows with XLA's dynamic-slice fusion on (the scan's per-layer
+#             weight slices fed to the GEMMs in place instead of copied)
 # NVLink multicast stays off (and the engine benchmarks run at TP = the GPUs here).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,10 +32,12 @@ stage() {  # stage NAME SECONDS CMD...
 }
 for s in ${STAGES//,/ }; do
   case $s in
-    init) stage init 150 $PY scripts/bench_init.py --out "$R/init" ;;
+    init) stage init 150 $PY scripts/bench_init.py --models "${INIT_MODELS:-llama-3.1-8b,llama-3.3-70b}" --out "$R/init" ;;
     generate) stage generate 110 $PY scripts/generate.py --random-model llama-3.1-8b --prompt-ids 1,2,3,4,5 \
                 --max-new-tokens 64 --ignore-eos ;;
     decode) stage decode 420 $PY scripts/bench_decode.py --out "$R/decode" ;;
+    dsf) stage dsf 150 env XLA_FLAGS="--xla_gpu_enable_dynamic_slice_fusion=true ${XLA_FLAGS:-}" \
+           $PY scripts/bench_decode.py --rows 1:2048,8:2048 --no-xla --no-peer --generator-batches 1 --out "$R/dsf" ;;
     serving) stage serving 430 $PY scripts/bench_serving.py --out "$R/serving" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac

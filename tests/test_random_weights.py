@@ -2,7 +2,7 @@
 declared scale, different per parameter and per layer, reproducible per seed."""
 import numpy as np
 
-from jax_tokenweave.model_io.random_weights import hashed_normal, random_params
+from jax_tokenweave.model_io.random_weights import hashed_normal, normal_from_bits, random_params
 from jax_tokenweave.models import get_preset
 from jax_tokenweave.models.llama import stacked_param_info
 from jax_tokenweave.parallel.mesh import make_mesh
@@ -35,3 +35,11 @@ def test_random_params_scales_layers_and_seeds():
     np.testing.assert_array_equal(np.asarray(again["layers.attn.q_proj.kernel"]), q)
     other = random_params(cfg, make_mesh(1), seed=1)
     assert not np.allclose(np.asarray(other["layers.attn.q_proj.kernel"]), q)
+
+
+def test_extreme_bits_stay_finite():
+    """The largest and smallest hash values map to finite values (an 8B model has ~8e9 of them;
+    a uniform that reaches 1.0 gives erfinv(1) = inf and NaN logits)."""
+    z = np.asarray(normal_from_bits(np.array([0, 1, 511, 512, 0xFFFFFE00, 0xFFFFFFFF], np.uint32)))
+    assert np.isfinite(z).all() and z[0] < -5 and z[-1] > 5
+    np.testing.assert_allclose(z[0], -z[-1], rtol=1e-5)

@@ -41,8 +41,14 @@ def hashed_normal(shape: tuple[int, ...], salt: int, *, layered: bool) -> jax.Ar
     seed = np.uint32(salt & 0xFFFFFFFF)
     if layered:
         seed = _mix(lax.broadcasted_iota(jnp.uint32, shape, 0) * np.uint32(0x9E3779B9) + seed)
-    bits = _mix(_mix(flat ^ seed) + np.uint32(0x68E31DA4))
-    u = ((bits >> 8).astype(jnp.float32) + 0.5) * (1.0 / (1 << 24))   # (0, 1)
+    return normal_from_bits(_mix(_mix(flat ^ seed) + np.uint32(0x68E31DA4)))
+
+
+def normal_from_bits(bits: jax.Array) -> jax.Array:
+    """uint32 -> float32 normal through the inverse CDF. 23 bits make the uniform, so that
+    u = (k + 0.5) / 2**23 is exact in float32 and stays inside (0, 1): with 24 bits the largest
+    k rounds to u = 1 and erfinv(1) = inf."""
+    u = ((bits >> 9).astype(jnp.float32) + 0.5) * np.float32(1.0 / (1 << 23))
     return np.float32(np.sqrt(2.0)) * jax.scipy.special.erfinv(2.0 * u - 1.0)
 
 
