@@ -46,8 +46,13 @@ def next_norms(stacked: dict, final_norm: jax.Array) -> jax.Array:
 
 
 def forward(weights: dict, tokens: jax.Array, positions: jax.Array, *, spec: LayerSpec,
-            reduce, inv_freq, attend: Callable, cache=None):
-    """tokens, positions [B, S] -> (final normed hidden [B, S, D] (replicated), cache)."""
+            reduce, inv_freq, attend: Callable, cache=None, unroll: bool = False):
+    """tokens, positions [B, S] -> (final normed hidden [B, S, D] (replicated), cache).
+
+    unroll: emit the layers one after another instead of a loop. For memory-bound decode steps:
+    inside the loop XLA on GPU copies each layer's weight slice before its GEMMs (measured on an
+    H200: 6.5 of an 11.8 ms 8B decode step were those copies; unrolled, 6.2 ms). Compute-bound
+    steps (prefill, mixed batches) keep the loop, whose compile time does not grow with depth."""
     B, S = tokens.shape
     stacked = layer_weights(weights)
     with jax.named_scope("embed"):
@@ -71,7 +76,8 @@ def forward(weights: dict, tokens: jax.Array, positions: jax.Array, *, spec: Lay
     L = stacked["input_norm.weight"].shape[0]
     xs = (stacked, next_norms(stacked, weights["final_norm.weight"]), jnp.arange(L, dtype=jnp.int32))
     with jax.named_scope("layers"):
-        (x, _, cache), _ = jax.lax.scan(body, (x.reshape(B, S, D), residual, cache), xs)
+        (x, _, cache), _ = jax.lax.scan(body, (x.reshape(B, S, D), residual, cache), xs,
+                                        unroll=L if unroll else 1)
     return x, cache
 
 

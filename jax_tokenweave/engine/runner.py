@@ -126,10 +126,12 @@ class TPModel:
 
     # ------------------------------------------------------------------ compiled functions
 
-    def forward(self, params, tokens, positions, *, attend, cache=None, split_attend=None):
-        """The model on local shards (inside shard_map): final normed hidden [B, S, D], cache."""
+    def forward(self, params, tokens, positions, *, attend, cache=None, split_attend=None, unroll=False):
+        """The model on local shards (inside shard_map): final normed hidden [B, S, D], cache.
+        unroll: decode steps (memory-bound) unroll the layer loop (models/transformer.py)."""
         return schedule.forward(params, tokens, positions, split=self.split, spec=self.spec, red=self.reducer,
-                                inv_freq=self._inv_freq, attend=attend, split_attend=split_attend, cache=cache)
+                                inv_freq=self._inv_freq, attend=attend, split_attend=split_attend, cache=cache,
+                                unroll=unroll)
 
     def prefill_fn(self, params, tokens, lengths, cache: KVCache):
         """Pure (un-jitted) prefill on global arrays: (float32 logits [B, V] at lengths-1, cache)."""
@@ -149,7 +151,7 @@ class TPModel:
         """Pure (un-jitted) decode step: (float32 logits [B, V], cache with lengths + 1)."""
         def local(params, tokens, lengths, block_tables, pages):
             x, pages = self.forward(params, tokens[:, None], lengths[:, None], cache=pages,
-                                    attend=attention.decode(block_tables, lengths))
+                                    attend=attention.decode(block_tables, lengths), unroll=True)
             return transformer.logits_at(params, x[:, 0], self.axis_name), pages
         logits, pages = self._smap(local, (self._pspecs, P(), P(), P(), self._cspecs), (P(), self._cspecs))(
             params, tokens, cache.lengths, cache.block_tables, cache.pages)
@@ -163,7 +165,8 @@ class TPModel:
         def local(params, batch, pages):
             x, pages = self.forward(params, batch.token_ids[None], batch.positions[None], cache=pages,
                                     attend=attention.ragged(batch),
-                                    split_attend=None if batch.decode_only else attention.split_ragged(batch))
+                                    split_attend=None if batch.decode_only else attention.split_ragged(batch),
+                                    unroll=batch.decode_only)
             logits = transformer.logits_at(params, x[0][batch.sample_rows], self.axis_name)
             keys = sampler.row_keys(batch.keys, batch.sample_step)
             return sampler.sample(logits, keys, batch.temperature, batch.top_k, batch.top_p), pages

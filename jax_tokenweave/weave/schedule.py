@@ -133,7 +133,7 @@ def split_forward(weights: dict, tokens: jax.Array, positions: jax.Array, plan: 
 
 def forward(weights: dict, tokens: jax.Array, positions: jax.Array, *, split: SplitConfig | None,
             spec: LayerSpec, red: Reducer, inv_freq, attend: Callable, split_attend: Callable | None = None,
-            cache=None):
+            cache=None, unroll: bool = False):
     """The decoder on a [B, S] batch: TokenWeave's split schedule when `split` cuts this shape
     (split_attend(plan) -> (attend0, attend1) gives the halves' attention), else the unsplit
     scan (models/transformer.py) with `attend`. Same outputs either way."""
@@ -141,7 +141,7 @@ def forward(weights: dict, tokens: jax.Array, positions: jax.Array, *, split: Sp
     plan = plan_split(B, S, split) if (split is not None and split_attend is not None) else None
     if plan is None:
         return transformer.forward(weights, tokens, positions, spec=spec, reduce=red, inv_freq=inv_freq,
-                                   attend=attend, cache=cache)
+                                   attend=attend, cache=cache, unroll=unroll)
     attend0, attend1 = split_attend(plan)
     return split_forward(weights, tokens, positions, plan, spec=spec, red=red, inv_freq=inv_freq,
                          overlap=use_overlap(split, red), attend0=attend0, attend1=attend1, cache=cache)
