@@ -13,9 +13,11 @@ fused op alone. Two kinds for a padded [B, S] batch, chosen statically from its 
            position s0 = round(t0 / B): half 0 = x[:, :s0], half 1 = x[:, s0:]. Half 1 attends to
            half 0's keys/values too.
 
-A flat ragged batch of the continuous engine (several sequences back to back) is cut at a
-sequence boundary near t0 where one is close enough, else inside the sequence that straddles t0
-(``split_ragged``); the schedule (schedule.py) is the same either way.
+A flat ragged batch of the continuous engine ([1, T]: several sequences back to back) takes the
+``seq`` kind: it is cut at token t0 (static, so one compile per token bucket). Where t0 falls
+between sequences the halves are whole sequences; where it falls inside a prefill chunk, the
+chunk's second part reads the first part's keys/values from the pages, which half 0 writes
+first (engine/attention.py ``split_ragged``). The schedule (schedule.py) is the same either way.
 """
 from __future__ import annotations
 
