@@ -212,6 +212,7 @@ def percentile(xs, q):
 def serve_requests(args, cfg, params, tokenizer, mesh, impl) -> int:
     """--requests: the continuous engine over a JSONL file; results to --output."""
     import jax
+    from jax_tokenweave.engine.generate import encode_prompt
     from jax_tokenweave.engine.llm import LLM
     from jax_tokenweave.engine.runner import TPModel
     from jax_tokenweave.engine.sampler import SamplingParams
@@ -220,7 +221,6 @@ def serve_requests(args, cfg, params, tokenizer, mesh, impl) -> int:
         raise SystemExit("this model has no tokenizer: give requests as \"prompt_ids\"")
     instruct = bool(getattr(tokenizer, "chat_template", None))
     prompts = []
-    from jax_tokenweave.engine.generate import encode_prompt
     for r in reqs:
         if "prompt_ids" in r:
             prompts.append([int(t) for t in r["prompt_ids"]])

@@ -28,6 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jax_tokenweave.engine.block_manager import BlockManager
+from jax_tokenweave.engine.generate import encode_prompt
 from jax_tokenweave.engine.kv_cache import DEFAULT_PAGE_SIZE, pages_bytes
 from jax_tokenweave.engine.sampler import SamplingParams, as_arrays, request_keys
 from jax_tokenweave.engine.scheduler import Request, Scheduler
@@ -113,7 +114,6 @@ class LLM:
         self.stats = EngineStats()
 
     def _encode(self, prompt, chat: bool) -> list[int]:
-        from jax_tokenweave.engine.generate import encode_prompt
         return encode_prompt(self.tokenizer, prompt, chat=chat)
 
     def generate(self, prompts: Seq, sampling: SamplingParams | Seq[SamplingParams] = SamplingParams(), *,
