@@ -14,6 +14,12 @@
 #   model       scripts/bench_model.py (80-layer prefill 1K-16K, chunked prefill + decode, attention)
 #   attention   scripts/bench_model.py --sections attention (cuDNN vs XLA vs Pallas Mosaic GPU)
 #   moe         scripts/bench_moe.py --quick (Mixtral-8x22B block, layer, 56-layer prefill)
+# The engine (one GPU is enough; TP = the GPUs here):
+#   init        scripts/bench_init.py: random 8B / 70B shapes ready (weights + first prefill)
+#   generate    the README's GPU command: scripts/generate.py --random-model llama-3.1-8b
+#   decode      scripts/bench_decode.py: decode step vs roofline, Generator, XLA attention, peer
+#   serving     scripts/bench_serving.py: continuous engine vs static batching vs peer
+#   profdecode  scripts/profile_decode.py: top GPU kernels of a decode step
 # At the end everything under $OUT is packed into $OUT/results.tgz (the device tool returns at
 # most 8 files), and a one-line-per-stage summary is printed. NVLink multicast stays off.
 set -uo pipefail
@@ -63,6 +69,13 @@ for s in ${STAGES//,/ }; do
     attention)  stage attention 120 $PY scripts/bench_model.py --tokens 1024,2048,4096,8192,16384 --layers 1 \
                   --sections attention --out "$R/attention" ;;
     moe)        stage moe 400 $PY scripts/bench_moe.py --quick --sections layer,model --out "$R/moe" ;;
+    init)       stage init 150 $PY scripts/bench_init.py --models "${INIT_MODELS:-llama-3.1-8b,llama-3.3-70b}" \
+                  --out "$R/init" ;;
+    generate)   stage generate 110 $PY scripts/generate.py --random-model llama-3.1-8b --prompt-ids 1,2,3,4,5 \
+                  --max-new-tokens 64 --ignore-eos ;;
+    decode)     stage decode 420 $PY scripts/bench_decode.py --out "$R/decode" ;;
+    serving)    stage serving 430 $PY scripts/bench_serving.py --out "$R/serving" ;;
+    profdecode) stage profdecode 280 $PY scripts/profile_decode.py --out "$R/profdecode" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done
