@@ -130,3 +130,19 @@ def test_mixed_batch_greedy_rows_stay_greedy():
 def test_invalid_params_raise(kw):
     with pytest.raises(ValueError):
         SamplingParams(**kw)
+
+
+def test_sampling_program_has_no_conditional():
+    """The step must not hold a lax.cond: XLA:GPU reads a conditional's predicate on the host
+    and waits for the stream, which stalls the dispatch-ahead loop. Greedy is a static switch."""
+    import jax.numpy as jnp
+    from jax_tokenweave.engine.sampler import sample
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(4, 300)), jnp.float32)
+    args = (logits, request_keys(range(4)), *as_arrays([SamplingParams(temperature=0.5)] * 4))
+    f = jax.jit(sample, static_argnames="greedy")
+    sampled = f.lower(*args, greedy=False).as_text()
+    greedy = f.lower(*args, greedy=True).as_text()
+    for text in (sampled, greedy):
+        assert "stablehlo.case" not in text and "stablehlo.if" not in text
+    assert "sort" in sampled and "sort" not in greedy
+    assert np.array_equal(np.asarray(f(*args, greedy=True)), np.argmax(np.asarray(logits), -1))

@@ -14,8 +14,9 @@ whose sizes fall into the same buckets run the same executables.
 
 The model is a ``jax_tokenweave.engine.runner.TPModel`` (its ``init_cache``, ``params`` and the
 pure ``prefill_fn`` / ``decode_fn``, which the Generator compiles together with sampling: one
-program per prefill and per decode step). The loop dispatches step n+1 before it reads step n's
-tokens, so the device never waits for the host's stop checks and detokenizing. This is static
+program per prefill and per decode step). The loop keeps DISPATCH_AHEAD steps queued ahead of
+the one whose tokens it reads, so the device never waits for the host's stop checks and
+detokenizing. This is static
 batching (one padded batch, prefill then decode until the longest finishes); ``engine.llm.LLM``
 is the continuous-batching engine.
 
@@ -25,6 +26,7 @@ every process takes the same stop decisions. Only the caller decides who prints.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from typing import Callable, Iterator, Sequence
@@ -33,9 +35,11 @@ import jax
 import numpy as np
 
 from jax_tokenweave.parallel import distributed as dist
-from jax_tokenweave.engine.sampler import SamplingParams, as_arrays, request_keys, sample, step_keys
+from jax_tokenweave.engine.sampler import (SamplingParams, all_greedy, as_arrays, request_keys, sample,
+                                           step_keys)
 
 MIN_PROMPT_BUCKET = 16
+DISPATCH_AHEAD = 4   # decode steps queued on the device ahead of the host's reads
 
 
 def next_pow2(n: int) -> int:
@@ -179,16 +183,17 @@ class Generator:
         self.pad_id = pad_id
         self._spare_cache = None
         # Model step and sampling compiled as one program each (no separate sampling dispatch,
-        # nothing on the host between steps); the cache is donated, so updated in place.
-        def prefill_sample(params, tokens, lengths, cache, keys, step, temp, top_k, top_p):
+        # nothing on the host between steps); the cache is donated, so updated in place. `greedy`
+        # is static: an all-greedy batch compiles without the vocabulary sort (see sampler.sample).
+        def prefill_sample(params, tokens, lengths, cache, keys, step, temp, top_k, top_p, greedy):
             logits, cache = model.prefill_fn(params, tokens, lengths, cache)
-            return sample(logits, step_keys(keys, step), temp, top_k, top_p), step + 1, cache
+            return sample(logits, step_keys(keys, step), temp, top_k, top_p, greedy=greedy), step + 1, cache
 
-        def decode_sample(params, tok, cache, keys, step, temp, top_k, top_p):
+        def decode_sample(params, tok, cache, keys, step, temp, top_k, top_p, greedy):
             logits, cache = model.decode_fn(params, tok, cache)
-            return sample(logits, step_keys(keys, step), temp, top_k, top_p), step + 1, cache
-        self._prefill_sample = jax.jit(prefill_sample, donate_argnums=(3,))
-        self._decode_sample = jax.jit(decode_sample, donate_argnums=(2,))
+            return sample(logits, step_keys(keys, step), temp, top_k, top_p, greedy=greedy), step + 1, cache
+        self._prefill_sample = jax.jit(prefill_sample, donate_argnums=(3,), static_argnames="greedy")
+        self._decode_sample = jax.jit(decode_sample, donate_argnums=(2,), static_argnames="greedy")
 
     # ---------------------------------------------------------------- prompts
     def encode_prompt(self, prompt: str | Sequence[int], *, chat: bool = False,
@@ -283,10 +288,11 @@ class Generator:
         temp, top_k, top_p, keys = (dist.replicate(a, mesh) for a in (temp, top_k, top_p, keys))
 
         cache = self._take_cache(B, cache_len)
+        greedy = all_greedy(sampling)
         step_dev = dist.replicate(np.int32(0), mesh)        # the sampling step, kept on device
         tok, step_dev, cache = self._prefill_sample(self.model.params, dist.replicate(tokens, mesh),
                                                     dist.replicate(lengths, mesh), cache, keys, step_dev,
-                                                    temp, top_k, top_p)
+                                                    temp, top_k, top_p, greedy=greedy)
         host = dist.to_host(tok)
         t_first = time.perf_counter()
 
@@ -298,17 +304,23 @@ class Generator:
         reason = ["length"] * n
         stop_tok: list[int | None] = [None] * n
         detok = [IncrementalDetokenizer(self.tokenizer) for _ in range(n)] if detokenize else None
-        step = 0   # tokens produced so far, per row; `tok` holds token number `step`
-        while True:
-            # Dispatch the next step before reading this one (the device runs ahead while the
-            # host checks stops and detokenizes). It writes cache position lens + step, and is
-            # needed only if some request may want token number step + 1.
-            nxt = None
-            if not all(done) and step + 1 < limit and max(lens) + step < cache_len:
-                nxt, step_dev, cache = self._decode_sample(self.model.params, tok, cache, keys, step_dev,
-                                                           temp, top_k, top_p)
-            if host is None:
-                host = dist.to_host(tok)
+        # Steps in flight: the device runs up to DISPATCH_AHEAD steps ahead of the host's stop
+        # checks and detokenizing, and each token's copy to the host starts when its step is
+        # queued, so reading it rarely waits. A stop seen late costs at most DISPATCH_AHEAD - 1
+        # wasted steps, whose tokens are dropped (their cache writes stay inside the cache).
+        inflight = collections.deque([host])
+        produced = 1                 # tokens dispatched so far; the next step makes token `produced`
+        while inflight:
+            # token j is written by the step at cache position max(lens) + j - 1
+            while (len(inflight) < DISPATCH_AHEAD and produced < limit and not all(done)
+                   and max(lens) + produced - 1 < cache_len):
+                tok, step_dev, cache = self._decode_sample(self.model.params, tok, cache, keys, step_dev,
+                                                           temp, top_k, top_p, greedy=greedy)
+                tok.copy_to_host_async()
+                inflight.append(tok)
+                produced += 1
+            got = inflight.popleft()
+            host = got if isinstance(got, np.ndarray) else dist.to_host(got)
             for i in range(n):
                 if done[i]:
                     continue
@@ -323,10 +335,8 @@ class Generator:
                         yield TextDelta(i, delta, t)
                 if len(out[i]) >= budget[i]:
                     done[i] = True
-            step += 1
-            if nxt is None or all(done):
+            if all(done):
                 break
-            tok, host = nxt, None
         t_end = time.perf_counter()
         self._spare_cache = ((B, cache_len), cache)
 

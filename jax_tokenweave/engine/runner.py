@@ -158,10 +158,10 @@ class TPModel:
         return logits, KVCache(pages=pages, block_tables=cache.block_tables, lengths=cache.lengths + 1,
                                max_len=cache.max_len)
 
-    def step_fn(self, params, batch: StepBatch, pages: KVPages):
+    def step_fn(self, params, batch: StepBatch, pages: KVPages, greedy: bool = False):
         """Pure (un-jitted) continuous-batching step: the flat ragged batch through the model
         (TokenWeave's split when it is large enough and mixes prefill), each sequence's next token
-        sampled on the device. -> (tokens [S] int32, pages)."""
+        sampled on the device (greedy, static: no row samples). -> (tokens [S] int32, pages)."""
         def local(params, batch, pages):
             x, pages = self.forward(params, batch.token_ids[None], batch.positions[None], cache=pages,
                                     attend=attention.ragged(batch),
@@ -169,15 +169,17 @@ class TPModel:
                                     unroll=batch.decode_only)
             logits = transformer.logits_at(params, x[0][batch.sample_rows], self.axis_name)
             keys = sampler.row_keys(batch.keys, batch.sample_step)
-            return sampler.sample(logits, keys, batch.temperature, batch.top_k, batch.top_p), pages
+            return sampler.sample(logits, keys, batch.temperature, batch.top_k, batch.top_p,
+                                  greedy=greedy), pages
         bspec = jax.tree.map(lambda _: P(), batch)
         return self._smap(local, (self._pspecs, bspec, self._cspecs), (P(), self._cspecs))(params, batch, pages)
 
     def step(self, batch: StepBatch, pages: KVPages) -> tuple[jax.Array, KVPages]:
         """One engine step (step_fn, compiled per bucket shape); `pages` is donated."""
+        greedy = sampler.all_greedy(batch.temperature)
         batch = jax.tree.map(lambda a: a if isinstance(a, jax.Array) else
                              jax.make_array_from_process_local_data(self._replicated, np.asarray(a)), batch)
-        return self._step_fn(self.params, batch, pages)
+        return self._step_fn(self.params, batch, pages, greedy=greedy)
 
     def splits(self, num_tokens: int, decode_only: bool) -> bool:
         """Whether a step of num_tokens flat tokens runs as TokenWeave's two halves."""
@@ -206,7 +208,7 @@ class TPModel:
         self._logits_fn = jax.jit(self._smap(logits_local, (self._pspecs, P()), P()))
         self._prefill_fn = jax.jit(self.prefill_fn, donate_argnums=(3,))
         self._decode_fn = jax.jit(self.decode_fn, donate_argnums=(2,))
-        self._step_fn = jax.jit(self.step_fn, donate_argnums=(2,))
+        self._step_fn = jax.jit(self.step_fn, donate_argnums=(2,), static_argnames="greedy")
 
     # ---------------------------------------------------------------------------- inputs
 

@@ -20,6 +20,7 @@ or on the batch's padding.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import jax
@@ -105,22 +106,32 @@ def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array,
 
 
 def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
-           top_p: jax.Array) -> jax.Array:
-    """Next token ids [B] int32. keys: raw key data [B, 2] uint32 for this step (see step_keys)."""
+           top_p: jax.Array, *, greedy: bool = False) -> jax.Array:
+    """Next token ids [B] int32. keys: raw key data [B, 2] uint32 for this step (see step_keys).
+
+    greedy (static): every row has temperature 0, so the vocabulary sort is left out of the
+    program. The caller decides from the requests' SamplingParams on the host (`all_greedy`).
+    It is a compile-time switch rather than a ``lax.cond`` on the temperatures because XLA:GPU
+    runs a conditional by copying its predicate to the host and waiting for the stream: the step
+    would block its own dispatch thread, and the next step could not be queued behind it."""
     greedy_tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-    def sampled(_):
-        srt, order = filter_logits(logits, temperature, top_k, top_p)
-        wrapped = jax.random.wrap_key_data(keys, impl="threefry2x32")
-        pos = jax.vmap(lambda k, l: jax.random.categorical(k, l))(wrapped, srt)
-        tok = jnp.take_along_axis(order, pos[:, None], axis=-1)[:, 0].astype(jnp.int32)
-        return jnp.where(temperature > 0, tok, greedy_tok)
-
-    # an all-greedy batch skips the vocabulary sort
-    return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda _: greedy_tok, None)
+    if greedy:
+        return greedy_tok
+    srt, order = filter_logits(logits, temperature, top_k, top_p)
+    wrapped = jax.random.wrap_key_data(keys, impl="threefry2x32")
+    pos = jax.vmap(lambda k, l: jax.random.categorical(k, l))(wrapped, srt)
+    tok = jnp.take_along_axis(order, pos[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    return jnp.where(temperature > 0, tok, greedy_tok)
 
 
-@jax.jit
-def sample_step(logits, keys, step, temperature, top_k, top_p):
+def all_greedy(temperature) -> bool:
+    """Host-side: whether a batch's temperatures (numpy, or SamplingParams) are all 0."""
+    if len(temperature) and isinstance(temperature[0], SamplingParams):
+        return all(p.greedy for p in temperature)
+    return not bool(np.any(np.asarray(temperature) > 0))
+
+
+@functools.partial(jax.jit, static_argnames="greedy")
+def sample_step(logits, keys, step, temperature, top_k, top_p, greedy=False):
     """jit'd `sample` with the per-step keys folded in."""
-    return sample(logits, step_keys(keys, step), temperature, top_k, top_p)
+    return sample(logits, step_keys(keys, step), temperature, top_k, top_p, greedy=greedy)
