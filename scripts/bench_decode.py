@@ -21,8 +21,9 @@ cache of ``init_cache(batch, capacity)``. Per row:
                parameter but the embedding table (a decode step gathers B of its rows; counted in
                when the LM head is tied to it). KV: 2 (K, V) x layers x local KV heads x positions
                read x head_dim x itemsize x batch, positions = the mean over the timed steps.
-               Copy bandwidth: a ``x * 1.0001`` over --bw-mib MiB of bf16, --bw-inner dependent
-               steps inside one jit (dispatch negligible), read + written bytes / median time.
+               Copy bandwidth: the best of bench.harness.copy_bandwidth over --bw-mib MiB (a
+               device copy and x * 1.0001 in f32 and bf16) and, when the peer runs, torch's
+               y.copy_(x) timed with CUDA events; read + written bytes / median time.
   ratio_to_roofline   step_ms / roofline_ms (targets: <= 1.15 at batch 1, <= 1.25 at 8 and 32).
   generator_ms per-token time of Generator.generate (prompts of `valid` random tokens, ignore_eos):
                (time of max_new_tokens=--generator-new minus time of max_new_tokens=1) /
@@ -110,7 +111,6 @@ def parse(argv=None):
     ap.add_argument("--mem-limit-bytes", type=int, default=None,
                     help="per-device limit for the skip rule (default: memory_stats bytes_limit)")
     ap.add_argument("--bw-mib", type=int, default=2048)
-    ap.add_argument("--bw-inner", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tiny", action="store_true", help="tiny-llama, capacities 64/128, batches 1/2 (CPU)")
     ap.add_argument("--out", default="bench/results")
@@ -120,8 +120,7 @@ def parse(argv=None):
         d = ap.get_default
         for k, v in dict(batches="1,2", capacities="64,128", valid=16, headroom=32, steps=4, reps=2,
                          warmup=1, generator_capacity=64, generator_new=8, generator_reps=1,
-                         generator_batches="1", peer_batches="1,2", peer_capacity=64, bw_mib=8,
-                         bw_inner=4).items():
+                         generator_batches="1", peer_batches="1,2", peer_capacity=64, bw_mib=8).items():
             if getattr(a, k) == d(k):
                 setattr(a, k, v)
     return a
@@ -268,6 +267,27 @@ def peer_versions() -> dict:
     return d
 
 
+def torch_copy_bandwidth(torch, mib: int, reps: int = 10) -> dict:
+    """torch's device-to-device copy (``y.copy_(x)``, f32), CUDA events, median of `reps`:
+    a second opinion on the copy ceiling from the peer's runtime (read + written bytes)."""
+    n = mib * (1 << 20) // 4
+    x = torch.full((n,), 1.5, device="cuda")
+    y = torch.empty_like(x)
+    y.copy_(x)
+    ts = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        y.copy_(x)
+        e.record()
+        e.synchronize()
+        ts.append(s.elapsed_time(e) / 1e3)
+    del x, y
+    torch.cuda.empty_cache()
+    return dict(bytes_per_s=2 * 4 * n / statistics.median(ts), mib=mib,
+                method=f"torch y.copy_(x) f32 {mib} MiB, CUDA events, median of {reps}")
+
+
 def peer_decode_main(a) -> dict:
     """The subprocess side: per-token time of transformers' static-cache generate."""
     res = dict(method="transformers generate, cache_implementation=static, greedy, "
@@ -285,6 +305,9 @@ def peer_decode_main(a) -> dict:
     res.update(peer_versions())
     cfg = model_config(a.model)
     model, torch = hf_model(cfg, a.peer_device)
+    if a.peer_device.startswith("cuda"):
+        res["copy"] = torch_copy_bandwidth(torch, a.bw_mib)
+        save()
     res["rows"] = {}
     new = a.generator_new
     for B in [int(b) for b in a.peer_batches.split(",")]:
@@ -365,32 +388,6 @@ def estimate_row_bytes(cfg, mesh, batch: int, capacity: int, itemsize: int) -> i
         w_embed = cfg.vocab_size * cfg.hidden_size * itemsize // tp
     kvh_local = cache_kv_heads(cfg, mesh.shape["tp"]) // mesh.shape["tp"]
     return int(w + w_embed + 2 * cfg.num_layers * kvh_local * capacity * cfg.head_dim * itemsize * batch)
-
-
-def copy_bandwidth(mib: int, inner: int, reps: int = 5) -> dict:
-    """x * 1.0001 over `mib` MiB of bf16 (computed in f32, stored bf16), `inner` dependent steps
-    in one jit; read + written bytes / median time of the loop."""
-    import jax
-    import jax.numpy as jnp
-    from jax import lax
-    n = max(1, mib * (1 << 20) // 2)
-    x = jax.jit(lambda: jnp.full((n,), 1.5, jnp.bfloat16))()
-
-    def step(i, y):
-        return (y.astype(jnp.float32) * 1.0001).astype(jnp.bfloat16)
-    f = jax.jit(lambda y: lax.fori_loop(0, inner, step, y))
-    jax.block_until_ready(f(x))
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(f(x))
-        ts.append(time.perf_counter() - t)
-    med = statistics.median(ts)
-    nbytes = 2 * n * 2 * inner
-    del x
-    return dict(bytes_per_s=nbytes / med, loop_median_s=med, bytes_per_loop=nbytes,
-                method=f"x * 1.0001 over {mib} MiB bf16 (f32 math), {inner} dependent steps in one "
-                       f"jit, (read + written) / median of {reps}")
 
 
 def fill_pages_random(pages, seed: int):
@@ -522,7 +519,7 @@ def main(argv=None):
         print(f"# peer: transformers in a subprocess, batches {peer_batches}", flush=True)
         peer = run_peer_subprocess(os.path.abspath(__file__),
                                    ["--model", a.model, "--peer-batches", ",".join(map(str, peer_batches)),
-                                    "--valid", str(a.valid), "--generator-new", str(a.generator_new),
+                                    "--valid", str(a.valid), "--bw-mib", str(a.bw_mib), "--generator-new", str(a.generator_new),
                                     "--peer-device", a.peer_device], a.peer_timeout, a.peer_device)
         if "skipped" in peer:
             print(f"# peer skipped: {peer['skipped']}", flush=True)
@@ -557,7 +554,13 @@ def main(argv=None):
         print(f"# {info['device']} x{tp}, jax {info['jax']}, {a.model} ({cfg.num_layers} layers), "
               f"{info['dtype']}, fill={a.fill}", flush=True)
 
-        bw = copy_bandwidth(a.bw_mib, a.bw_inner)
+        bw = bench.copy_bandwidth(a.bw_mib)
+        tc = peer.get("copy", {}).get("bytes_per_s")
+        if tc:   # the roofline takes the fastest copy either runtime achieved on this GPU
+            bw["methods_bytes_per_s"]["torch_copy_f32"] = tc
+            if tc > bw["bytes_per_s"]:
+                bw.update(bytes_per_s=tc, best_method="torch_copy_f32")
+            bw["method"] += " and torch's y.copy_(x) (peer subprocess, CUDA events)"
         print(f"# copy bandwidth {bw['bytes_per_s'] / 1e12:.3f} TB/s", flush=True)
         t = time.perf_counter()
         model = TPModel.random(cfg, mesh, dtype=dtype, seed=a.seed, impl=impl, comm=comm)
@@ -571,6 +574,7 @@ def main(argv=None):
         limit = a.mem_limit_bytes or (stats or {}).get("bytes_limit")
         rng = np.random.default_rng(a.seed)
         rows = []
+        partial = os.path.join(a.out, f"decode_{slug}.partial.json")
         pairs = sorted({(B, C) for B, C, _ in rows_wanted})
         for B, C in pairs:
             valids = [v for b, c, v in rows_wanted if (b, c) == (B, C)]
@@ -589,6 +593,7 @@ def main(argv=None):
                 msg = f"{type(e).__name__}: {str(e)[:400]}"
                 print(f"B={B} cap={C}: FAILED {msg}", flush=True)
                 rows.extend(dict(batch=B, capacity=C, valid=v, error=msg, bytes_needed=need) for v in valids)
+            bench.write_json(partial, dict(info=info, copy_bandwidth=bw, peer=peer, rows=rows))  # a kill keeps these
 
         # Generator per token, on the rows of --generator-capacity
         if not a.no_generator:
@@ -628,6 +633,8 @@ def main(argv=None):
                targets=TARGETS, peer=peer, rows=rows, compile_s_total=counter.secs, compiles_total=counter.n)
     base = os.path.join(a.out, f"decode_{slug}")
     bench.write_json(base + ".json", out)
+    if os.path.exists(base + ".partial.json"):
+        os.remove(base + ".partial.json")
     write_md(base + ".md", out)
     measured = [r for r in rows if "step_ms" in r]
     if measured:

@@ -19,7 +19,7 @@
 #   generate    the README's GPU command: scripts/generate.py --random-model llama-3.1-8b
 #   decode      scripts/bench_decode.py: decode step vs roofline, Generator, XLA attention, peer
 #   serving     scripts/bench_serving.py: continuous engine vs static batching vs peer
-#   profdecode  scripts/profile_decode.py: top GPU kernels of a decode step
+#   profdecode  scripts/profile_decode.py: copy roofline, decode kernels by category, idle time, XLA flag variants
 # At the end everything under $OUT is packed into $OUT/results.tgz (the device tool returns at
 # most 8 files), and a one-line-per-stage summary is printed. NVLink multicast stays off.
 set -uo pipefail
@@ -75,7 +75,7 @@ for s in ${STAGES//,/ }; do
                   --max-new-tokens 64 --ignore-eos ;;
     decode)     stage decode 420 $PY scripts/bench_decode.py --out "$R/decode" ;;
     serving)    stage serving 430 $PY scripts/bench_serving.py --out "$R/serving" ;;
-    profdecode) stage profdecode 280 $PY scripts/profile_decode.py --out "$R/profdecode" ;;
+    profdecode) stage profdecode 540 $PY scripts/profile_decode.py --out "$R/profdecode" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done

@@ -1,7 +1,17 @@
 #!/usr/bin/env python
-"""Where a decode step's time goes: a profile of a few TPModel.decode steps (random 8B shape,
-one GPU), summarised as the top GPU kernels by total time, and the step time with the layer
-scan unrolled for comparison (is the scan's per-layer weight slice copied?).
+"""Where a decode step's time goes, on one GPU (random Llama-3.1-8B shape, TP1, bf16):
+
+  1. the copy roofline (bench.harness.copy_bandwidth: every method, the best is the ceiling);
+  2. per batch (--batches): TPModel.decode step time (dispatch-ahead loop, median of 3 x 20),
+     then a profile of 5 steps: GPU busy time (union of kernel intervals), idle time between
+     kernels, kernels per step, time per category (matmul / attention / kv write / reduce /
+     elementwise / memcpy) and the top kernels; one step's kernel sequence goes to the JSON;
+  3. Generator.generate per token at batch 1 (64 new tokens minus 1, median of 3) and its
+     profile's idle time (does the host loop starve the GPU?);
+  4. XLA option variants (--variants): the decode jit compiled with other compiler options,
+     its step time at --variant-batch rows.
+
+Prints a short table; writes <out>/profile_decode.json (with device, jax, date, command).
 
     python scripts/profile_decode.py --out $OUT
 """
@@ -9,11 +19,10 @@ from __future__ import annotations
 
 import argparse
 import collections
-import functools
-import glob
 import gzip
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -22,63 +31,215 @@ from jax_tokenweave.gpu_env import forbid_multicast  # noqa: E402
 
 forbid_multicast()
 
-
-def timed_steps(m, batch, valid, steps=20):
-    import jax
-    import numpy as np
-    cache = m.init_cache(batch, 2048)
-    toks = np.random.default_rng(0).integers(0, m.cfg.vocab_size, (batch, valid)).astype(np.int32)
-    _, cache = m.prefill(toks, np.full(batch, valid, np.int32), cache)
-    tok = np.zeros(batch, np.int32)
-    for _ in range(3):
-        _, cache = m.decode(tok, cache, check_capacity=False)
-    jax.block_until_ready(cache.pages.k)
-    t = time.perf_counter()
-    for _ in range(steps):
-        _, cache = m.decode(tok, cache, check_capacity=False)
-    jax.block_until_ready(cache.pages.k)
-    return (time.perf_counter() - t) / steps * 1e3, cache, tok
+VARIANTS = {   # compiler options of the decode jit, timed against the default at --variant-batch
+    "dynamic_slice_fusion": {"xla_gpu_enable_dynamic_slice_fusion": True},
+    "no_cublas_fallback": {"xla_gpu_cublas_fallback": False},
+    "dot_merger_64mb": {"xla_gpu_dot_merger_threshold_mb": 64},
+}
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser()
-    p.add_argument("--out", default="/tmp/profile_decode")
-    p.add_argument("--batch", type=int, default=1)
-    a = p.parse_args(argv)
-    import jax
+def category(name: str) -> str:
+    n = name.lower()
+    if "memcpy" in n or "memset" in n:
+        return "memcpy"
+    if any(s in n for s in ("paged", "ragged", "attention", "fmha", "flash")):
+        return "attention"
+    if any(s in n for s in ("gemm", "dot", "cublas", "gemv", "xmma", "cutlass", "nvjet", "sm90")):
+        return "matmul"
+    if "scatter" in n or "dynamic_update" in n:
+        return "kv_write"
+    if "reduce" in n:
+        return "reduce"
+    return "elementwise"
+
+
+def model_for(name: str):
     import jax.numpy as jnp
     from jax_tokenweave.engine.runner import TPModel
     from jax_tokenweave.models import get_preset
     from jax_tokenweave.parallel.mesh import make_mesh
-    os.makedirs(a.out, exist_ok=True)
-    res = {}
-    m = TPModel.random(get_preset("llama-3.1-8b"), make_mesh(1), dtype=jnp.bfloat16)
-    ms, cache, tok = timed_steps(m, a.batch, 512)
-    res["scan_step_ms"] = ms
-    tdir = os.path.join(a.out, "trace")
+    return TPModel.random(get_preset(name), make_mesh(1), dtype=jnp.bfloat16)
+
+
+def decode_setup(m, batch, valid=512, capacity=2048):
+    import jax
+    import numpy as np
+    cache = m.init_cache(batch, capacity)
+    cache = cache.replace(lengths=jax.device_put(np.full(batch, valid, np.int32),
+                                                 cache.lengths.sharding))
+    tok = jax.device_put(np.zeros(batch, np.int32), cache.lengths.sharding)
+    return cache, tok
+
+
+def step_ms(m, cache, tok, steps=20, reps=3):
+    import jax
+    t = time.perf_counter()
+    for _ in range(3):
+        _, cache = m.decode(tok, cache, check_capacity=False)
+    jax.block_until_ready(cache.pages.k)
+    warm = time.perf_counter() - t
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        for _ in range(steps):
+            logits, cache = m.decode(tok, cache, check_capacity=False)
+        jax.block_until_ready(logits)
+        ts.append((time.perf_counter() - t) / steps * 1e3)
+    return statistics.median(ts), warm, cache
+
+
+def trace_summary(tdir: str, steps: int) -> dict:
+    from jax_tokenweave.bench.harness import find_trace
+    ev = json.load(gzip.open(find_trace(tdir)))["traceEvents"]
+    pname = {e["pid"]: e["args"]["name"] for e in ev if e.get("ph") == "M" and e.get("name") == "process_name"}
+    ks = sorted((e for e in ev if e.get("ph") == "X" and "dur" in e and "GPU" in pname.get(e["pid"], "")),
+                key=lambda e: e["ts"])
+    if not ks:
+        return dict(error="no GPU kernel events in the trace")
+    busy, end = 0.0, ks[0]["ts"]
+    for e in ks:                      # union of intervals (streams may overlap)
+        s, f = e["ts"], e["ts"] + e["dur"]
+        if f > end:
+            busy += f - max(s, end)
+            end = f
+    wall = end - ks[0]["ts"]
+    tot, cnt, cat = collections.Counter(), collections.Counter(), collections.Counter()
+    for e in ks:
+        tot[e["name"]] += e["dur"]
+        cnt[e["name"]] += 1
+        cat[category(e["name"])] += e["dur"]
+    per = len(ks) // steps
+    return dict(window_us_per_step=wall / steps, busy_us_per_step=busy / steps,
+                idle_us_per_step=(wall - busy) / steps, kernels_per_step=len(ks) / steps,
+                category_us_per_step={k: round(v / steps, 1) for k, v in cat.most_common()},
+                top_kernels=[(n[:100], round(t / steps, 1), cnt[n] // steps) for n, t in tot.most_common(25)],
+                one_step=[(e["name"][:60], round(e["dur"], 2), round(e["ts"] - ks[per].get("ts"), 2))
+                          for e in ks[per:2 * per]])
+
+
+def hlo_copies(m, cache, tok, out: str, B: int) -> list[str]:
+    """The copy instructions of the compiled decode step (the optimized HLO goes to a file):
+    which buffers XLA copies every step."""
+    import re
+    import jax
+    txt = jax.jit(m.decode_fn, donate_argnums=(2,)).lower(m.params, tok, cache).compile().as_text()
+    with open(os.path.join(out, f"decode_b{B}_hlo.txt"), "w") as f:
+        f.write(txt)
+    return [ln.strip()[:240] for ln in txt.splitlines() if re.search(r"= \S+ copy(-start)?\(", ln)][:40]
+
+
+def profile_decode(m, cache, tok, out: str, tag: str, steps=5):
+    import jax
+    tdir = os.path.join(out, f"trace_{tag}")
     with jax.profiler.trace(tdir):
-        for _ in range(5):
+        for _ in range(steps):
             _, cache = m.decode(tok, cache, check_capacity=False)
         jax.block_until_ready(cache.pages.k)
+    return trace_summary(tdir, steps), cache
+
+
+def generator_probe(m, out: str, valid=512, new=64):
+    import jax
+    import numpy as np
+    from jax_tokenweave.engine.generate import Generator
+    gen = Generator(m)
+    prompt = np.random.default_rng(0).integers(1, m.cfg.vocab_size, (1, valid)).tolist()
+    gen.warmup([valid], 1)
+    gen.warmup([valid], new)
+    gen.generate(prompt, max_new_tokens=new, ignore_eos=True)
+    t1, tn = [], []
+    for _ in range(3):
+        t = time.perf_counter()
+        gen.generate(prompt, max_new_tokens=1, ignore_eos=True)
+        t1.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        gen.generate(prompt, max_new_tokens=new, ignore_eos=True)
+        tn.append(time.perf_counter() - t)
+    res = dict(generator_ms=1e3 * (statistics.median(tn) - statistics.median(t1)) / (new - 1))
+    tdir = os.path.join(out, "trace_generator")
+    with jax.profiler.trace(tdir):
+        gen.generate(prompt, max_new_tokens=16, ignore_eos=True)
+    s = trace_summary(tdir, 16)
+    res.update({k: s.get(k) for k in ("window_us_per_step", "busy_us_per_step", "idle_us_per_step",
+                                      "kernels_per_step")})
+    return res
+
+
+def variant_probe(m, B: int, options: dict) -> dict:
+    """The B-row decode step compiled with `options` (a second jit of the same function)."""
+    import jax
+    f = jax.jit(m.decode_fn, donate_argnums=(2,), compiler_options=options)
+
+    class Alt:   # step_ms's view of a model: .decode(tok, cache, check_capacity)
+        def decode(self, tok, cache, check_capacity=False):
+            return f(m.params, tok, cache)
+    cache, tok = decode_setup(m, B)
+    ms, warm, cache = step_ms(Alt(), cache, tok)
     del cache
-    f = sorted(glob.glob(os.path.join(tdir, "**", "*.trace.json.gz"), recursive=True))[-1]
-    ev = json.load(gzip.open(f))["traceEvents"]
-    pname = {e["pid"]: e["args"]["name"] for e in ev if e.get("ph") == "M" and e.get("name") == "process_name"}
-    tot = collections.Counter()
-    cnt = collections.Counter()
-    for e in ev:
-        if e.get("ph") == "X" and "GPU" in pname.get(e["pid"], "") and "dur" in e:
-            tot[e["name"]] += e["dur"]
-            cnt[e["name"]] += 1
-    res["top_kernels_us_per_step"] = [(n[:120], round(t / 5, 1), cnt[n] // 5) for n, t in tot.most_common(15)]
-    res["gpu_busy_us_per_step"] = sum(tot.values()) / 5
-    orig = jax.lax.scan
-    jax.lax.scan = functools.partial(orig, unroll=True)
-    m2 = TPModel(m.cfg, m.params, m.mesh)
-    res["unrolled_step_ms"] = timed_steps(m2, a.batch, 512)[0]
-    jax.lax.scan = orig
-    print(json.dumps(res, indent=1))
-    json.dump(res, open(os.path.join(a.out, "profile_decode.json"), "w"), indent=1)
+    return dict(step_ms=ms, warmup_s=warm, options=options)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="/tmp/profile_decode")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--model", default="llama-3.1-8b", help="preset (tiny-llama: a CPU check of the script)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="names of VARIANTS, '' for none")
+    p.add_argument("--variant-batch", type=int, default=8)
+    a = p.parse_args(argv)
+    os.makedirs(a.out, exist_ok=True)
+    import jax
+    from jax_tokenweave.bench import harness as bench
+    res = dict(info=bench.run_info(argv if argv is not None else sys.argv))
+    path = os.path.join(a.out, "profile_decode.json")
+
+    def save():
+        bench.write_json(path, res)
+
+    res["copy_bandwidth"] = bench.copy_bandwidth(2048 if jax.default_backend() == "gpu" else 16)
+    save()
+    m = model_for(a.model)
+    res["batches"] = {}
+    for B in [int(b) for b in a.batches.split(",")]:
+        cache, tok = decode_setup(m, B)
+        ms, warm, cache = step_ms(m, cache, tok)
+        prof, cache = profile_decode(m, cache, tok, a.out, f"b{B}")
+        res["batches"][B] = dict(step_ms=ms, warmup_s=warm, **prof, hlo_copies=hlo_copies(m, cache, tok, a.out, B))
+        del cache
+        save()
+    try:
+        res["generator_b1"] = generator_probe(m, a.out)
+    except Exception as e:  # noqa: BLE001 - keep the rest
+        res["generator_b1"] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+    save()
+    res["variants"] = {}
+    for name in [v for v in a.variants.split(",") if v]:
+        try:
+            res["variants"][name] = variant_probe(m, a.variant_batch, VARIANTS[name])
+        except Exception as e:  # noqa: BLE001 - keep the rest
+            res["variants"][name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+        save()
+
+    bw = res["copy_bandwidth"]
+    print(f"copy bandwidth: {bw['bytes_per_s'] / 1e12:.3f} TB/s ({bw['best_method']}), read-only "
+          f"{bw['read_bytes_per_s'] / 1e12:.3f}; "
+          + ", ".join(f"{k} {v / 1e12:.3f}" for k, v in bw["methods_bytes_per_s"].items()))
+    print("| batch | step ms | busy us | idle us | kernels | " + " | ".join(
+        ("matmul", "attention", "kv_write", "reduce", "elementwise", "memcpy")) + " |")
+    for B, r in res["batches"].items():
+        c = r.get("category_us_per_step", {})
+        print(f"| {B} | {r['step_ms']:.3f} | {r.get('busy_us_per_step', 0):.0f} | {r.get('idle_us_per_step', 0):.0f} | "
+              f"{r.get('kernels_per_step', 0):.0f} | " + " | ".join(
+                  f"{c.get(k, 0):.0f}" for k in ("matmul", "attention", "kv_write", "reduce", "elementwise", "memcpy")) + " |")
+        for n, t, k in r.get("top_kernels", [])[:12]:
+            print(f"    {t:8.1f} us  x{k:3d}  {n}")
+        print(f"  {len(r.get('hlo_copies', []))} copy instructions in the HLO, first ones:")
+        for ln in r.get("hlo_copies", [])[:6]:
+            print("    " + ln[:200])
+    print("generator b1:", json.dumps(res["generator_b1"]))
+    for name, v in res["variants"].items():
+        print(f"variant {name}: {json.dumps(v)[:300]}")
+    return res
 
 
 if __name__ == "__main__":

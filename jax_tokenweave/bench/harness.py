@@ -210,6 +210,50 @@ def plot_lines(path: str, xs, series: dict[str, list], *, xlabel: str, ylabel: s
     plt.close(fig)
 
 
+# ------------------------------------------------------------------------- the copy roofline
+
+def _median_s(f, x, reps: int) -> float:
+    jax.block_until_ready(f(x))
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(f(x))
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def copy_bandwidth(mib: int = 2048, reps: int = 10) -> dict:
+    """The device's memory ceiling for a roofline: the best of three ways of streaming `mib` MiB
+    through device memory, each counted as bytes read + bytes written over the median time of
+    `reps` calls after a warm-up (one call moves GBs, so dispatch is noise):
+
+      copy_f32     ``jnp.copy`` of f32 (XLA emits a device-to-device copy)
+      scale_f32    ``x * 1.0001`` in f32 (an elementwise kernel)
+      scale_bf16   ``x * 1.0001`` in bf16 (f32 math, the dtype the model streams)
+
+    The best one is the roofline's bandwidth (a kernel cannot beat the fastest plain stream), so
+    every method and its figure is kept for the reader. Also measured, not part of the best:
+    ``read_bytes_per_s``, a read-only stream (``x.sum()`` of f32), which HBM serves faster than
+    a copy; a decode step mostly reads, so its ratio to this one is the stricter figure."""
+    n = max(1, mib * (1 << 20) // 4)
+    methods = {"copy_f32": (jnp.float32, lambda x: jnp.copy(x)),
+               "scale_f32": (jnp.float32, lambda x: x * 1.0001),
+               "scale_bf16": (jnp.bfloat16, lambda x: (x.astype(jnp.float32) * 1.0001).astype(jnp.bfloat16))}
+    res = {}
+    for name, (dt, fn) in methods.items():
+        count = n * 4 // jnp.dtype(dt).itemsize
+        x = jax.jit(lambda: jnp.full((count,), 1.5, dt))()
+        res[name] = 2 * count * jnp.dtype(dt).itemsize / _median_s(jax.jit(fn), x, reps)
+        del x
+    x = jax.jit(lambda: jnp.full((n,), 1.5, jnp.float32))()
+    read = 4 * n / _median_s(jax.jit(jnp.sum), x, reps)
+    del x
+    best = max(res, key=res.get)
+    return dict(bytes_per_s=res[best], best_method=best, methods_bytes_per_s=res, mib=mib,
+                read_bytes_per_s=read,
+                method=f"best of {', '.join(res)} over {mib} MiB, (read + written) / median of {reps}")
+
+
 # ------------------------------------------------------------------------- profile timeline
 
 def find_trace(log_dir: str) -> str:

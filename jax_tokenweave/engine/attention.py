@@ -32,9 +32,16 @@ def use_kernels() -> bool:
     return jax.default_backend() == "gpu"
 
 
-def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, layer):
+def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, layer, busy_rows=None):
+    """busy_rows: rows that hold real sequences (the rest are padding of length 1); the kernel's
+    split count follows them, so one long sequence padded to 8 rows still spreads over the SMs."""
     if use_kernels():
-        return kernels.paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, layer)
+        splits = None
+        if busy_rows is not None:
+            splits = kernels.decode_num_splits(busy_rows, k_pool.shape[1], block_tables.shape[1],
+                                               k_pool.shape[3])
+        return kernels.paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, layer,
+                                              num_splits=splits)
     return kernels.paged_attention_reference(q, k_pool, v_pool, block_tables, lengths, layer)
 
 
@@ -65,13 +72,15 @@ def prefill(impl: str, block_tables, lengths, prefix_len: int = 0):
     return attend
 
 
-def decode(block_tables, lengths):
-    """q/k/v [B, 1, ...]: the token at position lengths[b] of each sequence."""
+def decode(block_tables, lengths, busy_rows=None):
+    """q/k/v [B, 1, ...]: the token at position lengths[b] of each sequence (rows from
+    `busy_rows` on are padding, see paged_decode_attention)."""
     def attend(q, k, v, cache, layer):
         B = q.shape[0]
         page, off = kv_cache.slots(block_tables, lengths[:, None], jnp.ones((B, 1), bool), cache.page_size)
         cache = kv_cache.write(cache, layer, k[:, 0], v[:, 0], page[:, 0], off[:, 0])
-        out = paged_decode_attention(q[:, 0], cache.k, cache.v, block_tables, lengths + 1, layer)
+        out = paged_decode_attention(q[:, 0], cache.k, cache.v, block_tables, lengths + 1, layer,
+                                     busy_rows=busy_rows)
         return out[:, None], cache
     return attend
 

@@ -22,7 +22,7 @@ from jax_tokenweave.collective.reducer import Reducer
 from jax_tokenweave.compat import shard_map
 from jax_tokenweave.engine import attention, sampler
 from jax_tokenweave.engine.step_batch import StepBatch
-from jax_tokenweave.engine.kv_cache import (DEFAULT_PAGE_SIZE, KVCache, KVPages, init_pages,
+from jax_tokenweave.engine.kv_cache import (DEFAULT_PAGE_SIZE, SCRATCH_PAGE, KVCache, KVPages, init_pages,
                                             static_block_tables)
 from jax_tokenweave.model_io.random_weights import random_params
 from jax_tokenweave.models import transformer
@@ -36,6 +36,8 @@ from jax_tokenweave.weave import schedule
 from jax_tokenweave.weave.split import SplitConfig, config_for, plan_split
 
 __all__ = ["TPModel", "KVCache", "to_host"]
+
+DECODE_MIN_ROWS = 8   # a decode step runs at least this many rows (see TPModel.decode_fn)
 
 
 def to_host(x: jax.Array) -> np.ndarray:
@@ -148,15 +150,28 @@ class TPModel:
         return logits, KVCache(pages=pages, block_tables=cache.block_tables, lengths=lengths, max_len=cache.max_len)
 
     def decode_fn(self, params, tokens, cache: KVCache):
-        """Pure (un-jitted) decode step: (float32 logits [B, V], cache with lengths + 1)."""
+        """Pure (un-jitted) decode step: (float32 logits [B, V], cache with lengths + 1).
+
+        Batches under DECODE_MIN_ROWS run padded to it (rows of length 0 on the scratch page): the
+        weights are read once either way, and on the H200 XLA turns the narrowest projections of
+        a 1-row step into reduce loops at ~1 TB/s (bench/results/profile_decode_h200.json), so
+        the 8-row step is faster than the 1-row one."""
+        B = tokens.shape[0]
+        pad = max(0, DECODE_MIN_ROWS - B)
+        tables, lens = cache.block_tables, cache.lengths
+        if pad:
+            tokens = jnp.pad(tokens, (0, pad))
+            tables = jnp.pad(tables, ((0, pad), (0, 0)), constant_values=SCRATCH_PAGE)
+            lens = jnp.pad(lens, (0, pad))
+
         def local(params, tokens, lengths, block_tables, pages):
             x, pages = self.forward(params, tokens[:, None], lengths[:, None], cache=pages,
-                                    attend=attention.decode(block_tables, lengths), unroll=True)
+                                    attend=attention.decode(block_tables, lengths, busy_rows=B), unroll=True)
             return transformer.logits_at(params, x[:, 0], self.axis_name), pages
         logits, pages = self._smap(local, (self._pspecs, P(), P(), P(), self._cspecs), (P(), self._cspecs))(
-            params, tokens, cache.lengths, cache.block_tables, cache.pages)
-        return logits, KVCache(pages=pages, block_tables=cache.block_tables, lengths=cache.lengths + 1,
-                               max_len=cache.max_len)
+            params, tokens, lens, tables, cache.pages)
+        return logits[:B], KVCache(pages=pages, block_tables=cache.block_tables, lengths=cache.lengths + 1,
+                                   max_len=cache.max_len)
 
     def step_fn(self, params, batch: StepBatch, pages: KVPages, greedy: bool = False):
         """Pure (un-jitted) continuous-batching step: the flat ragged batch through the model
