@@ -38,7 +38,8 @@ Systems:
 Metrics: requests_per_s, output_tokens_per_s (useful output tokens / timed wall), total
 tokens/s, TTFT and TPOT median and p99 for the engine (all requests arrive at t=0, so TTFT
 includes queueing), speedup_vs_static and speedup_vs_peer (ratios of output_tokens_per_s),
-split_step_fraction (llm.stats.split_steps / steps of the timed run). Targets on one H200:
+split_step_fraction (llm.stats.split_steps / steps of the timed run), split_at_boundary /
+split_in_chunk (of those, cut between whole sequences / inside a prefill chunk). Targets on one H200:
 speedup_vs_static >= 3, speedup_vs_peer >= 5. Writes <out>/serving_<device>.{json,md,png}.
 """
 import os
@@ -265,6 +266,7 @@ def run_engine(a, model, wl, counter, mml: int) -> dict:
                tpot_ms_median=pctl(tpot, 50), tpot_ms_p99=pctl(tpot, 99),
                steps=st["steps"], split_steps=st["split_steps"],
                split_step_fraction=st["split_steps"] / st["steps"] if st["steps"] else 0.0,
+               split_at_boundary=st["split_at_boundary"], split_in_chunk=st["split_in_chunk"],
                preemptions=st["preemptions"], prefill_tokens=st["prefill_tokens"],
                decode_tokens=st["decode_tokens"], num_pages=llm.num_pages, max_model_len=mml,
                max_num_batched_tokens=a.max_num_batched_tokens, max_num_seqs=llm.max_num_seqs,
@@ -394,7 +396,8 @@ def main(argv=None):
                 phases[f"{name}_s"] = time.perf_counter() - t
             if name == "engine":
                 print(f"engine: {r['output_tokens_per_s']:.1f} output tok/s, {r['requests_per_s']:.2f} req/s, "
-                      f"{r['steps']} steps ({r['split_steps']} split), wall {r['wall_s']:.2f} s "
+                      f"{r['steps']} steps ({r['split_steps']} split: {r['split_at_boundary']} between "
+                      f"sequences, {r['split_in_chunk']} inside a chunk), wall {r['wall_s']:.2f} s "
                       f"(warm-up {r['warmup_s']:.1f} s, {r['warmup_compiles']} compiles)", flush=True)
             else:
                 print(f"static: {r['output_tokens_per_s']:.1f} output tok/s on {r['batches_measured']} of "
@@ -480,7 +483,8 @@ def write_md(path, out):
     if e:
         lines.append(f"| engine (LLM, continuous) | {e['requests']} | {f(e['requests_per_s'], 2)} | "
                      f"{f(e['output_tokens_per_s'])} | {e['steps']} steps, {e['split_steps']} split "
-                     f"({f(100 * e['split_step_fraction'])}%), {e['preemptions']} preemptions, "
+                     f"({f(100 * e['split_step_fraction'])}%; {e.get('split_at_boundary', '?')} cut between "
+                     f"sequences, {e.get('split_in_chunk', '?')} inside a chunk), {e['preemptions']} preemptions, "
                      f"completed {e['completed']}/{e['requests']}, warm-up {e['warmup']}, "
                      f"{e['compiles_in_timing']} compiles in timing |")
     s = res.get("static")

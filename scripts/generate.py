@@ -257,14 +257,17 @@ def serve_requests(args, cfg, params, tokenizer, mesh, impl) -> int:
                 json.dump({"results": [dict(id=o.request_id, tokens=o.tokens, finish_reason=o.finish_reason)
                                        for o in outs],
                            "devices": len(jax.devices()), "processes": jax.process_count(), "impl": impl,
-                           "steps": llm.stats.steps, "split_steps": llm.stats.split_steps}, f)
+                           "steps": llm.stats.steps, "split_steps": llm.stats.split_steps,
+                           "split_at_boundary": llm.stats.split_at_boundary,
+                           "split_in_chunk": llm.stats.split_in_chunk}, f)
         ok = [o for o in outs if o.finish_reason != "error"]
         gen = sum(len(o.tokens) for o in outs)
         ttft = [o.ttft_s for o in ok if o.ttft_s is not None]
         tpot = [o.tpot_s for o in ok if o.tpot_s is not None]
         log(f"--- {len(outs)} requests ({len(outs) - len(ok)} errors) in {wall:.2f} s -> {path}\n"
             f"requests/s: {len(outs) / wall:.2f}   output tokens/s: {gen / wall:.1f}   "
-            f"steps: {llm.stats.steps} ({llm.stats.split_steps} split)   preemptions: {llm.stats.preemptions}\n"
+            f"steps: {llm.stats.steps} ({llm.stats.split_steps} split: {llm.stats.split_at_boundary} between "
+            f"sequences, {llm.stats.split_in_chunk} inside a chunk)   preemptions: {llm.stats.preemptions}\n"
             f"TTFT median {1e3 * percentile(ttft, 50):.1f} ms, p99 {1e3 * percentile(ttft, 99):.1f} ms   "
             f"TPOT median {1e3 * percentile(tpot, 50):.2f} ms, p99 {1e3 * percentile(tpot, 99):.2f} ms")
         for o in outs:

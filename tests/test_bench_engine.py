@@ -91,6 +91,7 @@ def test_bench_serving_tiny(tmp_path):
               "tpot_ms_p99"):
         assert _pos(data[k]), k
     assert 0.0 <= data["split_step_fraction"] <= 1.0
+    assert e["split_at_boundary"] + e["split_in_chunk"] == e["split_steps"]
     assert e["compiles_in_timing"] == 0, e   # the full warm-up covered every step shape
     s = data["results"]["static"]
     assert s["requests"] == 12 and not s["subset"] and _pos(s["output_tokens_per_s"])

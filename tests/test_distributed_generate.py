@@ -97,6 +97,8 @@ def test_two_processes_match_one_continuous_engine(tmp_path):
     assert [r["tokens"] for r in multi["results"]] == [r["tokens"] for r in single["results"]]
     assert [len(r["tokens"]) for r in single["results"]] == [6, 7, 8]
     assert single["split_steps"] > 0 and single["split_steps"] == multi["split_steps"]
+    assert single["split_at_boundary"] + single["split_in_chunk"] == single["split_steps"]
+    assert single["split_at_boundary"] == multi["split_at_boundary"]
 
 
 def test_missing_process_is_an_error_not_a_hang(tmp_path):

@@ -35,7 +35,8 @@ def static_tokens(params, prompts):
 @pytest.mark.parametrize("tp,split", [(1, False), (2, True), (4, False), (4, True), (8, True)])
 def test_continuous_equals_static(params, prompts, static_tokens, tp, split):
     """A 32-token budget chunks the long prompts and mixes them with decode tokens; with the
-    split on, steps of >= 16 tokens run as two overlapped halves, cut inside prefill chunks."""
+    split on, steps of >= 16 tokens run as two overlapped halves, cut inside prefill chunks (at
+    most three decode tokens are there to close a gap)."""
     cfg = weave.SplitConfig(threshold=16, tile=4) if split else None
     llm = LLM(TPModel(CFG, params, make_mesh(tp), split=cfg), max_num_batched_tokens=32, max_num_seqs=4,
               num_pages=64, max_model_len=128)
@@ -43,7 +44,28 @@ def test_continuous_equals_static(params, prompts, static_tokens, tp, split):
     assert [o.tokens for o in outs] == static_tokens
     assert all(o.finish_reason == "length" and o.ttft_s > 0 for o in outs)
     assert (llm.stats.split_steps > 0) == split
+    assert llm.stats.split_at_boundary + llm.stats.split_in_chunk == llm.stats.split_steps
     assert llm.block_manager.num_free == llm.block_manager.num_usable   # every page back
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_split_steps_cut_between_whole_sequences(params, tp):
+    """Up to six requests at once, finishing at different lengths, so later prompts are admitted
+    beside running decodes: split steps are laid out with whole sequences before the cut where
+    the decode tokens can close the gap (here prefill 2 + 14 = 16 and 7 + 1 = 8 of the cuts at 16
+    and 8) and inside a prefill chunk otherwise; tokens still equal static generation."""
+    rng = np.random.default_rng(6)
+    prompts = [list(map(int, rng.integers(1, CFG.vocab_size, n))) for n in (40, 9, 12, 5, 14, 3, 11, 7)]
+    max_new = [3, 10, 6, 8, 4, 10, 5, 9]
+    ref = Generator(TPModel(CFG, params, make_mesh(1))).generate(prompts, max_new_tokens=max(max_new),
+                                                                  ignore_eos=True)
+    llm = LLM(TPModel(CFG, params, make_mesh(tp), split=weave.SplitConfig(threshold=16, tile=4)),
+              max_num_batched_tokens=32, max_num_seqs=6, num_pages=64, max_model_len=128)
+    outs = llm.generate(prompts, max_new_tokens=max_new, ignore_eos=True, progress=False)
+    assert [o.tokens for o in outs] == [r.tokens[:n] for r, n in zip(ref, max_new)]
+    st = llm.stats
+    assert st.split_at_boundary >= 2 and st.split_in_chunk >= 1, st
+    assert st.split_at_boundary + st.split_in_chunk == st.split_steps
 
 
 def test_preemption_recomputes_to_the_same_tokens(params, prompts):

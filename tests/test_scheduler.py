@@ -14,6 +14,7 @@ import pytest
 
 from jax_tokenweave.engine.block_manager import BlockManager
 from jax_tokenweave.engine.scheduler import FINISHED, RUNNING, WAITING, Request, Scheduler, StepPlan
+from jax_tokenweave.engine.step_batch import split_order
 
 V = 50
 
@@ -48,8 +49,9 @@ class FakeModel:
     """Checks every plan for consistency, then 'runs' it. ``garbage`` is returned in rows whose
     chunk does not sample (a stop id, so that a scheduler reading them would finish early)."""
 
-    def __init__(self, sched: Scheduler, garbage: int = -1):
+    def __init__(self, sched: Scheduler, garbage: int = -1, decode_first: bool = True):
         self.sched = sched
+        self.decode_first = decode_first   # False: plans laid out otherwise (StepPlan.reorder)
         bm = sched.bm
         # (seq_id, admit_order, position, token) per slot
         self.cache = np.full((bm.num_pages, bm.page_size, 4), -1, np.int64)
@@ -72,9 +74,9 @@ class FakeModel:
         assert S <= s.max_num_seqs
         assert len(s.running) <= s.max_num_seqs
         assert len({c.seq.seq_id for c in plan.chunks}) == S
-        # decode chunks first, one token each
+        # decode chunks first (as scheduled), one token each
         kinds = [c.is_decode for c in plan.chunks]
-        assert kinds == sorted(kinds, reverse=True)
+        assert kinds == sorted(kinds, reverse=True) or not self.decode_first
         assert plan.num_decode_tokens == sum(kinds)
         assert plan.num_prefill_tokens == T - sum(kinds)
         assert all(c.num_tokens == 1 for c in plan.chunks if c.is_decode)
@@ -128,9 +130,10 @@ class FakeModel:
         return out
 
 
-def run(sched, model=None, arrivals=(), max_steps=100_000, on_step=None):
-    """Engine loop. ``arrivals``: (step, Request) pairs, added when the loop reaches that step.
-    Returns the list of sequences added."""
+def run(sched, model=None, arrivals=(), max_steps=100_000, on_step=None, lay_out=None):
+    """Engine loop. ``arrivals``: (step, Request) pairs, added when the loop reaches that step;
+    ``lay_out(plan)`` runs before the model (the engine reorders split steps there). Returns the
+    list of sequences added."""
     model = model or FakeModel(sched)
     pending = sorted(arrivals, key=lambda x: x[0])
     added, done = [], []
@@ -144,6 +147,8 @@ def run(sched, model=None, arrivals=(), max_steps=100_000, on_step=None):
         if plan is None:
             assert not sched.has_unfinished()
             continue
+        if lay_out:
+            lay_out(plan)
         finished = sched.update(plan, model(plan))
         assert all(f.status is FINISHED for f in finished)
         done.extend(finished)
@@ -632,3 +637,25 @@ def test_randomized_simulation_all_requests_complete(seed, page_size, num_pages,
     assert s.num_preemptions > 0
     assert stats["chunked"] > 0 and stats["max_T"] == budget
     assert s.num_decode_tokens > 0 and s.num_prefill_tokens > 0
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_reordered_plans_map_sampled_tokens_back(seed):
+    """Plans laid out for a split (StepPlan.reorder with split_order at a random cut) before the
+    fake model runs them: its cache checks still pass and every stream equals the reference, so
+    update reads each sampled token from its chunk's new row."""
+    rng = random.Random(seed)
+    bm = BlockManager(40, 4)
+    s = Scheduler(bm, max_num_batched_tokens=32, max_num_seqs=10, max_model_len=200)
+    arrivals = [(rng.randrange(60), req(f"r{i}", [rng.randrange(V) for _ in range(rng.randint(1, 45))],
+                                        rng.randint(1, 30), stop=frozenset({3}))) for i in range(60)]
+    moved = []
+
+    def lay_out(plan):
+        kinds = [c.is_decode for c in plan.chunks]
+        plan.reorder(split_order([c.num_tokens for c in plan.chunks], rng.randint(1, plan.num_tokens)))
+        moved.append([c.is_decode for c in plan.chunks] != kinds)
+
+    seqs = run(s, FakeModel(s, garbage=0, decode_first=False), arrivals=arrivals, lay_out=lay_out)
+    assert all(q.is_finished for q in seqs) and sum(moved) > 20
+    assert_matches_reference(s, seqs)

@@ -9,11 +9,13 @@ Every engine step is one flat batch of at most ``max_num_batched_tokens`` tokens
 each running request plus chunks of waiting prompts (chunked prefill), picked by the scheduler
 (scheduler.py) over the paged KV cache (block_manager.py, kv_cache.py). The model runs the batch
 in one compiled step with sampling on the device (``TPModel.step``); a step of at least the split
-threshold that holds prefill is run as TokenWeave's two overlapped halves. Requests are admitted
-as pages free up, finish on their own stop token or length, and are preempted (and recomputed
-later) when pages run out. Every request comes back: with its tokens, or with finish_reason
-"error" and the reason (a prompt longer than the model takes, a request that cannot fit the KV
-cache even alone) -- none is dropped or truncated silently.
+threshold that holds prefill is run as TokenWeave's two overlapped halves, cut at a static token
+of its bucket; the engine lays the chunks out so that whole sequences end there when enough
+decode tokens can close the gap (step_batch.split_order), else the cut falls inside a prefill
+chunk. Requests are admitted as pages free up, finish on their own stop token or length, and
+are preempted (and recomputed later) when pages run out. Every request comes back: with its
+tokens, or with finish_reason "error" and the reason (a prompt longer than the model takes, a
+request that cannot fit the KV cache even alone) -- none is dropped or truncated silently.
 
 Multi-process (``jax.distributed``): every process runs the same engine on the same requests;
 scheduling is deterministic and sampled tokens come back replicated, so all processes agree.
@@ -32,8 +34,9 @@ from jax_tokenweave.engine.generate import encode_prompt
 from jax_tokenweave.engine.kv_cache import DEFAULT_PAGE_SIZE, pages_bytes
 from jax_tokenweave.engine.sampler import SamplingParams, as_arrays, request_keys
 from jax_tokenweave.engine.scheduler import Request, Scheduler
-from jax_tokenweave.engine.step_batch import from_plan
+from jax_tokenweave.engine.step_batch import buckets, from_plan, split_order
 from jax_tokenweave.parallel.distributed import to_host
+from jax_tokenweave.weave.split import plan_split
 
 
 @dataclasses.dataclass
@@ -64,7 +67,9 @@ class RequestOutput:
 @dataclasses.dataclass
 class EngineStats:
     steps: int = 0
-    split_steps: int = 0            # steps run as TokenWeave's two halves
+    split_steps: int = 0            # steps run as TokenWeave's two halves, of which
+    split_at_boundary: int = 0      #   cut between whole sequences (or in the padding)
+    split_in_chunk: int = 0         #   cut inside a prefill chunk
     prefill_tokens: int = 0
     decode_tokens: int = 0
     preemptions: int = 0
@@ -116,6 +121,20 @@ class LLM:
     def _encode(self, prompt, chat: bool) -> list[int]:
         return encode_prompt(self.tokenizer, prompt, chat=chat)
 
+    def _lay_out(self, plan) -> bool:
+        """Whether the step runs split; if so, reorder its chunks (plan.reorder, so sampled rows
+        still map back) for the static cut of its bucket and count where that cut falls."""
+        Tb, _ = buckets(plan.num_tokens, plan.num_seqs)
+        if not self.model.splits(Tb, plan.num_tokens == plan.num_seqs):
+            return False
+        t0 = plan_split(1, Tb, self.model.split).n0
+        plan.reorder(split_order([c.num_tokens for c in plan.chunks], t0))
+        if t0 >= plan.num_tokens or t0 in plan.query_start:
+            self.stats.split_at_boundary += 1
+        else:
+            self.stats.split_in_chunk += 1
+        return True
+
     def generate(self, prompts: Seq, sampling: SamplingParams | Seq[SamplingParams] = SamplingParams(), *,
                  max_new_tokens: int | Seq[int] = 64, chat: bool = False, ignore_eos: bool = False,
                  request_ids: Seq[str] | None = None, progress: bool = True) -> list[RequestOutput]:
@@ -143,6 +162,7 @@ class LLM:
             if plan.num_seqs == 0:                   # only aborted requests this step
                 bar.update(len(sched.update(plan, np.zeros(0, np.int32))))
                 continue
+            split = self._lay_out(plan)
             sps = [c.seq.request.sampling for c in plan.chunks]
             temp, top_k, top_p = as_arrays(sps)
             rows = (temp, top_k, top_p, np.stack([keys[c.seq.request_id] for c in plan.chunks]),
@@ -153,7 +173,7 @@ class LLM:
             batch = from_plan(plan, width=width, sampling_rows=rows)
             toks, self.pages = self.model.step(batch, self.pages)
             self.stats.steps += 1
-            self.stats.split_steps += int(self.model.splits(batch.num_tokens, batch.decode_only))
+            self.stats.split_steps += int(split)
             done = sched.update(plan, to_host(toks))
             bar.update(len(done))
         bar.close()

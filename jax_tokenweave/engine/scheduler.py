@@ -150,8 +150,10 @@ class Chunk:
 
 @dataclass
 class StepPlan:
-    """One model step. ``chunks`` are decode chunks first, then prefill chunks; row ``i`` of the
-    per-sequence arrays belongs to ``chunks[i]``. T = total tokens, S = len(chunks)."""
+    """One model step. ``chunks`` are decode chunks first, then prefill chunks, as scheduled
+    (``reorder`` may lay them out otherwise before the step runs); row ``i`` of the per-sequence
+    arrays belongs to ``chunks[i]``, and its tokens are ``query_start[i]:query_start[i+1]`` of the
+    per-token ones. T = total tokens, S = len(chunks)."""
     step: int
     chunks: list[Chunk]
     token_ids: np.ndarray      # [T] int32
@@ -178,6 +180,24 @@ class StepPlan:
     @property
     def seqs(self) -> list[Sequence]:
         return [c.seq for c in self.chunks]
+
+    def reorder(self, order) -> None:
+        """Make ``chunks[order[i]]`` chunk ``i``, in place: its row of every per-sequence array
+        and its tokens move with it, so the plan stays self-consistent and ``update`` reads the
+        sampled tokens in the new row order (the engine lays out split steps so, llm.py)."""
+        order = [int(i) for i in order]
+        if sorted(order) != list(range(self.num_seqs)):
+            raise ValueError(f"reorder: {order} is not a permutation of the {self.num_seqs} chunks")
+        qs = self.query_start
+        rows = np.concatenate([np.arange(qs[i], qs[i + 1]) for i in order] + [np.zeros(0, np.int64)])
+        for name in ("token_ids", "positions", "slot_pages", "slot_offsets"):
+            setattr(self, name, getattr(self, name)[rows])
+        self.query_start = np.zeros_like(qs)
+        np.cumsum(np.diff(qs)[order], out=self.query_start[1:])
+        self.sample_rows = (self.query_start[1:] - 1).astype(np.int32)
+        self.context_lens, self.block_tables, self.samples = (
+            a[order] for a in (self.context_lens, self.block_tables, self.samples))
+        self.chunks = [self.chunks[i] for i in order]
 
 
 class Scheduler:

@@ -41,14 +41,54 @@ class StepBatch:
         return self.token_ids.shape[0]
 
 
+def buckets(num_tokens: int, num_seqs: int, tokens_bucket: int | None = None) -> tuple[int, int]:
+    """(T, S) of the padded StepBatch: powers of two, T >= S; a decode-only step (one token per
+    sequence) has T = S. The host knows the bucket, hence the split point, before building it."""
+    Sb = _bucket(num_seqs, MIN_SEQS_BUCKET)
+    if num_tokens == num_seqs:
+        return Sb, Sb
+    return max(tokens_bucket or _bucket(num_tokens, MIN_TOKENS_BUCKET), Sb), Sb
+
+
+def split_order(lens, cut: int) -> list[int]:
+    """An order of a step's chunks (token counts `lens`) in which the first `cut` tokens -- half 0
+    of a split step, whose static cut the bucket fixes -- are whole chunks whenever possible.
+
+    Half 0 takes the multi-token (prefill) chunks whose total comes closest to `cut` from below
+    with a gap the single-token chunks (decodes) can fill, then those single tokens, which close
+    the gap exactly; after the cut come the other prefill chunks, then the other single tokens.
+    When the single tokens are too few to close the gap, half 0 takes the closest total and all
+    of them, and the next prefill chunk straddles the cut (half 1 reads its first part's K/V from
+    the pages). Each group keeps the scheduler's order. Padding stays after the real tokens: the
+    halves' GEMMs and all-reduces have static shapes, so where the padding sits changes only
+    attention work, which skips it anyway."""
+    singles = [i for i, n in enumerate(lens) if n == 1]
+    multi = [i for i, n in enumerate(lens) if n > 1]
+    # subset sums up to `cut` as bitsets: bit s of reach[j] <=> some of multi[:j] hold s tokens
+    keep = (1 << (cut + 1)) - 1
+    reach = [1]
+    for i in multi:
+        reach.append((reach[-1] | reach[-1] << int(lens[i])) & keep)
+    fillable = range(cut, max(cut - len(singles), 0) - 1, -1)
+    s = next((s for s in fillable if reach[-1] >> s & 1), reach[-1].bit_length() - 1)
+    first = []
+    for j in range(len(multi), 0, -1):  # multi[j-1] is needed iff s is out of reach without it
+        if not reach[j - 1] >> s & 1:
+            first.append(multi[j - 1])
+            s -= int(lens[multi[j - 1]])
+    first.reverse()
+    fill = singles[:cut - sum(int(lens[i]) for i in first)]
+    chosen = set(first)
+    return first + fill + [i for i in multi if i not in chosen] + singles[len(fill):]
+
+
 def from_plan(plan, *, width: int, sampling_rows, tokens_bucket: int | None = None) -> StepBatch:
     """Numpy StepBatch for a scheduler StepPlan. sampling_rows: (temperature, top_k, top_p,
-    keys [S, 2], sample_step) per chunk. T and S are padded to powers of two (T >= S); the block
-    table to `width` pages (a sequence's most pages, static for the engine)."""
+    keys [S, 2], sample_step) per chunk. T and S are padded to ``buckets``; the block table to
+    `width` pages (a sequence's most pages, static for the engine)."""
     T, S = plan.num_tokens, plan.num_seqs
     decode_only = T == S
-    Sb = _bucket(S, MIN_SEQS_BUCKET)
-    Tb = Sb if decode_only else max(tokens_bucket or _bucket(T, MIN_TOKENS_BUCKET), Sb)
+    Tb, Sb = buckets(T, S, tokens_bucket)
 
     def pad(a, n, fill=0, dtype=np.int32):
         out = np.full((n,) + a.shape[1:], fill, dtype)

@@ -14,10 +14,12 @@ fused op alone. Two kinds for a padded [B, S] batch, chosen statically from its 
            half 0's keys/values too.
 
 A flat ragged batch of the continuous engine ([1, T]: several sequences back to back) takes the
-``seq`` kind: it is cut at token t0 (static, so one compile per token bucket). Where t0 falls
-between sequences the halves are whole sequences; where it falls inside a prefill chunk, the
-chunk's second part reads the first part's keys/values from the pages, which half 0 writes
-first (engine/attention.py ``split_ragged``). The schedule (schedule.py) is the same either way.
+``seq`` kind: it is cut at token t0 (static, so one compile per token bucket). The host knows
+t0 and lays the step's chunks out around it (engine/step_batch.py ``split_order``): prefill
+chunks and enough decode tokens to end exactly at t0, so the halves are whole sequences, when
+the decode tokens can close the gap; otherwise t0 falls inside a prefill chunk, whose second
+part reads the first part's keys/values from the pages, which half 0 writes first
+(engine/attention.py ``split_ragged``). The schedule (schedule.py) is the same either way.
 """
 from __future__ import annotations
 
