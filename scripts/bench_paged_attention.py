@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """GPU microbenchmark of the Pallas paged-attention kernels (jax_tokenweave/kernels/paged_attention.py).
 
-One run does, in order (each section guarded, the JSON rewritten after each, and no timing
-started past --budget-s so the call ends inside its limit):
+One run does (each section guarded, the JSON rewritten after each, and no timing started past
+--budget-s so the call ends inside its limit) check, bandwidth, (e), (f), decode at page size
+16, (d), decode at the other page sizes:
   (a) correctness on the GPU against the XLA reference (bf16, and one fp32 case): max |err|;
   (c) copy bandwidth: ``x * 1.0001`` over 1 GiB of f32, 32 dependent steps in one jit, bytes
       read + written per step over the median step time;
@@ -14,13 +15,27 @@ started past --budget-s so the call ends inside its limit):
   (d) ``jax.nn.dot_product_attention(implementation="cudnn")`` on a dense cache of the same
       valid length, timed the same way;
   (e) ``ragged_paged_attention`` for one 512-token prefill chunk on 1024 tokens of context plus
-      31 decode rows (context 1024 each).
+      31 decode rows (context 1024 each);
+  (f) one prefill chunk alone (CHUNK_CASES: 256/512/2048 query tokens on 0/1024/4096 tokens of
+      prefix, pages of 16): the ragged kernel against cuDNN (``jax.nn.dot_product_attention``) on
+      the sequence's pages gathered into a dense [1, ctx, KVH, hd], without and with the gather
+      in the timed loop, each checked against ``paged_attention_reference``. ``is_causal`` aligns
+      the diagonal top-left (query i sees keys <= i: XLA's mask does, and the engine's
+      models/layers.causal_attention assumes cuDNN's does too; the run probes it), but the
+      chunk's queries are the last ones of its context, so cuDNN runs three ways: ``pad`` (the
+      engine's way: P zero query rows in front), ``mask`` (an explicit bottom-right mask, which
+      cuDNN gets as a bias: no causal tile skipping) and ``lse`` (prefix unmasked + the chunk's
+      own square causal part, merged by their log-sum-exps, which jax returns in bf16). The
+      fastest correct one is then timed with the gather; the table compares it with the ragged
+      kernel (ratio > 1: cuDNN faster, gather included). At most CHUNK_BUDGET_S of the budget.
 Prints a short table last; writes everything to $OUT/paged_attention_h200.json.
+``--sections`` runs only some of them (e.g. ``--sections chunk``).
 ``--smoke`` runs the same code at tiny shapes on CPU (interpret mode) to check the script.
 
     python3 scripts/bench_paged_attention.py --out $OUT
 """
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -63,6 +78,14 @@ REPS = 20
 BATCHES, CONTEXTS, PAGE_SIZES = (1, 8, 32), (512, 2048, 8192), (16, 64, 32)
 CHECK_LENGTHS_EXTRA = (1000, 3001, 37)
 RAGGED_PREFILL, RAGGED_CTX, RAGGED_DECODE = 512, 1024, 31
+# (f): (query tokens, prefix tokens) of one chunk: (e)'s chunk first, then the corners, then the
+# rest, so that a run cut short by the deadline still spans the range
+CHUNK_CASES = ((512, 1024), (2048, 0), (256, 4096), (2048, 4096), (256, 0), (512, 0),
+               (256, 1024), (2048, 1024), (512, 4096))
+CHUNK_VARIANTS = ("pad", "mask", "lse")
+CUDNN_IMPL = "cudnn"  # "xla" under --smoke (CPU): the same code through XLA's attention
+CHUNK_TOL = 2e-2      # rel. Frobenius error vs the reference for a variant to count as correct
+CHUNK_BUDGET_S = 90.0  # most seconds (f) may take of --budget-s
 SMOKE = False
 # decode variants per page size. Measured on the H200 (bench/results/paged_attention_h200.json):
 # run 1 timed gathered multi-page tiles (bk64/bk128), run 2 per-page loads (u*) against them;
@@ -329,6 +352,180 @@ def section_ragged(res, bw, deadline):
         rows.append(row)
 
 
+def gather_dense(kp, vp, bt, layer, ctx):
+    """Sequence 0's K/V of `layer` (int or traced) from the pools, as dense [1, ctx, KVH, hd]
+    (cuDNN's BTNH layout): what the engine would have to build to hand a chunk to cuDNN."""
+    def one(pool):
+        x = pool[layer][:, bt[0]]                                  # [KVH, pages, ps, hd]
+        return x.reshape(x.shape[0], -1, x.shape[-1])[:, :ctx].transpose(1, 0, 2)[None]
+    return one(kp), one(vp)
+
+
+def chunk_attention(variant, q, k, v):
+    """Causal attention of a chunk's queries q [1, n, H, hd], the LAST n of the ctx positions of
+    k/v [1, ctx, KVH, hd]: query i sees keys <= P + i, P = ctx - n (bottom-right diagonal)."""
+    dpa = functools.partial(jax.nn.dot_product_attention, implementation=CUDNN_IMPL)
+    n = q.shape[1]
+    P = k.shape[1] - n
+    if variant == "causal":   # is_causal as is: right only if the diagonal is bottom-right aligned
+        return dpa(q, k, v, is_causal=True)
+    if variant == "pad":      # top-left causal over P zero queries + the chunk (the engine's way)
+        qp = jnp.concatenate([jnp.zeros((1, P) + q.shape[2:], q.dtype), q], axis=1)
+        return dpa(qp, k, v, is_causal=True)[:, P:]
+    if variant == "mask":     # bottom-right as a mask; cuDNN takes it as a bias, computes all tiles
+        mask = jnp.arange(P + n)[None, :] <= P + jnp.arange(n)[:, None]
+        return dpa(q, k, v, mask=mask[None, None])
+    if variant == "lse":      # prefix unmasked + own keys (square: alignment moot), merged by LSE
+        o1, l1 = dpa(q, k[:, P:], v[:, P:], is_causal=True, return_residual=True)
+        if P == 0:
+            return o1
+        o0, l0 = dpa(q, k[:, :P], v[:, :P], return_residual=True)
+        l0, l1 = l0.astype(jnp.float32), l1.astype(jnp.float32)   # [1, n, H]; jax hands them in q's dtype
+        m = jnp.maximum(l0, l1)
+        w0, w1 = jnp.exp(l0 - m)[..., None], jnp.exp(l1 - m)[..., None]
+        return ((o0 * w0 + o1 * w1) / (w0 + w1)).astype(q.dtype)
+    raise ValueError(variant)
+
+
+def _timed_loop(body):
+    """jit of INNER dependent calls: q_{i+1} = body(i, q_i, *args) (the layer is i % L_LAYERS)."""
+    return jax.jit(lambda q, *args: lax.fori_loop(0, INNER, lambda i, q: body(i, q, *args), q))
+
+
+def section_chunk(res, deadline):
+    """(f): one prefill chunk, the ragged kernel vs cuDNN on gathered pages (module doc)."""
+    rows = res.setdefault("chunk", [])
+    for case, (n, prefix) in enumerate(CHUNK_CASES):
+        if time.time() > deadline:
+            log("deadline: skipping chunk", n, prefix)
+            continue
+        try:
+            chunk_case(res, rows, case, n, prefix, deadline)
+        except Exception as ex:  # e.g. the reference out of memory: the next case may still run
+            rows.append(dict(q_len=n, prefix=prefix, method="setup", gather=False,
+                             error=f"{type(ex).__name__}: {ex}"[:2000]))
+            traceback.print_exc()
+
+
+def chunk_case(res, rows, case, n, prefix, deadline):
+    """One chunk of n queries on a prefix of `prefix` tokens: one sequence's pages (random
+    order) in pools of L_LAYERS layers, read at layer i % L_LAYERS like the other sections."""
+    ps = 16
+    rng = np.random.default_rng(5 + case)
+    ctx = prefix + n
+    n_pages = -(-ctx // ps)
+    k1, k2, k3 = jax.random.split(jax.random.key(100 + case), 3)
+    kp = normal_pool(k1, (L_LAYERS, KVH, n_pages + 1, ps, HD), DT)
+    vp = normal_pool(k2, (L_LAYERS, KVH, n_pages + 1, ps, HD), DT)
+    q = jax.random.normal(k3, (n, H, HD), DT)
+    bt = jnp.asarray(rng.permutation(np.arange(1, n_pages + 1))[None].astype(np.int32))
+    ctx_a, qs_a = jnp.asarray([ctx], jnp.int32), jnp.asarray([0, n], jnp.int32)
+    flops = 4 * HD * H * (n * prefix + n * (n + 1) // 2)  # 4 * hd per (query head, visible key)
+    base = dict(q_len=n, prefix=prefix, context=ctx, page_size=ps, flops=flops)
+    ref = pa.paged_attention_reference(q, kp, vp, bt, ctx_a, 0, query_start=qs_a, num_seqs=1)
+    k0, v0 = jax.jit(gather_dense, static_argnums=(3, 4))(kp, vp, bt, 0, ctx)
+
+    def add(method, gather, f, *args, check=None):
+        if time.time() > deadline:
+            log("deadline: skipping chunk", n, prefix, method, gather)
+            return None
+        row = dict(base, method=method, gather=gather)
+        try:
+            if check is not None:
+                e = errs(check(), ref)
+                row.update(e, ok=e["finite"] and e["rel_fro_err"] < CHUNK_TOL)
+            med, best = median_time(f, *args)
+            t = med / INNER
+            row.update(us=t * 1e6, min_us=best / INNER * 1e6, TFLOPs=flops / t / 1e12)
+        except Exception as ex:  # one failing method must not end the section
+            row["error"] = f"{type(ex).__name__}: {ex}"[:2000]
+            traceback.print_exc()
+        log("chunk", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
+        rows.append(row)
+        return row
+
+    # the ragged kernel on the chunk alone (no decode rows), reading the pools in place
+    ragged = _timed_loop(lambda i, q, kp, vp, bt, c, s: pa.ragged_paged_attention(
+        q, kp, vp, bt, c, s, jnp.int32(1), i % L_LAYERS))
+    add("ragged", False, ragged, q, kp, vp, bt, ctx_a, qs_a,
+        check=(lambda: pa.ragged_paged_attention(q, kp, vp, bt, ctx_a, qs_a, jnp.int32(1), 0))
+        if case == 0 else None)   # section (a) checks the kernel; once here for this layout
+    if prefix > 0 and "chunk_causal_alignment" not in res:
+        try:
+            res["chunk_causal_alignment"] = causal_alignment(q, k0, v0, ref)
+        except Exception as ex:
+            res["chunk_causal_alignment"] = dict(error=f"{type(ex).__name__}: {ex}"[:2000])
+            traceback.print_exc()
+        log("chunk: is_causal alignment", res["chunk_causal_alignment"])
+    # cuDNN on K/V already dense (the gather not counted) ...
+    timed = []
+    for variant in CHUNK_VARIANTS:
+        f = _timed_loop(lambda i, q, k, v, variant=variant: chunk_attention(variant, q, k, v))
+        one = jax.jit(functools.partial(chunk_attention, variant))
+        r = add(f"cudnn_{variant}", False, f, q[None], k0, v0,
+                check=lambda one=one: one(q[None], k0, v0)[0])
+        if r and r.get("ok") and "us" in r:
+            timed.append((r["us"], variant))
+    # ... and the fastest correct variant with the gather from the pools inside the loop
+    if timed:
+        variant = min(timed)[1]
+        f = _timed_loop(lambda i, q, kp, vp, bt: chunk_attention(
+            variant, q, *gather_dense(kp, vp, bt, i % L_LAYERS, ctx)))
+        add(f"cudnn_{variant}", True, f, q[None], kp, vp, bt)
+
+
+def causal_alignment(q, k, v, ref) -> dict:
+    """Which diagonal jax's is_causal=True uses when the queries are fewer than the keys."""
+    out = jax.jit(functools.partial(chunk_attention, "causal"))(q[None], k, v)[0]
+
+    @jax.jit
+    def top_left(q, k, v):   # fp32 XLA attention, query i over keys <= i
+        f32 = [x.astype(jnp.float32) for x in (q[None], k, v)]
+        mask = jnp.arange(k.shape[1])[None, :] <= jnp.arange(q.shape[0])[:, None]
+        return jax.nn.dot_product_attention(*f32, mask=mask[None, None], implementation="xla")[0]
+    tl = top_left(q, k, v)
+    e_br, e_tl = errs(out, ref)["rel_fro_err"], errs(out, tl)["rel_fro_err"]
+    which = "bottom-right" if e_br < CHUNK_TOL else "top-left" if e_tl < CHUNK_TOL else "neither"
+    return dict(alignment=which, rel_err_vs_bottom_right=e_br, rel_err_vs_top_left=e_tl,
+                implementation=CUDNN_IMPL)
+
+
+def chunk_table(res) -> list[str]:
+    """(f) as one line per chunk: each method's us (x: wrong result, -: not run), then the
+    fastest correct cuDNN variant with the gather counted against the ragged kernel."""
+    rows = res.get("chunk", [])
+    if not rows:
+        return []
+    methods = ["ragged"] + [f"cudnn_{v}" for v in CHUNK_VARIANTS]
+    lines = ["chunk alone (us per call; cudnn_* on K/V already dense; +gather: the fastest correct "
+             "one gathering from the pages; ratio = ragged / that)",
+             f"{'q':>5} {'prefix':>6} " + " ".join(f"{m:>11}" for m in methods)
+             + f" {'+gather':>17} {'ratio':>6}"]
+    for n, prefix in sorted(CHUNK_CASES):
+        mine = [r for r in rows if r["q_len"] == n and r["prefix"] == prefix]
+        if not mine:
+            continue
+
+        def us(r):
+            if r is None or "us" not in r:
+                return "ERR" if r is not None else "-"
+            return f"{r['us']:.1f}" + ("" if r.get("ok", True) else "x")
+        cells = [us(next((r for r in mine if r["method"] == m and not r["gather"]), None)) for m in methods]
+        g = next((r for r in mine if r["gather"]), None)
+        rg = next((r for r in mine if r["method"] == "ragged"), None)
+        gcell = f"{g['method'][6:]} {g['us']:.1f}" if g and "us" in g else "-"
+        ratio = f"{rg['us'] / g['us']:.2f}" if g and "us" in g and rg and "us" in rg else "-"
+        lines.append(f"{n:>5} {prefix:>6} " + " ".join(f"{c:>11}" for c in cells) + f" {gcell:>17} {ratio:>6}")
+    a = res.get("chunk_causal_alignment")
+    if a and "error" in a:
+        lines.append(f"is_causal alignment probe: ERROR {a['error'][:80]}")
+    elif a:
+        lines.append(f"is_causal with fewer queries than keys ({a['implementation']}): {a['alignment']} aligned "
+                     f"(rel err {a['rel_err_vs_bottom_right']:.1e} vs bottom-right, "
+                     f"{a['rel_err_vs_top_left']:.1e} vs top-left)")
+    return lines
+
+
 def table(res):
     lines = ["", "decode (us per call, one layer; ratio = time / valid-KV roofline)"]
     lines.append(f"{'ps':>3} {'B':>3} {'cap':>5} {'valid':>5} {'variant':>10} {'ns':>3} "
@@ -351,6 +548,7 @@ def table(res):
         lines.append(f"  {r['variant']}: " + (
             f"{r['us']:.1f} us, KV-roofline ratio {r['ratio_to_kv_roofline']:.2f}, "
             f"{r['TFLOPs']:.0f} TFLOP/s" if "us" in r else "ERROR " + r.get("error", "")[:80]))
+    lines += chunk_table(res)
     for c in res.get("check", []):
         lines.append(f"check {c['kernel']} ps={c['page_size']} {c['dtype']} {c['kw']}: "
                      f"max|err| {c['max_abs_err']:.2e} rel {c['rel_fro_err']:.2e}")
@@ -363,11 +561,14 @@ def main():
     ap.add_argument("--budget-s", type=float, default=250.0,
                     help="stop starting new timings after this many seconds")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpret mode)")
+    ap.add_argument("--sections", default="check,bandwidth,decode,cudnn,ragged,chunk",
+                    help="comma-separated sections to run (default: all)")
     args = ap.parse_args()
     if args.smoke:
         global L_LAYERS, INNER, REPS, BATCHES, CONTEXTS, PAGE_SIZES, CHECK_LENGTHS_EXTRA
-        global RAGGED_PREFILL, RAGGED_CTX, RAGGED_DECODE, H, KVH, SMOKE
+        global RAGGED_PREFILL, RAGGED_CTX, RAGGED_DECODE, H, KVH, SMOKE, CHUNK_CASES, CUDNN_IMPL
         SMOKE = True
+        CHUNK_CASES, CUDNN_IMPL = ((24, 16), (16, 0), (8, 37)), "xla"   # 37: ctx not a page multiple
         L_LAYERS, INNER, REPS, H, KVH = 2, 2, 2, 8, 2
         BATCHES, CONTEXTS, PAGE_SIZES = (1, 2), (32, 64), (16, 32)
         VARIANTS_BY_PS.update({16: ["u64", "g64"], 32: ["u64s3"]})
@@ -392,14 +593,21 @@ def main():
         path.write_text(json.dumps(res, indent=1))
 
     bw = 3.9e12
+    # (e) and (f) before the decode sweeps: their rows are the new ones, and the decode rows the
+    # deadline may cut short were measured before (bench/results); (f) gets at most
+    # CHUNK_BUDGET_S of the budget, so the page-16 sweep keeps about the time it had.
     sections = [("check", lambda: section_check(res)),
                 ("bandwidth", lambda: section_bandwidth(res)),
+                ("ragged", lambda: section_ragged(res, bw, deadline)),
+                ("chunk", lambda: section_chunk(res, min(deadline, time.time() + CHUNK_BUDGET_S))),
                 ("decode", lambda: section_decode(res, bw, deadline, PAGE_SIZES[:1])),
-                ("cudnn", lambda: section_cudnn(res, bw, deadline)),
-                ("ragged", lambda: section_ragged(res, bw, deadline))]
+                ("cudnn", lambda: section_cudnn(res, bw, deadline))]
     if len(PAGE_SIZES) > 1:
         sections.append(("decode", lambda: section_decode(res, bw, deadline, PAGE_SIZES[1:])))
+    wanted = set(args.sections.split(","))
     for name, fn in sections:
+        if name not in wanted:
+            continue
         t0 = time.time()
         try:
             r = fn()

@@ -1,5 +1,6 @@
 """CPU smoke tests of the benchmark scripts (tiny shapes, 8 host devices) and a check that the
 benchmark variants run the model: the correct ones give the model's hidden states."""
+import functools
 import importlib.util
 import json
 import os
@@ -132,3 +133,27 @@ def test_variant_split_forced_below_threshold():
     assert all(bench.variant_split(v, 1, 2048, split) is None for v in ("baseline", "fused", "nocomm"))
     kinds = {v: bench.make_reducer(v, get_preset("tiny-llama")).kind for v in bench.VARIANTS}
     assert kinds == dict(baseline="psum", xla_split="psum", fused="fused", tokenweave="fused", nocomm="nocomm")
+
+
+@pytest.mark.parametrize("n,prefix", [(8, 0), (16, 40)])
+def test_bench_paged_attention_chunk_variants_match_the_reference(n, prefix):
+    """Section (f)'s cuDNN variants (through XLA here, as under --smoke) attend like the paged
+    reference: the chunk's queries are the last n positions of its context; plain is_causal is
+    top-left aligned, so it is wrong as soon as there is a prefix."""
+    bpa = _script("bench_paged_attention")
+    bpa.CUDNN_IMPL = "xla"
+    ps, ctx = 16, n + prefix
+    pages = -(-ctx // ps)
+    rng = np.random.default_rng(n + prefix)
+    kp, vp = (jnp.asarray(rng.normal(size=(2, 2, pages + 1, ps, 16)), jnp.bfloat16) for _ in "kv")
+    q = jnp.asarray(rng.normal(size=(n, 8, 16)), jnp.bfloat16)
+    bt = jnp.arange(pages, 0, -1, dtype=jnp.int32)[None]          # pages out of order
+    ref = bpa.pa.paged_attention_reference(q, kp, vp, bt, jnp.asarray([ctx], jnp.int32), 1,
+                                           query_start=jnp.asarray([0, n], jnp.int32), num_seqs=1)
+    k, v = jax.jit(bpa.gather_dense, static_argnums=(3, 4))(kp, vp, bt, 1, ctx)
+    assert k.shape == (1, ctx, 2, 16)
+    for variant in bpa.CHUNK_VARIANTS:   # jitted: eager dispatch compiles every op (seconds each)
+        e = bpa.errs(jax.jit(functools.partial(bpa.chunk_attention, variant))(q[None], k, v)[0], ref)
+        assert e["rel_fro_err"] < bpa.CHUNK_TOL, (variant, e)
+    if prefix:
+        assert bpa.causal_alignment(q, k, v, ref)["alignment"] == "top-left"
