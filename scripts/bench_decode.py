@@ -434,6 +434,26 @@ def time_decode(model, cache, tok, *, warmup: int, steps: int, reps: int, counte
                 logits_finite=bool(np.isfinite(lg).all())), cache
 
 
+def profile_steps(model, cache, tok, steps: int = 5):
+    """(kernel breakdown of `steps` decode steps from a profiler trace, cache): GPU busy and
+    idle time per step, time per kernel kind, the top kernels."""
+    import jax
+    from jax_tokenweave.bench import harness as bench
+    with tempfile.TemporaryDirectory() as tdir:
+        with jax.profiler.trace(tdir):
+            for _ in range(steps):
+                logits, cache = model.decode(tok, cache, check_capacity=False)
+            jax.block_until_ready(logits)
+        try:
+            b = bench.kernel_breakdown(tdir, steps)
+        except Exception as e:  # noqa: BLE001 - a profile is a note, not a result
+            return dict(error=f"{type(e).__name__}: {str(e)[:200]}"), cache
+    b.pop("one_step", None)
+    if "top_kernels" in b:
+        b["top_kernels"] = b["top_kernels"][:10]
+    return b, cache
+
+
 class patched_decode_attention:
     """While entered, engine.attention's decode builds attention with the XLA reference."""
 
@@ -665,6 +685,9 @@ def run_pair(a, model, xla_model, cfg, mesh, B, C, valids, wbytes, bw, itemsize,
             return cache.replace(lengths=replicated(mesh, np.full((B,), v, np.int32)))
         cache = reset(cache)
         r, cache = time_decode(model, cache, tok, warmup=a.warmup, steps=a.steps, reps=a.reps, counter=counter)
+        prof = None
+        if C == a.peer_capacity and v == a.valid:   # where the time goes, on the rows the peer runs
+            prof, cache = profile_steps(model, cache, tok)
         start = v + max(1, a.warmup)
         mean_pos = start + (a.reps * a.steps - 1) / 2 + 1   # positions read: length + 1 per step
         kv = kv_bytes_per_device(cfg, mesh.shape["tp"], B, mean_pos, itemsize)
@@ -675,6 +698,8 @@ def run_pair(a, model, xla_model, cfg, mesh, B, C, valids, wbytes, bw, itemsize,
                    kv_bytes_read=kv, weight_bytes=wbytes, bytes_needed=need,
                    step_ms_reps=r["step_ms_reps"], compiles_in_timing=r["compiles_in_timing"],
                    decode_warmup_s=r["warmup_s"], logits_finite=r["logits_finite"])
+        if prof is not None:
+            row["profile"] = prof
         if xla_model is not None and C <= a.xla_max_capacity:
             cache = reset(cache)
             with patched_decode_attention():

@@ -18,8 +18,6 @@ Prints a short table; writes <out>/profile_decode.json (with device, jax, date, 
 from __future__ import annotations
 
 import argparse
-import collections
-import gzip
 import json
 import os
 import statistics
@@ -31,26 +29,17 @@ from jax_tokenweave.gpu_env import forbid_multicast  # noqa: E402
 
 forbid_multicast()
 
+from jax_tokenweave.bench.harness import kernel_breakdown  # noqa: E402
+
 VARIANTS = {   # compiler options of the decode jit, timed against the default at --variant-batch
+    "default": {},
     "dynamic_slice_fusion": {"xla_gpu_enable_dynamic_slice_fusion": True},
     "no_cublas_fallback": {"xla_gpu_cublas_fallback": False},
     "dot_merger_64mb": {"xla_gpu_dot_merger_threshold_mb": 64},
+    "no_split_k": {"xla_gpu_enable_split_k_autotuning": False},
+    "no_split_k_no_cublas": {"xla_gpu_enable_split_k_autotuning": False, "xla_gpu_cublas_fallback": False},
+    "triton_any_no_cublas": {"xla_gpu_triton_gemm_any": True, "xla_gpu_cublas_fallback": False},
 }
-
-
-def category(name: str) -> str:
-    n = name.lower()
-    if "memcpy" in n or "memset" in n:
-        return "memcpy"
-    if any(s in n for s in ("paged", "ragged", "attention", "fmha", "flash")):
-        return "attention"
-    if any(s in n for s in ("gemm", "dot", "cublas", "gemv", "xmma", "cutlass", "nvjet", "sm90")):
-        return "matmul"
-    if "scatter" in n or "dynamic_update" in n:
-        return "kv_write"
-    if "reduce" in n:
-        return "reduce"
-    return "elementwise"
 
 
 def model_for(name: str):
@@ -88,35 +77,6 @@ def step_ms(m, cache, tok, steps=20, reps=3):
     return statistics.median(ts), warm, cache
 
 
-def trace_summary(tdir: str, steps: int) -> dict:
-    from jax_tokenweave.bench.harness import find_trace
-    ev = json.load(gzip.open(find_trace(tdir)))["traceEvents"]
-    pname = {e["pid"]: e["args"]["name"] for e in ev if e.get("ph") == "M" and e.get("name") == "process_name"}
-    ks = sorted((e for e in ev if e.get("ph") == "X" and "dur" in e and "GPU" in pname.get(e["pid"], "")),
-                key=lambda e: e["ts"])
-    if not ks:
-        return dict(error="no GPU kernel events in the trace")
-    busy, end = 0.0, ks[0]["ts"]
-    for e in ks:                      # union of intervals (streams may overlap)
-        s, f = e["ts"], e["ts"] + e["dur"]
-        if f > end:
-            busy += f - max(s, end)
-            end = f
-    wall = end - ks[0]["ts"]
-    tot, cnt, cat = collections.Counter(), collections.Counter(), collections.Counter()
-    for e in ks:
-        tot[e["name"]] += e["dur"]
-        cnt[e["name"]] += 1
-        cat[category(e["name"])] += e["dur"]
-    per = len(ks) // steps
-    return dict(window_us_per_step=wall / steps, busy_us_per_step=busy / steps,
-                idle_us_per_step=(wall - busy) / steps, kernels_per_step=len(ks) / steps,
-                category_us_per_step={k: round(v / steps, 1) for k, v in cat.most_common()},
-                top_kernels=[(n[:100], round(t / steps, 1), cnt[n] // steps) for n, t in tot.most_common(25)],
-                one_step=[(e["name"][:60], round(e["dur"], 2), round(e["ts"] - ks[per].get("ts"), 2))
-                          for e in ks[per:2 * per]])
-
-
 def hlo_copies(m, cache, tok, out: str, B: int) -> list[str]:
     """The copy instructions of the compiled decode step (the optimized HLO goes to a file):
     which buffers XLA copies every step."""
@@ -135,7 +95,7 @@ def profile_decode(m, cache, tok, out: str, tag: str, steps=5):
         for _ in range(steps):
             _, cache = m.decode(tok, cache, check_capacity=False)
         jax.block_until_ready(cache.pages.k)
-    return trace_summary(tdir, steps), cache
+    return kernel_breakdown(tdir, steps), cache
 
 
 def generator_probe(m, out: str, valid=512, new=64):
@@ -159,24 +119,31 @@ def generator_probe(m, out: str, valid=512, new=64):
     tdir = os.path.join(out, "trace_generator")
     with jax.profiler.trace(tdir):
         gen.generate(prompt, max_new_tokens=16, ignore_eos=True)
-    s = trace_summary(tdir, 16)
+    s = kernel_breakdown(tdir, 16)
     res.update({k: s.get(k) for k in ("window_us_per_step", "busy_us_per_step", "idle_us_per_step",
                                       "kernels_per_step")})
     return res
 
 
 def variant_probe(m, B: int, options: dict) -> dict:
-    """The B-row decode step compiled with `options` (a second jit of the same function)."""
+    """The B-row decode step compiled with `options`: its step time, and how many weight slices
+    it materialises (`wrapped_slice` fusions: copies of a layer's slice of a stacked weight,
+    made for cuBLAS calls) and how many cuBLAS calls it makes."""
     import jax
-    f = jax.jit(m.decode_fn, donate_argnums=(2,), compiler_options=options)
+    cache, tok = decode_setup(m, B)
+    t = time.perf_counter()
+    compiled = jax.jit(m.decode_fn, donate_argnums=(2,), compiler_options=options).lower(
+        m.params, tok, cache).compile()
+    compile_s = time.perf_counter() - t
+    txt = compiled.as_text()
 
     class Alt:   # step_ms's view of a model: .decode(tok, cache, check_capacity)
         def decode(self, tok, cache, check_capacity=False):
-            return f(m.params, tok, cache)
-    cache, tok = decode_setup(m, B)
+            return compiled(m.params, tok, cache)
     ms, warm, cache = step_ms(Alt(), cache, tok)
     del cache
-    return dict(step_ms=ms, warmup_s=warm, options=options)
+    return dict(step_ms=ms, compile_s=compile_s, options=options,
+                wrapped_slices=txt.count("%wrapped_slice") // 2, cublas_calls=txt.count('"__cublas'))
 
 
 def main(argv=None):
@@ -200,7 +167,7 @@ def main(argv=None):
     save()
     m = model_for(a.model)
     res["batches"] = {}
-    for B in [int(b) for b in a.batches.split(",")]:
+    for B in [int(b) for b in a.batches.split(",") if b]:
         cache, tok = decode_setup(m, B)
         ms, warm, cache = step_ms(m, cache, tok)
         prof, cache = profile_decode(m, cache, tok, a.out, f"b{B}")
@@ -208,7 +175,7 @@ def main(argv=None):
         del cache
         save()
     try:
-        res["generator_b1"] = generator_probe(m, a.out)
+        res["generator_b1"] = generator_probe(m, a.out) if a.batches else dict(skipped="--batches ''")
     except Exception as e:  # noqa: BLE001 - keep the rest
         res["generator_b1"] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
     save()

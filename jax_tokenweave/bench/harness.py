@@ -19,6 +19,7 @@ the reduction it passes in (collective/reducer.py) and in whether the batch is s
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime
 import gzip
@@ -281,6 +282,53 @@ def _category(name: str) -> str:
 
 
 COLORS = {"communication": "#d62728", "attention": "#2ca02c", "matmul": "#1f77b4", "other": "#999999"}
+
+
+def decode_category(name: str) -> str:
+    """A decode step's kernel kinds (finer than _category: kv writes, reductions, copies)."""
+    n = name.lower()
+    if "memcpy" in n or "memset" in n:
+        return "memcpy"
+    if any(s in n for s in ("paged", "ragged", "attention", "fmha", "flash")):
+        return "attention"
+    if any(s in n for s in ("gemm", "dot", "cublas", "gemv", "xmma", "cutlass", "nvjet", "sm90")):
+        return "matmul"
+    if "scatter" in n or "dynamic_update" in n:
+        return "kv_write"
+    if "reduce" in n:
+        return "reduce"
+    return "elementwise"
+
+
+def kernel_breakdown(tdir: str, steps: int) -> dict:
+    """GPU kernels of a trace of `steps` identical steps, per step: busy time (union of kernel
+    intervals), idle time between kernels, kernel count, time per decode_category, the top
+    kernels, and the kernel sequence of one step."""
+    ev = json.load(gzip.open(find_trace(tdir)))["traceEvents"]
+    pname = {e["pid"]: e["args"]["name"] for e in ev if e.get("ph") == "M" and e.get("name") == "process_name"}
+    ks = sorted((e for e in ev if e.get("ph") == "X" and "dur" in e and "GPU" in pname.get(e["pid"], "")),
+                key=lambda e: e["ts"])
+    if not ks:
+        return dict(error="no GPU kernel events in the trace")
+    busy, end = 0.0, ks[0]["ts"]
+    for e in ks:                      # union of intervals (streams may overlap)
+        s, f = e["ts"], e["ts"] + e["dur"]
+        if f > end:
+            busy += f - max(s, end)
+            end = f
+    wall = end - ks[0]["ts"]
+    tot, cnt, cat = collections.Counter(), collections.Counter(), collections.Counter()
+    for e in ks:
+        tot[e["name"]] += e["dur"]
+        cnt[e["name"]] += 1
+        cat[decode_category(e["name"])] += e["dur"]
+    per = len(ks) // steps
+    return dict(window_us_per_step=wall / steps, busy_us_per_step=busy / steps,
+                idle_us_per_step=(wall - busy) / steps, kernels_per_step=len(ks) / steps,
+                category_us_per_step={k: round(v / steps, 1) for k, v in cat.most_common()},
+                top_kernels=[(n[:100], round(t / steps, 1), cnt[n] // steps) for n, t in tot.most_common(25)],
+                one_step=[(e["name"][:60], round(e["dur"], 2), round(e["ts"] - ks[per].get("ts"), 2))
+                          for e in ks[per:2 * per]])
 
 
 def trace_timeline(trace_path: str, png_path: str, *, device_filter: str = "GPU",
