@@ -158,10 +158,12 @@ def attention_block(w, x: jax.Array, rope, spec: LayerSpec, attend: Callable):
     B, S, D = x.shape
     q, k, v = qkv(w, x, rope, spec)
     out, aux = attend(q, k, v)
-    # One contracting dim (heads x head_dim flattened, a free reshape): XLA:GPU sends a dot that
-    # contracts two dims to cuBLAS, which needs its weight as a buffer of its own and so copied
-    # each layer's slice of the stacked weights every step (memcpy, 0.5 ms of a 5 ms 8B decode
-    # step); a plain dot is a Triton fusion that reads the slice where it lies.
+    # Known cost (bench/results/profile_decode_h200.json): XLA:GPU sends this dot to cuBLAS-Lt,
+    # which takes its weight as a buffer of its own, so every decode step copies each layer's
+    # slice of the stacked o_proj weights (memcpy, ~0.5 ms of a ~5.4 ms 8B step). Flattening the
+    # heads into one contracting dim and XLA's options (triton_gemm_any, no cuBLAS fallback,
+    # dynamic-slice fusion) did not move it to Triton; per-layer (unstacked) o_proj weights for
+    # the unrolled decode, or a Pallas GEMV, are what is left to try.
     wo = w["attn.o_proj.kernel"]
     h = jnp.einsum("tf,fd->td", out.astype(x.dtype).reshape(B * S, -1), wo.reshape(-1, wo.shape[-1]))
     return h, aux
