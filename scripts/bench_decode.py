@@ -413,6 +413,7 @@ def time_decode(model, cache, tok, *, warmup: int, steps: int, reps: int, counte
     """(dict with step_ms etc., cache). Dispatch-ahead loops of model.decode."""
     import jax
     import numpy as np
+    from jax_tokenweave.bench import harness as bench
     logits = None
     t0 = time.perf_counter()
     c0 = counter.n
@@ -421,13 +422,7 @@ def time_decode(model, cache, tok, *, warmup: int, steps: int, reps: int, counte
     jax.block_until_ready(logits)
     warm_s, warm_compiles = time.perf_counter() - t0, counter.n - c0
     c1 = counter.n
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        for _ in range(steps):
-            logits, cache = model.decode(tok, cache, check_capacity=False)
-        jax.block_until_ready(logits)
-        ts.append((time.perf_counter() - t) / steps)
+    ts, logits, cache = bench.decode_loop_times(model, cache, tok, steps=steps, reps=reps)
     lg = np.asarray(jax.device_get(logits))
     return dict(step_ms=1e3 * statistics.median(ts), step_ms_reps=[1e3 * t for t in ts],
                 warmup_s=warm_s, warmup_compiles=warm_compiles, compiles_in_timing=counter.n - c1,

@@ -29,7 +29,7 @@ from jax_tokenweave.gpu_env import forbid_multicast  # noqa: E402
 
 forbid_multicast()
 
-from jax_tokenweave.bench.harness import kernel_breakdown  # noqa: E402
+from jax_tokenweave.bench.harness import decode_loop_times, kernel_breakdown  # noqa: E402
 
 VARIANTS = {   # compiler options of the decode jit, timed against the default at --variant-batch
     "default": {},
@@ -50,7 +50,14 @@ def model_for(name: str):
     return TPModel.random(get_preset(name), make_mesh(1), dtype=jnp.bfloat16)
 
 
-def decode_setup(m, batch, valid=512, capacity=2048):
+def shape_of(m) -> tuple[int, int]:
+    """(valid, capacity): 512 of 2048 positions, scaled down for a model with a shorter window."""
+    capacity = min(2048, m.cfg.max_position_embeddings)
+    return min(512, capacity // 4), capacity
+
+
+def decode_setup(m, batch):
+    valid, capacity = shape_of(m)
     import jax
     import numpy as np
     cache = m.init_cache(batch, capacity)
@@ -67,14 +74,8 @@ def step_ms(m, cache, tok, steps=20, reps=3):
         _, cache = m.decode(tok, cache, check_capacity=False)
     jax.block_until_ready(cache.pages.k)
     warm = time.perf_counter() - t
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        for _ in range(steps):
-            logits, cache = m.decode(tok, cache, check_capacity=False)
-        jax.block_until_ready(logits)
-        ts.append((time.perf_counter() - t) / steps * 1e3)
-    return statistics.median(ts), warm, cache
+    ts, _, cache = decode_loop_times(m, cache, tok, steps=steps, reps=reps)
+    return 1e3 * statistics.median(ts), warm, cache
 
 
 def hlo_copies(m, cache, tok, out: str, B: int) -> list[str]:
@@ -98,10 +99,11 @@ def profile_decode(m, cache, tok, out: str, tag: str, steps=5):
     return kernel_breakdown(tdir, steps), cache
 
 
-def generator_probe(m, out: str, valid=512, new=64):
+def generator_probe(m, out: str, new=64):
     import jax
     import numpy as np
     from jax_tokenweave.engine.generate import Generator
+    valid = shape_of(m)[0]
     gen = Generator(m)
     prompt = np.random.default_rng(0).integers(1, m.cfg.vocab_size, (1, valid)).tolist()
     gen.warmup([valid], 1)

@@ -211,6 +211,19 @@ def plot_lines(path: str, xs, series: dict[str, list], *, xlabel: str, ylabel: s
     plt.close(fig)
 
 
+def decode_loop_times(model, cache, tok, *, steps: int, reps: int):
+    """Seconds per step of `reps` dispatch-ahead loops of `steps` ``model.decode`` calls (the
+    caller warms up): (per-step times, last logits, cache)."""
+    ts, logits = [], None
+    for _ in range(reps):
+        t = time.perf_counter()
+        for _ in range(steps):
+            logits, cache = model.decode(tok, cache, check_capacity=False)
+        jax.block_until_ready(logits)
+        ts.append((time.perf_counter() - t) / steps)
+    return ts, logits, cache
+
+
 # ------------------------------------------------------------------------- the copy roofline
 
 def _median_s(f, x, reps: int) -> float:
