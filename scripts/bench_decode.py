@@ -116,13 +116,11 @@ def parse(argv=None):
     ap.add_argument("--out", default="bench/results")
     a = ap.parse_args(argv)
     if a.tiny:
+        from jax_tokenweave.bench.harness import smaller_defaults
         a.model = "tiny-llama"
-        d = ap.get_default
-        for k, v in dict(batches="1,2", capacities="64,128", valid=16, headroom=32, steps=4, reps=2,
-                         warmup=1, generator_capacity=64, generator_new=8, generator_reps=1,
-                         generator_batches="1", peer_batches="1,2", peer_capacity=64, bw_mib=8).items():
-            if getattr(a, k) == d(k):
-                setattr(a, k, v)
+        smaller_defaults(ap, a, batches="1,2", capacities="64,128", valid=16, headroom=32, steps=4,
+                         reps=2, warmup=1, generator_capacity=64, generator_new=8, generator_reps=1,
+                         generator_batches="1", peer_batches="1,2", peer_capacity=64, bw_mib=8)
     return a
 
 

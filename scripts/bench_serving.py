@@ -102,13 +102,11 @@ def parse(argv=None):
     ap.add_argument("--out", default="bench/results")
     a = ap.parse_args(argv)
     if a.tiny:
+        from jax_tokenweave.bench.harness import smaller_defaults
         a.model = "tiny-llama"
-        d = ap.get_default
-        for k, v in dict(num_requests=12, input_median=12, output_median=10, max_len=32,
+        smaller_defaults(ap, a, num_requests=12, input_median=12, output_median=10, max_len=32,
                          max_num_batched_tokens=32, max_num_seqs=8, static_batch=6, peer_batch=6,
-                         static_max_s=30.0, peer_max_s=20.0).items():
-            if getattr(a, k) == d(k):
-                setattr(a, k, v)
+                         static_max_s=30.0, peer_max_s=20.0)
     return a
 
 
@@ -476,26 +474,27 @@ def write_md(path, out):
              f"p99 {ins['p99']:.0f}; output mean {outs['mean']:.0f} / median {outs['median']:.0f} / p99 "
              f"{outs['p99']:.0f}; {outs['total']} output tokens in all. Compile time excluded everywhere.", "",
              "| system | requests measured | req/s | output tok/s | notes |", "|---|---|---|---|---|"]
-    e = res.get("engine")
-    if e and "error" in e:
-        lines.append(f"| engine | — | — | — | FAILED: {e['error'][:200]} |")
-        e = None
-    if e:
-        lines.append(f"| engine (LLM, continuous) | {e['requests']} | {f(e['requests_per_s'], 2)} | "
-                     f"{f(e['output_tokens_per_s'])} | {e['steps']} steps, {e['split_steps']} split "
-                     f"({f(100 * e['split_step_fraction'])}%; {e.get('split_at_boundary', '?')} cut between "
-                     f"sequences, {e.get('split_in_chunk', '?')} inside a chunk), {e['preemptions']} preemptions, "
-                     f"completed {e['completed']}/{e['requests']}, warm-up {e['warmup']}, "
-                     f"{e['compiles_in_timing']} compiles in timing |")
-    s = res.get("static")
-    if s and "error" in s:
-        lines.append(f"| static | — | — | — | FAILED: {s['error'][:200]} |")
-        s = None
-    if s:
-        lines.append(f"| static (Generator, batch {s['static_batch']}) | {s['requests']} | "
-                     f"{f(s['requests_per_s'], 2)} | {f(s['output_tokens_per_s'])} | {s['batches_measured']} of "
-                     f"{s['batches_total']} batches{' (subset)' if s['subset'] else ''}; useful / generated "
-                     f"{f(s['useful_fraction'], 2)} |")
+    def row(label, r, make):   # None (did not run), FAILED with its error, or the system's row
+        if not r:
+            return None
+        if "error" in r:
+            lines.append(f"| {label} | — | — | — | FAILED: {r['error'][:200]} |")
+            return None
+        lines.append(make(r))
+        return r
+
+    e = row("engine", res.get("engine"), lambda e: (
+        f"| engine (LLM, continuous) | {e['requests']} | {f(e['requests_per_s'], 2)} | "
+        f"{f(e['output_tokens_per_s'])} | {e['steps']} steps, {e['split_steps']} split "
+        f"({f(100 * e['split_step_fraction'])}%; {e.get('split_at_boundary', '?')} cut between "
+        f"sequences, {e.get('split_in_chunk', '?')} inside a chunk), {e['preemptions']} preemptions, "
+        f"completed {e['completed']}/{e['requests']}, warm-up {e['warmup']}, "
+        f"{e['compiles_in_timing']} compiles in timing |"))
+    row("static", res.get("static"), lambda s: (
+        f"| static (Generator, batch {s['static_batch']}) | {s['requests']} | "
+        f"{f(s['requests_per_s'], 2)} | {f(s['output_tokens_per_s'])} | {s['batches_measured']} of "
+        f"{s['batches_total']} batches{' (subset)' if s['subset'] else ''}; useful / generated "
+        f"{f(s['useful_fraction'], 2)} |"))
     p = res.get("peer")
     if p is not None:
         if p.get("output_tokens_per_s"):

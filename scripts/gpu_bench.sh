@@ -11,7 +11,7 @@
 #   tune        scripts/tune_split.py: writes jax_tokenweave/weave/weave_table.json (copied to $OUT/tune)
 #   layer       scripts/bench_layer.py, five variants + a TokenWeave profile PNG
 #   kernel      scripts/bench_kernel_raw.py --phases (the kernel alone, CUDA events, no XLA)
-#   model       scripts/bench_model.py (80-layer prefill 1K-16K, chunked prefill + decode, attention)
+#   model       scripts/bench_model.py (80-layer prefill 1K-16K, decode, attention)
 #   attention   scripts/bench_model.py --sections attention (cuDNN vs XLA vs Pallas Mosaic GPU)
 #   moe         scripts/bench_moe.py --quick (Mixtral-8x22B block, layer, 56-layer prefill)
 # The engine (one GPU is enough; TP = the GPUs here):

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jax_tokenweave.collective.communicator import Communicator
 from jax_tokenweave.collective.extension import available as cuda_available
 from jax_tokenweave.collective.reducer import Reducer
 from jax_tokenweave.compat import shard_map
@@ -69,7 +70,6 @@ def make_comm(mesh, impl: str, max_tokens: int, hidden: int, itemsize: int = 2):
     """The Communicator the CUDA impls need, sized for the largest message (None for xla)."""
     if impl not in ("p2p", "auto") or not cuda_available():
         return None
-    from jax_tokenweave.collective.communicator import Communicator
     tp = mesh.shape["tp"]
     rows = -(-max_tokens // tp) * tp
     return Communicator(mesh, "tp", max_bytes=rows * hidden * itemsize + (1 << 20))
@@ -170,6 +170,14 @@ def time_fn(fn, *args, iters: int = 10, warmup: int = 2) -> dict:
         jax.block_until_ready(fn(*args))
         ts.append((time.perf_counter() - t) * 1e6)
     return dict(median_us=statistics.median(ts), min_us=min(ts), iters=iters)
+
+
+def smaller_defaults(ap, args, **values) -> None:
+    """A script's --tiny: `values` replace the defaults the user left alone (an option given on
+    the command line keeps its value)."""
+    for k, v in values.items():
+        if getattr(args, k) == ap.get_default(k):
+            setattr(args, k, v)
 
 
 def run_info(argv=None) -> dict:
