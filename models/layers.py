@@ -160,13 +160,12 @@ def attention_block(w, x: jax.Array, rope, spec: LayerSpec, attend: Callable):
     out, aux = attend(q, k, v)
     # Known cost (bench/results/profile_decode_h200.json): XLA:GPU sends this dot to cuBLAS-Lt,
     # which takes its weight as a buffer of its own, so every decode step copies each layer's
-    # slice of the stacked o_proj weights (memcpy, ~0.5 ms of a ~5.4 ms 8B step). Flattening the
-    # heads into one contracting dim and XLA's options (triton_gemm_any, no cuBLAS fallback,
-    # dynamic-slice fusion) did not move it to Triton; per-layer (unstacked) o_proj weights for
-    # the unrolled decode, or a Pallas GEMV, are what is left to try.
-    wo = w["attn.o_proj.kernel"]
-    h = jnp.einsum("tf,fd->td", out.astype(x.dtype).reshape(B * S, -1), wo.reshape(-1, wo.shape[-1]))
-    return h, aux
+    # slice of the stacked o_proj weights (memcpy, ~0.5 ms of a ~5.4 ms 8B step). Neither one
+    # flattened contracting dim nor XLA's options (triton_gemm_any, no cuBLAS fallback,
+    # dynamic-slice fusion) moved it to Triton; per-layer (unstacked) o_proj weights for the
+    # unrolled decode, or a Pallas GEMV, are what is left to try.
+    h = jnp.einsum("bshk,hkd->bsd", out.astype(x.dtype), w["attn.o_proj.kernel"])
+    return h.reshape(B * S, D), aux
 
 
 # ---------------------------------------------------------------------------------------- FFN
