@@ -284,11 +284,11 @@ class Generator:
         lengths = np.ones((B,), np.int32)          # padding rows: one pad token, output ignored
         lengths[:n] = lens
         temp, top_k, top_p = as_arrays(sampling, B)
+        greedy = all_greedy(temp)
         keys = request_keys([p.seed for p in sampling] + [0] * (B - n))
         temp, top_k, top_p, keys = (dist.replicate(a, mesh) for a in (temp, top_k, top_p, keys))
 
         cache = self._take_cache(B, cache_len)
-        greedy = all_greedy(sampling)
         step_dev = dist.replicate(np.int32(0), mesh)        # the sampling step, kept on device
         tok, step_dev, cache = self._prefill_sample(self.model.params, dist.replicate(tokens, mesh),
                                                     dist.replicate(lengths, mesh), cache, keys, step_dev,

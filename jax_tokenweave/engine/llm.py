@@ -36,7 +36,6 @@ from jax_tokenweave.engine.sampler import SamplingParams, as_arrays, request_key
 from jax_tokenweave.engine.scheduler import Request, Scheduler
 from jax_tokenweave.engine.step_batch import buckets, from_plan, split_order
 from jax_tokenweave.parallel.distributed import to_host
-from jax_tokenweave.weave.split import plan_split
 
 
 @dataclasses.dataclass
@@ -125,9 +124,9 @@ class LLM:
         """Whether the step runs split; if so, reorder its chunks (plan.reorder, so sampled rows
         still map back) for the static cut of its bucket and count where that cut falls."""
         Tb, _ = buckets(plan.num_tokens, plan.num_seqs)
-        if not self.model.splits(Tb, plan.num_tokens == plan.num_seqs):
+        t0 = self.model.split_cut(Tb, plan.num_tokens == plan.num_seqs)
+        if t0 is None:
             return False
-        t0 = plan_split(1, Tb, self.model.split).n0
         plan.reorder(split_order([c.num_tokens for c in plan.chunks], t0))
         if t0 >= plan.num_tokens or t0 in plan.query_start:
             self.stats.split_at_boundary += 1

@@ -196,9 +196,11 @@ class TPModel:
                              jax.make_array_from_process_local_data(self._replicated, np.asarray(a)), batch)
         return self._step_fn(self.params, batch, pages, greedy=greedy)
 
-    def splits(self, num_tokens: int, decode_only: bool) -> bool:
-        """Whether a step of num_tokens flat tokens runs as TokenWeave's two halves."""
-        return not decode_only and self.split is not None and plan_split(1, num_tokens, self.split) is not None
+    def split_cut(self, num_tokens: int, decode_only: bool) -> int | None:
+        """Tokens in half 0 when a step of num_tokens flat tokens runs as TokenWeave's two halves
+        (the static cut step_fn traces), else None."""
+        plan = None if decode_only or self.split is None else plan_split(1, num_tokens, self.split)
+        return None if plan is None else plan.n0
 
     def init_pages(self, num_pages: int, page_size: int = DEFAULT_PAGE_SIZE, dtype=None) -> KVPages:
         """Empty pools of num_pages pages (page 0 is scratch) for the continuous engine."""

@@ -110,7 +110,7 @@ def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: ja
     """Next token ids [B] int32. keys: raw key data [B, 2] uint32 for this step (see step_keys).
 
     greedy (static): every row has temperature 0, so the vocabulary sort is left out of the
-    program. The caller decides from the requests' SamplingParams on the host (`all_greedy`).
+    program. The caller decides from the batch's temperatures on the host (`all_greedy`).
     It is a compile-time switch rather than a ``lax.cond`` on the temperatures because XLA:GPU
     runs a conditional by copying its predicate to the host and waiting for the stream: the step
     would block its own dispatch thread, and the next step could not be queued behind it."""
@@ -124,10 +124,8 @@ def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: ja
     return jnp.where(temperature > 0, tok, greedy_tok)
 
 
-def all_greedy(temperature) -> bool:
-    """Host-side: whether a batch's temperatures (numpy, or SamplingParams) are all 0."""
-    if len(temperature) and isinstance(temperature[0], SamplingParams):
-        return all(p.greedy for p in temperature)
+def all_greedy(temperature: np.ndarray) -> bool:
+    """Host-side: whether a batch's temperatures (numpy, as ``as_arrays`` gives them) are all 0."""
     return not bool(np.any(np.asarray(temperature) > 0))
 
 
