@@ -67,14 +67,20 @@ def decode_setup(m, batch):
     return cache, tok
 
 
-def step_ms(m, cache, tok, steps=20, reps=3):
+def model_decode(m):
+    """m.decode as a `decode(tok, cache) -> (logits, cache)` step (no capacity check)."""
+    return lambda tok, cache: m.decode(tok, cache, check_capacity=False)
+
+
+def step_ms(decode, cache, tok, steps=20, reps=3):
+    """(median ms per step, warm-up s, cache) of `decode(tok, cache) -> (logits, cache)`."""
     import jax
     t = time.perf_counter()
     for _ in range(3):
-        _, cache = m.decode(tok, cache, check_capacity=False)
+        _, cache = decode(tok, cache)
     jax.block_until_ready(cache.pages.k)
     warm = time.perf_counter() - t
-    ts, _, cache = decode_loop_times(m, cache, tok, steps=steps, reps=reps)
+    ts, _, cache = decode_loop_times(decode, cache, tok, steps=steps, reps=reps)
     return 1e3 * statistics.median(ts), warm, cache
 
 
@@ -138,11 +144,7 @@ def variant_probe(m, B: int, options: dict) -> dict:
         m.params, tok, cache).compile()
     compile_s = time.perf_counter() - t
     txt = compiled.as_text()
-
-    class Alt:   # step_ms's view of a model: .decode(tok, cache, check_capacity)
-        def decode(self, tok, cache, check_capacity=False):
-            return compiled(m.params, tok, cache)
-    ms, warm, cache = step_ms(Alt(), cache, tok)
+    ms, warm, cache = step_ms(lambda tok, cache: compiled(m.params, tok, cache), cache, tok)
     del cache
     return dict(step_ms=ms, compile_s=compile_s, options=options,
                 wrapped_slices=txt.count("%wrapped_slice") // 2, cublas_calls=txt.count('"__cublas'))
@@ -171,7 +173,7 @@ def main(argv=None):
     res["batches"] = {}
     for B in [int(b) for b in a.batches.split(",") if b]:
         cache, tok = decode_setup(m, B)
-        ms, warm, cache = step_ms(m, cache, tok)
+        ms, warm, cache = step_ms(model_decode(m), cache, tok)
         prof, cache = profile_decode(m, cache, tok, a.out, f"b{B}")
         res["batches"][B] = dict(step_ms=ms, warmup_s=warm, **prof, hlo_copies=hlo_copies(m, cache, tok, a.out, B))
         del cache
