@@ -20,6 +20,7 @@
 #   decode      scripts/bench_decode.py: decode step vs roofline, Generator, XLA attention, peer
 #   serving     scripts/bench_serving.py: continuous engine vs static batching vs peer
 #   profdecode  scripts/profile_decode.py: copy roofline, decode kernels by category, idle time, XLA flag variants
+#   layermatmul scripts/bench_layer_matmul.py: decode's skinny matmuls, XLA on w[layer] vs the Pallas layer_matmul
 # At the end everything under $OUT is packed into $OUT/results.tgz (the device tool returns at
 # most 8 files), and a one-line-per-stage summary is printed. NVLink multicast stays off.
 set -uo pipefail
@@ -75,6 +76,7 @@ for s in ${STAGES//,/ }; do
                   --max-new-tokens 64 --ignore-eos ;;
     decode)     stage decode 420 $PY scripts/bench_decode.py --out "$R/decode" ;;
     serving)    stage serving 430 $PY scripts/bench_serving.py --out "$R/serving" ;;
+    layermatmul) stage layermatmul 400 $PY scripts/bench_layer_matmul.py --out "$R/layermatmul" ;;
     profdecode) stage profdecode 540 $PY scripts/profile_decode.py --out "$R/profdecode" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac

@@ -1,0 +1,133 @@
+"""A skinny matmul that reads one layer of a stacked weight in place: ``x @ w[layer]``.
+
+Why it exists: in the unrolled decode step XLA:GPU hands the o_proj dot to cuBLAS-Lt, which
+takes its weight as a buffer of its own, so each layer's slice of the stacked o_proj weights was
+copied first (bench/results/profile_decode_h200.json: 32 memcpys, 0.51 ms of a 5.4 ms 8B step).
+A Pallas call receives the whole stacked array and the layer index (a one-element int32 array,
+as the paged attention kernels take theirs) and offsets its loads itself, so nothing is copied.
+
+Shape of the kernel (decode GEMV: a few rows, a weight streamed once): grid (N / block_n,
+split_k). Program (n, s) accumulates ``x[:, ks] @ w[layer, ks, n-block]`` over its share ks of
+K in fp32 on the tensor cores (rows padded to 16 by masked loads: Triton's dot wants M >= 16);
+split_k > 1 writes fp32 partials [split_k, M, N] that XLA sums (fused into the consumer).
+split_k is chosen so that about two programs per SM stream the weight.
+
+Lowering: Pallas' Triton backend on GPU, interpret mode elsewhere (how CI tests it).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+__all__ = ["layer_matmul", "layer_matmul_reference"]
+
+_NUM_SMS = 132        # H200
+_MIN_ROWS = 16        # Triton's dot: M >= 16
+
+
+def _pow2_at_most(n: int, cap: int) -> int:
+  """The largest power of two <= cap that divides n (>= 1)."""
+  b = 1
+  while b * 2 <= cap and n % (b * 2) == 0:
+    b *= 2
+  return b
+
+
+def _plan(m: int, k: int, n: int, block_n, block_k, split_k):
+  bn = _pow2_at_most(n, 128) if block_n is None else int(block_n)
+  bk = _pow2_at_most(k, 128) if block_k is None else int(block_k)
+  if n % bn or k % bk or bn < 16 or bk < 16:
+    raise ValueError(f"layer_matmul: block_n={bn} / block_k={bk} must be >= 16 and divide "
+                     f"N={n} / K={k}; weights whose N or K is not a multiple of 16 go through "
+                     "jnp.einsum instead.")
+  steps = k // bk
+  if split_k is None:
+    want = max(1, -(-2 * _NUM_SMS // (n // bn)))
+    split_k = _pow2_at_most(steps, want)
+  split_k = int(split_k)
+  if split_k < 1 or steps % split_k:
+    raise ValueError(f"layer_matmul: split_k={split_k} must divide K / block_k = {steps}.")
+  return bn, bk, split_k
+
+
+def _kernel(layer_ref, x_ref, w_ref, o_ref, *, rows, m, bk, steps):
+  layer = layer_ref[0]
+  s = pl.program_id(1)
+  row_ok = (jnp.arange(rows, dtype=jnp.int32) < m)[:, None]
+  bn = w_ref.shape[-1]
+
+  def body(i, acc):
+    k0 = (s * steps + i) * bk
+    # rows >= m are read as 0 (never touched in memory) and masked out of the store
+    xb = pltriton.load(x_ref.at[pl.ds(0, rows), pl.ds(k0, bk)], mask=row_ok, other=0)
+    wb = w_ref[layer, pl.ds(k0, bk), :]
+    prec = lax.Precision.HIGHEST if xb.dtype == jnp.float32 else None
+    return acc + lax.dot_general(xb, wb, (((1,), (0,)), ((), ())), precision=prec,
+                                 preferred_element_type=jnp.float32)
+
+  acc = lax.fori_loop(0, steps, body, jnp.zeros((rows, bn), jnp.float32))
+  pltriton.store(o_ref.at[pl.ds(0, rows)], acc.astype(o_ref.dtype), mask=row_ok)
+
+
+def layer_matmul(x: jax.Array, w: jax.Array, layer, *, block_n=None, block_k=None, split_k=None,
+                 num_warps: int = 4, num_stages: int = 3, interpret=None) -> jax.Array:
+  """x [M, K] @ w[layer] for stacked w [L, K, N] -> [M, N] in x's dtype (fp32 accumulation).
+
+  layer: integer scalar, may be traced. Reads only w[layer], in place. Meant for few rows
+  (decode); M up to a few hundred works but re-reads nothing, so it gains nothing there.
+  """
+  if x.ndim != 2 or w.ndim != 3 or x.shape[1] != w.shape[1]:
+    raise ValueError(f"layer_matmul: x must be [M, K] and w [L, K, N]; got x{list(x.shape)}, "
+                     f"w{list(w.shape)}.")
+  if x.dtype != w.dtype:
+    raise ValueError(f"layer_matmul: x is {x.dtype} and w {w.dtype}; cast x to the weights' "
+                     "dtype.")
+  layer = jnp.asarray(layer)
+  if layer.size != 1 or not jnp.issubdtype(layer.dtype, jnp.integer):
+    raise ValueError(f"layer_matmul: layer must be an integer scalar, got {layer.dtype}"
+                     f"{list(layer.shape)}.")
+  m, k = x.shape
+  bn, bk, sk = _plan(m, k, w.shape[2], block_n, block_k, split_k)
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  return _impl(x, w, layer.astype(jnp.int32).reshape(1), bn=bn, bk=bk, sk=sk,
+               num_warps=int(num_warps), num_stages=int(num_stages), interpret=bool(interpret))
+
+
+@functools.partial(jax.jit, static_argnames=("bn", "bk", "sk", "num_warps", "num_stages",
+                                             "interpret"))
+def _impl(x, w, layer, *, bn, bk, sk, num_warps, num_stages, interpret):
+  m, k = x.shape
+  num_layers, _, n = w.shape
+  rows = max(_MIN_ROWS, 1 << max(0, (m - 1).bit_length()))
+  ks = k // sk
+  out_dtype = x.dtype if sk == 1 else jnp.float32
+  out_block = (None, m, bn)
+  out = pl.pallas_call(
+      functools.partial(_kernel, rows=rows, m=m, bk=bk, steps=ks // bk),
+      grid=(n // bn, sk),
+      in_specs=[
+          pl.BlockSpec((1,), lambda j, s: (0,)),
+          pl.BlockSpec((m, k), lambda j, s: (0, 0)),
+          # all layers, the program's columns: the layer is applied inside (no w[layer] copy)
+          pl.BlockSpec((num_layers, k, bn), lambda j, s: (0, 0, j)),
+      ],
+      out_specs=pl.BlockSpec(out_block, lambda j, s: (s, 0, j)),
+      out_shape=jax.ShapeDtypeStruct((sk, m, n), out_dtype),
+      interpret=interpret,
+      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      name=f"layer_matmul_n{bn}_k{bk}_s{sk}",
+  )(layer, x, w)
+  return out[0] if sk == 1 else out.sum(axis=0).astype(x.dtype)
+
+
+def layer_matmul_reference(x: jax.Array, w: jax.Array, layer) -> jax.Array:
+  """The XLA reference: the same product through a slice and jnp.dot (fp32 accumulation)."""
+  wl = lax.dynamic_index_in_dim(w, jnp.asarray(layer).reshape(()), axis=0, keepdims=False)
+  prec = lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+  return jnp.dot(x, wl, precision=prec, preferred_element_type=jnp.float32).astype(x.dtype)
