@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_tokenweave.compat import axis_size
+from jax_tokenweave.kernels.layer_matmul import layer_matmul
 from jax_tokenweave.models.config import ModelConfig
 from jax_tokenweave.models.moe import moe_ffn
 
@@ -153,19 +154,38 @@ def causal_attention(q, k, v, impl: str = "xla", prefix_kv=None):
                                         implementation="xla")
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerOf:
+    """Layer ``layer`` (an int32 scalar, may be traced) of a stacked weight [L, ...], to be read
+    in place rather than sliced out first (see out_projection)."""
+    stacked: jax.Array
+    layer: jax.Array
+
+
+def out_projection(out: jax.Array, wo) -> jax.Array:
+    """o_proj: attention output [B, S, Hl, hd] -> partial [B*S, D]. ``wo`` is the layer's
+    [Hl, hd, D], or ``LayerOf`` the stacked [L, Hl, hd, D] (the unrolled decode step).
+
+    Why LayerOf: XLA:GPU sends this dot in the unrolled decode step to cuBLAS-Lt, which needs its
+    weight as a buffer of its own, so each layer's slice was copied every step (a memcpy of
+    0.5 ms in a 5.4 ms 8B step on the H200; bench/results/profile_decode_h200.json). On GPU
+    kernels.layer_matmul reads the layer from the stacked weight in place instead (as fast as
+    XLA's own dot on these shapes: bench/results/layer_matmul_h200.json); elsewhere the einsum
+    runs on the slice, with the same numerics as the other paths."""
+    B, S, H, K = out.shape
+    if isinstance(wo, LayerOf):
+        if jax.default_backend() == "gpu":
+            L, _, _, D = wo.stacked.shape
+            return layer_matmul(out.reshape(B * S, H * K), wo.stacked.reshape(L, H * K, D), wo.layer)
+        wo = wo.stacked[wo.layer]
+    return jnp.einsum("bshk,hkd->bsd", out, wo).reshape(B * S, -1)
+
+
 def attention_block(w, x: jax.Array, rope, spec: LayerSpec, attend: Callable):
     """x [B, S, D] normed -> (o_proj partial [B*S, D], attend's aux)."""
-    B, S, D = x.shape
     q, k, v = qkv(w, x, rope, spec)
     out, aux = attend(q, k, v)
-    # Known cost (bench/results/profile_decode_h200.json): XLA:GPU sends this dot to cuBLAS-Lt,
-    # which takes its weight as a buffer of its own, so every decode step copies each layer's
-    # slice of the stacked o_proj weights (memcpy, ~0.5 ms of a ~5.4 ms 8B step). Neither one
-    # flattened contracting dim nor XLA's options (triton_gemm_any, no cuBLAS fallback,
-    # dynamic-slice fusion) moved it to Triton; per-layer (unstacked) o_proj weights for the
-    # unrolled decode, or a Pallas GEMV, are what is left to try.
-    h = jnp.einsum("bshk,hkd->bsd", out.astype(x.dtype), w["attn.o_proj.kernel"])
-    return h.reshape(B * S, D), aux
+    return out_projection(out.astype(x.dtype), w["attn.o_proj.kernel"]), aux
 
 
 # ---------------------------------------------------------------------------------------- FFN

@@ -26,6 +26,7 @@ from jax_tokenweave.models import layers
 from jax_tokenweave.models.layers import LayerSpec
 
 LAYER_PREFIX = "layers."
+O_PROJ = "attn.o_proj.kernel"
 
 
 def layer_weights(weights: dict) -> dict:
@@ -51,8 +52,10 @@ def forward(weights: dict, tokens: jax.Array, positions: jax.Array, *, spec: Lay
 
     unroll: emit the layers one after another instead of a loop. For memory-bound decode steps:
     inside the loop XLA on GPU copies each layer's weight slice before its GEMMs (measured on an
-    H200: 6.5 of an 11.8 ms 8B decode step were those copies; unrolled, 6.2 ms). Compute-bound
-    steps (prefill, mixed batches) keep the loop, whose compile time does not grow with depth."""
+    H200: 6.5 of an 11.8 ms 8B decode step were those copies; unrolled, 6.2 ms). Unrolled, the
+    other GEMMs read their slices in place, but o_proj's still was copied, so it is handed to the
+    layer as layers.LayerOf the stacked weight. Compute-bound steps (prefill, mixed batches) keep
+    the loop, whose compile time does not grow with depth."""
     B, S = tokens.shape
     stacked = layer_weights(weights)
     with jax.named_scope("embed"):
@@ -63,9 +66,13 @@ def forward(weights: dict, tokens: jax.Array, positions: jax.Array, *, spec: Lay
                              stacked["input_norm.weight"][0])
     rope = layers.rope_cos_sin(positions, inv_freq)
 
+    # The unrolled (decode) step reads o_proj from the stacked weight in place (layers.LayerOf).
+    in_place = {O_PROJ} if unroll else set()
+
     def body(carry, xs):
         x, residual, cache = carry
         w, next_norm, i = xs
+        w = dict(w, **{k: layers.LayerOf(stacked[k], i) for k in in_place})
 
         def attend_layer(q, k, v):
             return attend(q, k, v, cache, i)
@@ -74,7 +81,7 @@ def forward(weights: dict, tokens: jax.Array, positions: jax.Array, *, spec: Lay
         return (x, residual, cache), None
 
     L = stacked["input_norm.weight"].shape[0]
-    xs = (stacked, next_norms(stacked, weights["final_norm.weight"]), jnp.arange(L, dtype=jnp.int32))
+    xs = ({k: v for k, v in stacked.items() if k not in in_place}, next_norms(stacked, weights["final_norm.weight"]), jnp.arange(L, dtype=jnp.int32))
     with jax.named_scope("layers"):
         (x, _, cache), _ = jax.lax.scan(body, (x.reshape(B, S, D), residual, cache), xs,
                                         unroll=L if unroll else 1)

@@ -8,8 +8,8 @@
      elementwise / memcpy) and the top kernels; one step's kernel sequence goes to the JSON;
   3. Generator.generate per token at batch 1 (64 new tokens minus 1, median of 3) and its
      profile's idle time (does the host loop starve the GPU?);
-  4. XLA option variants (--variants): the decode jit compiled with other compiler options,
-     its step time at --variant-batch rows.
+  4. variants (--variants): the decode jit compiled with other XLA options or another split
+     target of the decode kernel, its step time at each of --variant-batches.
 
 Prints a short table; writes <out>/profile_decode.json (with device, jax, date, command).
 
@@ -31,14 +31,14 @@ forbid_multicast()
 
 from jax_tokenweave.bench.harness import decode_loop_times, kernel_breakdown  # noqa: E402
 
-VARIANTS = {   # compiler options of the decode jit, timed against the default at --variant-batch
+VARIANTS = {   # how the decode jit is built, timed against the default at each --variant-batches
+    # XLA compiler options (measured before: triton_gemm_any, cublas_fallback=false, the dot-merger
+    # threshold and dynamic-slice fusion changed nothing; bench/results/profile_decode_h200.json)
     "default": {},
-    "dynamic_slice_fusion": {"xla_gpu_enable_dynamic_slice_fusion": True},
-    "no_cublas_fallback": {"xla_gpu_cublas_fallback": False},
-    "dot_merger_64mb": {"xla_gpu_dot_merger_threshold_mb": 64},
-    "no_split_k": {"xla_gpu_enable_split_k_autotuning": False},
-    "no_split_k_no_cublas": {"xla_gpu_enable_split_k_autotuning": False, "xla_gpu_cublas_fallback": False},
-    "triton_any_no_cublas": {"xla_gpu_triton_gemm_any": True, "xla_gpu_cublas_fallback": False},
+    # the decode kernel's split rule aims at this many (row, kv head, split) programs (132 SMs)
+    "attn_programs_132": {"target_programs": 132},
+    "attn_programs_528": {"target_programs": 528},
+    "attn_programs_1056": {"target_programs": 1056},
 }
 
 
@@ -133,20 +133,29 @@ def generator_probe(m, out: str, new=64):
     return res
 
 
-def variant_probe(m, B: int, options: dict) -> dict:
-    """The B-row decode step compiled with `options`: its step time, and how many weight slices
-    it materialises (`wrapped_slice` fusions: copies of a layer's slice of a stacked weight,
-    made for cuBLAS calls) and how many cuBLAS calls it makes."""
+def variant_probe(m, B: int, variant: dict) -> dict:
+    """The B-row decode step built as `variant` says (XLA compiler options, or the decode
+    kernel's split target): its step time, and how many weight slices it materialises
+    (`wrapped_slice` fusions: copies of a layer's slice of a stacked weight, made for cuBLAS
+    calls) and how many cuBLAS calls it makes."""
     import jax
+    from jax_tokenweave.kernels import paged_attention
+    options = {k: v for k, v in variant.items() if k != "target_programs"}
     cache, tok = decode_setup(m, B)
-    t = time.perf_counter()
-    compiled = jax.jit(m.decode_fn, donate_argnums=(2,), compiler_options=options).lower(
-        m.params, tok, cache).compile()
-    compile_s = time.perf_counter() - t
+    saved = paged_attention._TARGET_PROGRAMS
+    paged_attention._TARGET_PROGRAMS = variant.get("target_programs", saved)   # read while tracing
+    try:
+        t = time.perf_counter()
+        # a new function each time: jax's trace cache would otherwise reuse the default's trace
+        compiled = jax.jit(lambda p, t, c: m.decode_fn(p, t, c), donate_argnums=(2,),
+                           compiler_options=options).lower(m.params, tok, cache).compile()
+        compile_s = time.perf_counter() - t
+    finally:
+        paged_attention._TARGET_PROGRAMS = saved
     txt = compiled.as_text()
     ms, warm, cache = step_ms(lambda tok, cache: compiled(m.params, tok, cache), cache, tok)
     del cache
-    return dict(step_ms=ms, compile_s=compile_s, options=options,
+    return dict(step_ms=ms, compile_s=compile_s, variant=variant,
                 wrapped_slices=txt.count("%wrapped_slice") // 2, cublas_calls=txt.count('"__cublas'))
 
 
@@ -156,7 +165,7 @@ def main(argv=None):
     p.add_argument("--batches", default="1,8")
     p.add_argument("--model", default="llama-3.1-8b", help="preset (tiny-llama: a CPU check of the script)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="names of VARIANTS, '' for none")
-    p.add_argument("--variant-batch", type=int, default=8)
+    p.add_argument("--variant-batches", default="8,32")
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     import jax
@@ -184,12 +193,14 @@ def main(argv=None):
         res["generator_b1"] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
     save()
     res["variants"] = {}
-    for name in [v for v in a.variants.split(",") if v]:
-        try:
-            res["variants"][name] = variant_probe(m, a.variant_batch, VARIANTS[name])
-        except Exception as e:  # noqa: BLE001 - keep the rest
-            res["variants"][name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
-        save()
+    for B in [int(b) for b in a.variant_batches.split(",") if b]:
+        for name in [v for v in a.variants.split(",") if v]:
+            try:
+                r = variant_probe(m, B, VARIANTS[name])
+            except Exception as e:  # noqa: BLE001 - keep the rest
+                r = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+            res["variants"][f"{name}@b{B}"] = r
+            save()
 
     bw = res["copy_bandwidth"]
     print(f"copy bandwidth: {bw['bytes_per_s'] / 1e12:.3f} TB/s ({bw['best_method']}), read-only "
