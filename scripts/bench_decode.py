@@ -92,7 +92,7 @@ def parse(argv=None):
     ap.add_argument("--reps", type=int, default=3, help="timed loops per row (median)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--fill", choices=("random", "prefill"), default="random")
-    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--page-size", type=int, default=64, help="tokens per KV page (TPModel.init_cache's default)")
     ap.add_argument("--xla-max-capacity", type=int, default=8192)
     ap.add_argument("--no-xla", action="store_true")
     ap.add_argument("--generator-capacity", type=int, default=2048)

@@ -22,7 +22,7 @@ from jax_tokenweave.collective.reducer import Reducer
 from jax_tokenweave.compat import shard_map
 from jax_tokenweave.engine import attention, sampler
 from jax_tokenweave.engine.step_batch import StepBatch
-from jax_tokenweave.engine.kv_cache import (DEFAULT_PAGE_SIZE, SCRATCH_PAGE, KVCache, KVPages, init_pages,
+from jax_tokenweave.engine.kv_cache import (DEFAULT_PAGE_SIZE, SCRATCH_PAGE, STATIC_PAGE_SIZE, KVCache, KVPages, init_pages,
                                             static_block_tables)
 from jax_tokenweave.model_io.random_weights import random_params
 from jax_tokenweave.models import transformer
@@ -246,7 +246,7 @@ class TPModel:
 
     # ---------------------------------------------------------------------------- public
 
-    def init_cache(self, batch: int, max_len: int, dtype=None, page_size: int = DEFAULT_PAGE_SIZE) -> KVCache:
+    def init_cache(self, batch: int, max_len: int, dtype=None, page_size: int = STATIC_PAGE_SIZE) -> KVCache:
         """An empty paged KV cache for `batch` sequences of up to `max_len` positions (each
         sequence owns ceil(max_len / page_size) pages; page 0 is scratch)."""
         if batch < 1 or max_len < 1:
