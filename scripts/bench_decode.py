@@ -32,7 +32,7 @@ cache of ``init_cache(batch, capacity)``. Per row:
   xla_step_ms  the same decode step with attention through kernels.paged_attention_reference
                (XLA gathers every page of the block table: attention over the whole capacity),
                on a second TPModel over the same weights (its own jit cache) traced with
-               engine.attention.paged_decode_attention replaced; capacities <= --xla-max-capacity.
+               engine.attention.use_kernels off (XLA reference); capacities <= --xla-max-capacity.
   peer_ms      transformers + torch on the same GPU, in a subprocess run before jax touches the GPU
                (so both get the whole memory): LlamaForCausalLM(config) in bf16,
                generate(cache_implementation="static", attention_mask, pad_token_id=0,
@@ -449,21 +449,18 @@ def profile_steps(model, cache, tok, steps: int = 5):
 
 
 class patched_decode_attention:
-    """While entered, engine.attention's decode builds attention with the XLA reference."""
+    """While entered, engine.attention's decode builds attention with the XLA reference (and
+    writes the new K/V with a scatter): the path before the Pallas kernel."""
 
     def __enter__(self):
         from jax_tokenweave.engine import attention
-        from jax_tokenweave.kernels.paged_attention import paged_attention_reference
-
-        def ref(q, k_pool, v_pool, block_tables, lengths, layer, **kw):
-            return paged_attention_reference(q, k_pool, v_pool, block_tables, lengths, layer)
-        self._saved = attention.paged_decode_attention
-        attention.paged_decode_attention = ref
+        self._saved = attention.use_kernels
+        attention.use_kernels = lambda: False
         return self
 
     def __exit__(self, *exc):
         from jax_tokenweave.engine import attention
-        attention.paged_decode_attention = self._saved
+        attention.use_kernels = self._saved
 
 
 def select_rows(a):

@@ -105,6 +105,45 @@ def test_decode_multiple_splits(ps, kw):
     _check(out, pa.paged_attention_reference(q, kp, vp, bt, ln, 0), dtype)
 
 
+def _appended(kp, vp, bt, ln, layer, k_new, v_new):
+    """The pools with each sequence's token at position ln-1 written by XLA (the reference)."""
+    ps = kp.shape[3]
+    pos = np.asarray(ln) - 1
+    page = np.asarray(bt)[np.arange(len(pos)), pos // ps]
+    return kp.at[layer, :, page, pos % ps].set(k_new), vp.at[layer, :, page, pos % ps].set(v_new)
+
+
+@pytest.mark.parametrize("dtype,hd,group,ps,kw", [
+    (jnp.float32, 64, 4, 8, {}),
+    (jnp.bfloat16, 128, 8, 16, dict(num_splits=3)),
+    (jnp.float32, 128, 1, 16, dict(num_splits=1)),
+    (jnp.bfloat16, 64, 4, 32, dict(num_splits=2, block_k=32)),
+])
+def test_decode_appends_the_new_token(dtype, hd, group, ps, kw):
+    """new_kv: the kernel writes the token's k/v to its slot (position length-1) in place and
+    attends to it: the same output as the reference on pools written by XLA, the same pools,
+    and every other slot (other layers, other pages, the rest of the page) untouched."""
+    lengths = [1, ps - 1, ps, ps + 1, 2 * ps, 3 * ps + 5]
+    q, kp, vp, bt, ln = _decode_case(dtype, hd, group, ps, lengths)
+    kvh = kp.shape[1]
+    k_new, v_new = _normal((len(lengths), kvh, hd), dtype), _normal((len(lengths), kvh, hd), dtype)
+    kr, vr = _appended(kp, vp, bt, ln, 1, k_new, v_new)
+    assert not np.array_equal(np.asarray(kr, np.float32), np.asarray(kp, np.float32))
+    out, k2, v2 = pa.paged_decode_attention(q, kp, vp, bt, ln, 1, new_kv=(k_new, v_new), **kw)
+    _check(out, pa.paged_attention_reference(q, kr, vr, bt, ln, 1), dtype)
+    np.testing.assert_array_equal(np.asarray(k2, np.float32), np.asarray(kr, np.float32))
+    np.testing.assert_array_equal(np.asarray(v2, np.float32), np.asarray(vr, np.float32))
+
+
+def test_decode_append_rejects_bad_new_kv():
+    q, kp, vp, bt, ln = _decode_case(jnp.float32, 64, 4, 16, [3, 20])
+    good = _normal((2, kp.shape[1], 64), jnp.float32)
+    with pytest.raises(ValueError, match=r"k_new must be float32\[2, 2, 64\]"):
+        pa.paged_decode_attention(q, kp, vp, bt, ln, 0, new_kv=(good[:, :1], good))
+    with pytest.raises(ValueError, match="cast it to the pools' dtype"):
+        pa.paged_decode_attention(q, kp, vp, bt, ln, 0, new_kv=(good, good.astype(jnp.bfloat16)))
+
+
 def test_decode_split_rule():
     # batch 1 on 8 kv heads fills ~2 programs per SM; capped by 128-token splits
     assert pa.decode_num_splits(1, 8, 512, 16) == 33

@@ -4,8 +4,8 @@ model's forward takes (models/transformer.py, weave/schedule.py). One per kind o
     causal      logits without a cache: causal attention over the batch itself
     prefill     a padded [B, S] batch of whole prompts: causal attention over the fresh keys
                 (cuDNN on GPU), and the keys/values written to the sequences' pages
-    decode      one token per sequence: written to its page, then the Pallas paged decode kernel
-                (flash-decoding) over the sequence's valid pages
+    decode      one token per sequence: the Pallas paged decode kernel (flash-decoding) writes it
+                to its page slot and attends over the sequence's valid pages
     ragged      a flat batch of prefill chunks and decode tokens (the continuous engine): written
                 to their pages, then the Pallas ragged paged kernel (each chunk over its earlier
                 pages plus causal within itself)
@@ -32,17 +32,26 @@ def use_kernels() -> bool:
     return jax.default_backend() == "gpu"
 
 
-def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, layer, busy_rows=None):
-    """busy_rows: rows that hold real sequences (the rest are padding of length 1); the kernel's
+def decode_attention(q, k_new, v_new, cache, block_tables, lengths, layer, busy_rows=None):
+    """One query per sequence: the token at position lengths[b]-1, whose k_new/v_new [B, KVH, hd]
+    are written to its page slot, then attention over positions 0 .. lengths[b]-1.
+    -> (out [B, H, hd], cache). On GPU the Pallas decode kernel does both (no scatter kernels);
+    elsewhere a scatter and the XLA reference.
+    busy_rows: rows that hold real sequences (the rest are padding of length 1); the kernel's
     split count follows them, so one long sequence padded to 8 rows still spreads over the SMs."""
+    k_new, v_new = k_new.astype(cache.k.dtype), v_new.astype(cache.v.dtype)
     if use_kernels():
         splits = None
         if busy_rows is not None:
-            splits = kernels.decode_num_splits(busy_rows, k_pool.shape[1], block_tables.shape[1],
-                                               k_pool.shape[3])
-        return kernels.paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, layer,
-                                              num_splits=splits)
-    return kernels.paged_attention_reference(q, k_pool, v_pool, block_tables, lengths, layer)
+            splits = kernels.decode_num_splits(busy_rows, cache.k.shape[1], block_tables.shape[1],
+                                               cache.page_size)
+        out, k, v = kernels.paged_decode_attention(q, cache.k, cache.v, block_tables, lengths, layer,
+                                                   num_splits=splits, new_kv=(k_new, v_new))
+        return out, kv_cache.KVPages(k, v)
+    B = q.shape[0]
+    page, off = kv_cache.slots(block_tables, (lengths - 1)[:, None], jnp.ones((B, 1), bool), cache.page_size)
+    cache = kv_cache.write(cache, layer, k_new, v_new, page[:, 0], off[:, 0])
+    return kernels.paged_attention_reference(q, cache.k, cache.v, block_tables, lengths, layer), cache
 
 
 def ragged_paged_attention(q, k_pool, v_pool, block_tables, context_lens, query_start, num_seqs, layer):
@@ -76,11 +85,8 @@ def decode(block_tables, lengths, busy_rows=None):
     """q/k/v [B, 1, ...]: the token at position lengths[b] of each sequence (rows from
     `busy_rows` on are padding, see paged_decode_attention)."""
     def attend(q, k, v, cache, layer):
-        B = q.shape[0]
-        page, off = kv_cache.slots(block_tables, lengths[:, None], jnp.ones((B, 1), bool), cache.page_size)
-        cache = kv_cache.write(cache, layer, k[:, 0], v[:, 0], page[:, 0], off[:, 0])
-        out = paged_decode_attention(q[:, 0], cache.k, cache.v, block_tables, lengths + 1, layer,
-                                     busy_rows=busy_rows)
+        out, cache = decode_attention(q[:, 0], k[:, 0], v[:, 0], cache, block_tables, lengths + 1, layer,
+                                      busy_rows=busy_rows)
         return out[:, None], cache
     return attend
 
@@ -91,10 +97,12 @@ def ragged(batch, *, rows=None):
     whose sequences' earlier tokens (the other half's, written first) are read from the pages."""
     def attend(q, k, v, cache, layer):
         lo, hi = rows or (0, batch.num_tokens)
-        cache = kv_cache.write(cache, layer, k[0], v[0], batch.slot_pages[lo:hi], batch.slot_offsets[lo:hi])
         if batch.decode_only:
-            out = paged_decode_attention(q[0], cache.k, cache.v, batch.block_tables, batch.context_lens, layer)
+            # token i is sequence i's, at position context_lens[i] - 1 (its slot); padding
+            # sequences have length 1 and scratch tables, like their tokens' slots
+            out, cache = decode_attention(q[0], k[0], v[0], cache, batch.block_tables, batch.context_lens, layer)
             return out[None], cache
+        cache = kv_cache.write(cache, layer, k[0], v[0], batch.slot_pages[lo:hi], batch.slot_offsets[lo:hi])
         qs = jnp.clip(batch.query_start, lo, hi)
         # a sequence's queries are its last tokens: rows cut off after `hi` shorten its context
         ctx = batch.context_lens - (batch.query_start[1:] - qs[1:])

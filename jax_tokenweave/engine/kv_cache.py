@@ -8,8 +8,9 @@ write there and nothing reads it. Who hands out pages: ``block_manager.BlockMana
 continuous engine), or ``static_block_tables`` (the static-batch runner: each of B sequences owns
 a fixed run of pages).
 
-New keys/values are written in place (a scatter into the pool carried through the layer scan),
-never by copying a layer's pool.
+New keys/values are written in place, never by copying a layer's pool: a decode token by the
+Pallas decode kernel itself (kernels.paged_decode_attention's new_kv), prefill tokens and mixed
+batches by a scatter (``write``) into the pool carried through the layer scan.
 """
 from __future__ import annotations
 

@@ -34,6 +34,14 @@ than 2. The ragged kernel uses the same loads; its per-page version is checked o
 was not timed (the second GPU call ran out of time first); the gathered version took 135 us for
 a 512-token chunk on 1024 tokens of context plus 31 decode rows (83 TFLOP/s).
 
+Appending (``paged_decode_attention(..., new_kv=(k_new, v_new))``, what the engine's decode
+steps use): the token at position ``lengths[b] - 1`` is this step's. Its K/V come in as
+arguments; split 0 of each (sequence, kv head) adds that key to its partial softmax from
+registers and stores K/V into the page slot, the pools being aliased outputs. The splits read
+only positions ``< lengths[b] - 1`` from the pages, so nothing in the call reads the slot being
+written (no ordering between programs is needed). This replaces two XLA scatters per layer
+(~2.7 us each in a decode step on the H200, bench/results/profile_decode_h200.json).
+
 Split rule of ``paged_decode_attention`` (flash-decoding), static from shapes:
 ``num_splits = clamp(ceil(2 * 132 / (B * KVH)), 1, max(1, max_pages * page_size // 128))`` --
 enough (batch, kv head, split) programs for about two per SM of an H200 (132 SMs) at batch 1,
@@ -327,15 +335,23 @@ def decode_num_splits(batch: int, kv_heads: int, max_pages: int, page_size: int)
   return int(max(1, min(want, cap)))
 
 
-def _decode_kernel(layer_ref, len_ref, bt_ref, q_ref, k_ref, v_ref, *out_refs, group, rows,
-                   ppb, max_pages, num_splits, static_pps, qk_scale, plain, gather):
+def _decode_kernel(layer_ref, len_ref, bt_ref, q_ref, *refs, group, rows, ppb, max_pages,
+                   num_splits, static_pps, qk_scale, plain, gather, append):
+  if append:   # the new token's k/v [hd] come in; the pools are also outputs (aliased)
+    kn_ref, vn_ref, k_ref, v_ref, *out_refs = refs
+    out_refs, (ko_ref, vo_ref) = out_refs[:-2], out_refs[-2:]
+  else:
+    k_ref, v_ref, *out_refs = refs
   b = pl.program_id(0)
   s = pl.program_id(2)
   page_size, head_dim = k_ref.shape[-2:]
   bk = ppb * page_size
   layer = layer_ref[0]
   length = len_ref[b]
-  n_pages = jnp.minimum((length + page_size - 1) // page_size, max_pages)
+  # positions read from the pages: with append the last one (length - 1) is the new token, taken
+  # from kn/vn instead, so no program reads the slot that is written below
+  cached = length - 1 if append else length
+  n_pages = jnp.minimum((cached + page_size - 1) // page_size, max_pages)
   if static_pps is None:
     per = (n_pages + num_splits - 1) // num_splits
     pps = ((per + ppb - 1) // ppb) * ppb
@@ -344,7 +360,7 @@ def _decode_kernel(layer_ref, len_ref, bt_ref, q_ref, k_ref, v_ref, *out_refs, g
   p_start = s * pps
   p_end = jnp.minimum(p_start + pps, n_pages)
   t_start = p_start * page_size
-  t_end = jnp.minimum(p_end * page_size, length)
+  t_end = jnp.minimum(p_end * page_size, cached)
   n_tok = jnp.maximum(t_end - t_start, 0)
   n_full = n_tok // bk
   n_all = (n_tok + bk - 1) // bk
@@ -358,7 +374,7 @@ def _decode_kernel(layer_ref, len_ref, bt_ref, q_ref, k_ref, v_ref, *out_refs, g
                       max_pages)
 
     def mask_fn(off, n):
-      ok = t_start + c * bk + off + jnp.arange(n, dtype=jnp.int32) < length
+      ok = t_start + c * bk + off + jnp.arange(n, dtype=jnp.int32) < cached
       return ok[None, :], ok[:, None]
 
     return _online_step(carry, q, parts, qk_scale, mask_fn if masked else None)
@@ -367,6 +383,29 @@ def _decode_kernel(layer_ref, len_ref, bt_ref, q_ref, k_ref, v_ref, *out_refs, g
            jnp.zeros((rows, head_dim), jnp.float32))
   carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
   m_i, l_i, acc = lax.fori_loop(n_full, n_all, functools.partial(body, masked=True), carry)
+
+  if append:
+    kn = kn_ref[...]
+    vn = vn_ref[...]
+    first = s == 0   # split 0 adds the new key to its partial softmax and writes the page slot
+    s_new = jnp.sum(q.astype(jnp.float32) * kn.astype(jnp.float32)[None, :], axis=1) * qk_scale
+    s_new = jnp.where(first, s_new, _NEG)
+    m_new = jnp.maximum(m_i, s_new)
+    alpha = jnp.exp2(m_i - m_new)
+    p_new = jnp.where(first, jnp.exp2(s_new - m_new), 0.0)
+    l_i = l_i * alpha + p_new
+    acc = acc * alpha[:, None] + p_new[:, None] * vn.astype(jnp.float32)[None, :]
+    m_i = m_new
+
+    @pl.when(first)
+    def _write():
+      # One program per (sequence, kv head) writes; the slot is position length - 1, which no
+      # program of this call reads (they stop at length - 2). Rows of padding all hold length 1
+      # and a table of scratch pages: they write page 0, which nothing reads.
+      pos = length - 1
+      page = bt_ref[b, jnp.minimum(pos // page_size, max_pages - 1)]
+      ko_ref[layer, page, pos % page_size, :] = kn
+      vo_ref[layer, page, pos % page_size, :] = vn
 
   if num_splits == 1:
     (o_ref,) = out_refs
@@ -381,7 +420,7 @@ def _decode_kernel(layer_ref, len_ref, bt_ref, q_ref, k_ref, v_ref, *out_refs, g
 
 def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, layer, *, scale=None,
                            pages_per_split=None, interpret=None, num_splits=None, block_k=None,
-                           kv_gather=None, num_warps=4, num_stages=2):
+                           kv_gather=None, num_warps=4, num_stages=2, new_kv=None):
   """Flash-decoding attention of one query per sequence over its pages of layer ``layer``.
 
   q [B, H, hd]; k_pool, v_pool [L, KVH, num_pages, page_size, hd]; block_tables int32
@@ -391,9 +430,20 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, layer, *, s
   the split count; by default both follow the rule of the module docstring. ``block_k``: KV
   tokens per inner step (power of two; default 64, at least one page). ``kv_gather``: load the
   pages of a step as one gathered tile (default only for pages < 16 tokens; see _kv_parts).
+
+  ``new_kv=(k_new, v_new)``, each [B, KVH, hd] in the pools' dtype: the keys/values of the token
+  at position lengths[b]-1 (this step's). The kernel writes them to their page slot in place (the
+  pools are aliased outputs: pass them donated, or XLA copies them) and attends to them from
+  registers, so no separate scatter runs. Returns (out, k_pool, v_pool) then.
   """
   fn = "paged_decode_attention"
   _check_pool(q, k_pool, v_pool, block_tables, fn)
+  if new_kv is not None:
+    want = (q.shape[0], k_pool.shape[1], k_pool.shape[-1])
+    for name, x in zip(("k_new", "v_new"), new_kv):
+      if x.shape != want or x.dtype != k_pool.dtype:
+        raise ValueError(f"{fn}: {name} must be {k_pool.dtype}{list(want)} (batch, kv heads, "
+                         f"head_dim), got {x.dtype}{list(x.shape)}; cast it to the pools' dtype.")
   num_layers, kvh, _, page_size, head_dim = k_pool.shape
   batch, heads, _ = q.shape
   if block_tables.shape[0] != batch:
@@ -428,7 +478,7 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, layer, *, s
     ns = decode_num_splits(batch, kvh, max_pages, page_size)
 
   gather = _resolve_gather(kv_gather, page_size, fn)
-  return _decode_impl(q, k_pool, v_pool, block_tables, lengths, layer_arr, group=group,
+  return _decode_impl(q, k_pool, v_pool, block_tables, lengths, layer_arr, new_kv, group=group,
                       rows=rows, ppb=ppb, ns=ns, static_pps=static_pps, scale=scale,
                       interpret=interpret, gather=gather, num_warps=int(num_warps),
                       num_stages=int(num_stages))
@@ -436,7 +486,7 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, layer, *, s
 
 @functools.partial(jax.jit, static_argnames=("group", "rows", "ppb", "ns", "static_pps", "scale",
                                              "interpret", "gather", "num_warps", "num_stages"))
-def _decode_impl(q, k_pool, v_pool, block_tables, lengths, layer_arr, *, group, rows, ppb, ns,
+def _decode_impl(q, k_pool, v_pool, block_tables, lengths, layer_arr, new_kv, *, group, rows, ppb, ns,
                  static_pps, scale, interpret, gather, num_warps, num_stages):
   num_layers, kvh, _, page_size, head_dim = k_pool.shape
   batch, heads, _ = q.shape
@@ -453,16 +503,21 @@ def _decode_impl(q, k_pool, v_pool, block_tables, lengths, layer_arr, *, group, 
     bt = _pad_axis(bt, 1, -(-max_pages // ppb) * ppb)
   kernel = functools.partial(
       _decode_kernel, group=group, rows=rows, ppb=ppb, max_pages=max_pages, num_splits=ns,
-      static_pps=static_pps, qk_scale=scale * _LOG2E, plain=pad, gather=gather)
+      static_pps=static_pps, qk_scale=scale * _LOG2E, plain=pad, gather=gather,
+      append=new_kv is not None)
   pool_spec = pl.BlockSpec((num_layers, None) + k_pool.shape[2:], lambda b, h, s: (0, h, 0, 0, 0))
   in_specs = [
       pl.BlockSpec((1,), lambda b, h, s: (0,)),
       pl.BlockSpec((batch,), lambda b, h, s: (0,)),
       pl.BlockSpec(bt.shape, lambda b, h, s: (0, 0)),
       pl.BlockSpec((None, None, gq, head_dim), lambda b, h, s: (b, h, 0, 0)),
-      pool_spec,
-      pool_spec,
   ]
+  args = [layer_arr, lengths, bt, qg]
+  if new_kv is not None:
+    in_specs += [pl.BlockSpec((None, None, head_dim), lambda b, h, s: (b, h, 0))] * 2
+    args += list(new_kv)
+  in_specs += [pool_spec, pool_spec]
+  args += [k_pool, v_pool]
   if ns == 1:
     out_shape = _out_struct((batch, kvh, gq, head_dim), q.dtype, mat)
     out_specs = pl.BlockSpec((None, None, gq, head_dim), lambda b, h, s: (b, h, 0, 0))
@@ -477,24 +532,36 @@ def _decode_impl(q, k_pool, v_pool, block_tables, lengths, layer_arr, *, group, 
         pl.BlockSpec((None, None, None, gq), lambda b, h, s: (b, h, s, 0)),
         pl.BlockSpec((None, None, None, gq), lambda b, h, s: (b, h, s, 0)),
     )
+  out_shape = out_shape if isinstance(out_shape, tuple) else (out_shape,)
+  out_specs = out_specs if isinstance(out_specs, tuple) else (out_specs,)
+  aliases = {}
+  if new_kv is not None:   # the pools come back as outputs, updated in place
+    aliases = {len(args) - 2: len(out_shape), len(args) - 1: len(out_shape) + 1}
+    out_shape += (_out_struct(k_pool.shape, k_pool.dtype, mat),) * 2
+    out_specs += (pool_spec, pool_spec)
   out = pl.pallas_call(
       kernel,
       grid=(batch, kvh, ns),
       in_specs=in_specs,
       out_specs=out_specs,
       out_shape=out_shape,
+      input_output_aliases=aliases,
       interpret=interpret,
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       name=f"paged_decode_attention_s{ns}_bk{ppb * page_size}",
-  )(layer_arr, lengths, bt, qg, k_pool, v_pool)
+  )(*args)
+  pools = tuple(out[-2:]) if new_kv is not None else ()
+  out = out[:-2] if new_kv is not None else out
   if ns == 1:
-    return out[:, :, :group].reshape(batch, heads, head_dim)
-  o_part, m_part, l_part = (x[:, :, :, :group] for x in out)
-  m_max = jnp.max(m_part, axis=2, keepdims=True)
-  w = jnp.exp2(m_part - m_max)
-  l_tot = jnp.sum(w * l_part, axis=2)
-  o = jnp.sum(w[..., None] * o_part, axis=2) / jnp.where(l_tot > 0, l_tot, 1.0)[..., None]
-  return o.astype(q.dtype).reshape(batch, heads, head_dim)
+    o = out[0][:, :, :group].reshape(batch, heads, head_dim)
+  else:
+    o_part, m_part, l_part = (x[:, :, :, :group] for x in out)
+    m_max = jnp.max(m_part, axis=2, keepdims=True)
+    w = jnp.exp2(m_part - m_max)
+    l_tot = jnp.sum(w * l_part, axis=2)
+    o = jnp.sum(w[..., None] * o_part, axis=2) / jnp.where(l_tot > 0, l_tot, 1.0)[..., None]
+    o = o.astype(q.dtype).reshape(batch, heads, head_dim)
+  return (o,) + pools if pools else o
 
 
 # ----------------------------------------------------------------------------------------------
