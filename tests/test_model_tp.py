@@ -98,7 +98,9 @@ def test_cache_layout_and_weight_sharding():
     cfg = get_preset("tiny-llama")  # 8 heads, 2 KV heads, 2 layers
     L = cfg.num_layers
     m = model("tiny-llama", 8)
-    cache = m.init_cache(2, 40)
+    # The static cache's default pages hold 64 tokens: 1 scratch page + one page per sequence.
+    assert m.init_cache(2, 40).pages.k.shape[2:4] == (3, 64)
+    cache = m.init_cache(2, 40, page_size=16)
     # Paged pools [L, KVH, pages, page, hd]: 1 scratch page + 2 sequences x ceil(40 / 16) pages.
     # KV heads replicated at tp=8 > 2: the cache holds one KV head per rank.
     assert cache.pages.k.shape == (L, 8, 1 + 2 * 3, 16, cfg.head_dim)
