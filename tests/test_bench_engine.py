@@ -112,7 +112,7 @@ def _has_pallas(jaxpr) -> bool:
 
 def test_xla_variant_traces_without_kernel(monkeypatch):
     """patched_decode_attention swaps the Pallas decode kernel for the XLA reference (tracing
-    only, nothing compiled; the kernel path forced as on GPU), and puts it back afterwards."""
+    only, nothing compiled; the kernel path forced as on GPU), and puts the switch back afterwards."""
     monkeypatch.setattr(attention, "use_kernels", lambda: True)
     bd = _script("bench_decode")
     cfg = get_preset("tiny-llama")
@@ -120,12 +120,12 @@ def test_xla_variant_traces_without_kernel(monkeypatch):
     model = TPModel.random(cfg, mesh, dtype=jnp.float32)
     cache = model.init_cache(1, 32)
     tok = jnp.zeros((1,), jnp.int32)
-    kernel_path = attention.paged_decode_attention
+    kernel_path = attention.use_kernels
     assert _has_pallas(jax.make_jaxpr(model.decode_fn)(model.params, tok, cache))
     xla_model = TPModel(cfg, model.params, mesh)
     with bd.patched_decode_attention():
         assert not _has_pallas(jax.make_jaxpr(xla_model.decode_fn)(xla_model.params, tok, cache))
-    assert attention.paged_decode_attention is kernel_path   # restored
+    assert attention.use_kernels is kernel_path   # restored
     assert _has_pallas(jax.make_jaxpr(TPModel(cfg, model.params, mesh).decode_fn)(model.params, tok, cache))
 
 

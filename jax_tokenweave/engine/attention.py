@@ -83,7 +83,7 @@ def prefill(impl: str, block_tables, lengths, prefix_len: int = 0):
 
 def decode(block_tables, lengths, busy_rows=None):
     """q/k/v [B, 1, ...]: the token at position lengths[b] of each sequence (rows from
-    `busy_rows` on are padding, see paged_decode_attention)."""
+    `busy_rows` on are padding, see decode_attention)."""
     def attend(q, k, v, cache, layer):
         out, cache = decode_attention(q[:, 0], k[:, 0], v[:, 0], cache, block_tables, lengths + 1, layer,
                                       busy_rows=busy_rows)
