@@ -81,7 +81,8 @@ def forward(weights: dict, tokens: jax.Array, positions: jax.Array, *, spec: Lay
         return (x, residual, cache), None
 
     L = stacked["input_norm.weight"].shape[0]
-    xs = ({k: v for k, v in stacked.items() if k not in in_place}, next_norms(stacked, weights["final_norm.weight"]), jnp.arange(L, dtype=jnp.int32))
+    sliced = {k: v for k, v in stacked.items() if k not in in_place}
+    xs = (sliced, next_norms(stacked, weights["final_norm.weight"]), jnp.arange(L, dtype=jnp.int32))
     with jax.named_scope("layers"):
         (x, _, cache), _ = jax.lax.scan(body, (x.reshape(B, S, D), residual, cache), xs,
                                         unroll=L if unroll else 1)

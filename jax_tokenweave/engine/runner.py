@@ -22,8 +22,8 @@ from jax_tokenweave.collective.reducer import Reducer
 from jax_tokenweave.compat import shard_map
 from jax_tokenweave.engine import attention, sampler
 from jax_tokenweave.engine.step_batch import StepBatch
-from jax_tokenweave.engine.kv_cache import (DEFAULT_PAGE_SIZE, SCRATCH_PAGE, STATIC_PAGE_SIZE, KVCache, KVPages, init_pages,
-                                            static_block_tables)
+from jax_tokenweave.engine.kv_cache import (DEFAULT_PAGE_SIZE, SCRATCH_PAGE, STATIC_PAGE_SIZE, KVCache, KVPages,
+                                            init_pages, static_block_tables)
 from jax_tokenweave.model_io.random_weights import random_params
 from jax_tokenweave.models import transformer
 from jax_tokenweave.models.config import ModelConfig
