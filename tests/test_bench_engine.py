@@ -148,14 +148,16 @@ def test_workload_is_seeded_and_clipped():
 
 def test_profile_decode_tiny(tmp_path):
     """scripts/profile_decode.py end to end on CPU (no GPU kernels in the trace: the breakdown
-    says so instead of failing), with one compiler-option variant."""
+    says so instead of failing), with the default build and one split-target variant."""
     pd = _script("profile_decode")
-    res = pd.main(["--model", "tiny-llama", "--batches", "1", "--variants", "default",
-                   "--variant-batch", "1", "--out", str(tmp_path)])
+    res = pd.main(["--model", "tiny-llama", "--batches", "1", "--variants", "default,attn_programs_528",
+                   "--variant-batches", "1", "--out", str(tmp_path)])
     data = json.load(open(tmp_path / "profile_decode.json"))
     bw = data["copy_bandwidth"]
     assert bw["bytes_per_s"] == max(bw["methods_bytes_per_s"].values()) > 0
     assert data["batches"]["1"]["step_ms"] > 0
     assert "no GPU kernel events" in data["batches"]["1"]["error"]   # CPU: nothing to break down
     assert data["generator_b1"]["generator_ms"] > 0
-    assert data["variants"]["default"]["step_ms"] > 0 and res["info"]["command"]
+    assert data["variants"]["default@b1"]["step_ms"] > 0 and res["info"]["command"]
+    assert data["variants"]["attn_programs_528@b1"]["variant"] == {"target_programs": 528}
+    assert data["variants"]["attn_programs_528@b1"]["step_ms"] > 0
