@@ -7,6 +7,7 @@
 #   check       scripts/gpu_check.sh: the fused op's full GPU correctness check, both process modes
 #   checkdist   only its jax.distributed part (4 processes x 1 GPU, CUDA IPC)
 #   weavecheck  tests/gpu/weave_check.py: split + overlap model logits vs the unsplit xla model
+#   decodecheck tests/gpu/decode_check.py: decode kernels (append, layer_matmul) and the step vs XLA
 #   allreduce   scripts/bench_allreduce.py at hidden 8192 (ALLREDUCE_HIDDEN, ALLREDUCE_TOKENS to change)
 #   tune        scripts/tune_split.py: writes jax_tokenweave/weave/weave_table.json (copied to $OUT/tune)
 #   layer       scripts/bench_layer.py, five variants + a TokenWeave profile PNG
@@ -56,6 +57,7 @@ for s in ${STAGES//,/ }; do
     check)      TAIL=40 stage check 560 bash scripts/gpu_check.sh ;;
     checkdist)  TAIL=30 stage checkdist 150 bash scripts/gpu_check.sh dist ;;
     weavecheck) stage weavecheck 240 $PY tests/gpu/weave_check.py ;;
+    decodecheck) stage decodecheck 200 $PY tests/gpu/decode_check.py ;;
     allreduce)  stage allreduce 420 $PY scripts/bench_allreduce.py --hidden "${ALLREDUCE_HIDDEN:-8192}" \
                   ${ALLREDUCE_TOKENS:+--tokens $ALLREDUCE_TOKENS} --reps 7 --out "$R/allreduce" ;;
     tune)       stage tune 120 $PY scripts/tune_split.py --tokens "${TUNE_TOKENS:-2048,4096,8192}" \
