@@ -8,7 +8,8 @@ per layer in order as the unrolled decode step runs them (each output feeds the 
 tiny add), median of --reps runs after warm-up, per call. ``none`` times the chain without the
 matmul (its fixed cost). Each row: µs per call, weight TB/s, ratio to the weight bytes at the copy
 bandwidth measured in the same run (bench.harness.copy_bandwidth), and for XLA how many
-copies / cuBLAS calls its compiled HLO holds. Pallas configs are checked against the reference.
+copies, weight-slice copies and cuBLAS calls its compiled HLO holds
+(bench.harness.hlo_copy_counts). Pallas configs are checked against the reference.
 
 Prints a table; writes <out>/layer_matmul_<device>.json.
 
@@ -19,10 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jax_tokenweave.gpu_env import forbid_multicast  # noqa: E402
@@ -32,7 +30,7 @@ forbid_multicast()
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from jax_tokenweave.bench.harness import copy_bandwidth, run_info, write_json  # noqa: E402
+from jax_tokenweave.bench.harness import copy_bandwidth, hlo_copy_counts, run_info, time_fn, write_json  # noqa: E402
 from jax_tokenweave.kernels.layer_matmul import layer_matmul, layer_matmul_reference  # noqa: E402
 
 SHAPES = {"o_proj": (4096, 4096), "qkv": (4096, 6144), "gate": (4096, 14336), "down": (14336, 4096)}
@@ -52,22 +50,6 @@ def chain(mm, L: int):
                 x = x + (y[:, :1] * 1e-3).astype(x.dtype)
         return x
     return jax.jit(f)
-
-
-def per_call_us(f, x, w, calls: int, reps: int) -> float:
-    jax.block_until_ready(f(x, w))
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(f(x, w))
-        ts.append(time.perf_counter() - t)
-    return 1e6 * statistics.median(ts) / calls
-
-
-def hlo_counts(f, x, w) -> dict:
-    txt = f.lower(x, w).compile().as_text()
-    return dict(copies=len(re.findall(r"= \S+ copy(-start)?\(", txt)) + txt.count("wrapped_slice"),
-                cublas_calls=txt.count("__cublas"))
 
 
 def main(argv=None):
@@ -110,12 +92,12 @@ def main(argv=None):
                 try:
                     f = chain(mm, L)
                     if notes is None:
-                        notes = hlo_counts(f, x, w)
+                        notes = hlo_copy_counts(f.lower(x, w).compile().as_text())
                     if vname.startswith("pallas"):
                         got = jax.jit(mm, static_argnums=2)(x, w, L - 1).astype(jnp.float32)
                         notes["max_err"] = float(jnp.max(jnp.abs(got - ref)))
                         notes["ref_max"] = float(jnp.max(jnp.abs(ref)))
-                    us = per_call_us(f, x, w, calls, args.reps)
+                    us = time_fn(f, x, w, iters=args.reps, warmup=1)["median_us"] / calls
                     row.update(notes, us_per_call=us, weight_tb_s=K * N * 2 / us / 1e6,
                                ratio_to_roofline=us / roof_us)
                     print(f"{name:8} {M:3d} {vname:24} {us:8.2f} {row['weight_tb_s']:6.2f} "

@@ -29,7 +29,7 @@ from jax_tokenweave.gpu_env import forbid_multicast  # noqa: E402
 
 forbid_multicast()
 
-from jax_tokenweave.bench.harness import decode_loop_times, kernel_breakdown  # noqa: E402
+from jax_tokenweave.bench.harness import decode_loop_times, hlo_copy_counts, kernel_breakdown  # noqa: E402
 
 VARIANTS = {   # how the decode jit is built, timed against the default at each --variant-batches
     # XLA compiler options (measured before: triton_gemm_any, cublas_fallback=false, the dot-merger
@@ -87,12 +87,12 @@ def step_ms(decode, cache, tok, steps=20, reps=3):
 def hlo_copies(m, cache, tok, out: str, B: int) -> list[str]:
     """The copy instructions of the compiled decode step (the optimized HLO goes to a file):
     which buffers XLA copies every step."""
-    import re
     import jax
+    from jax_tokenweave.bench.harness import hlo_copy_lines
     txt = jax.jit(m.decode_fn, donate_argnums=(2,)).lower(m.params, tok, cache).compile().as_text()
     with open(os.path.join(out, f"decode_b{B}_hlo.txt"), "w") as f:
         f.write(txt)
-    return [ln.strip()[:240] for ln in txt.splitlines() if re.search(r"= \S+ copy(-start)?\(", ln)][:40]
+    return [ln[:240] for ln in hlo_copy_lines(txt)][:40]
 
 
 def profile_decode(m, cache, tok, out: str, tag: str, steps=5):
@@ -155,8 +155,9 @@ def variant_probe(m, B: int, variant: dict) -> dict:
     txt = compiled.as_text()
     ms, warm, cache = step_ms(lambda tok, cache: compiled(m.params, tok, cache), cache, tok)
     del cache
-    return dict(step_ms=ms, compile_s=compile_s, variant=variant,
-                wrapped_slices=txt.count("%wrapped_slice") // 2, cublas_calls=txt.count('"__cublas'))
+    counts = hlo_copy_counts(txt)
+    return dict(step_ms=ms, compile_s=compile_s, variant=variant, wrapped_slices=counts["wrapped_slices"],
+                cublas_calls=counts["cublas_calls"])
 
 
 def main(argv=None):

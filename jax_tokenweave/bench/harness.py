@@ -27,6 +27,7 @@ import glob
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -278,6 +279,24 @@ def copy_bandwidth(mib: int = 2048, reps: int = 10) -> dict:
 
 
 # ------------------------------------------------------------------------- profile timeline
+
+# ------------------------------------------------------------------- compiled HLO, read as text
+
+_HLO_COPY = re.compile(r"= \S+ copy(-start)?\(")
+
+
+def hlo_copy_lines(hlo_text: str) -> list[str]:
+    """The copy instructions of an optimized HLO module (which buffers it copies every call)."""
+    return [ln.strip() for ln in hlo_text.splitlines() if _HLO_COPY.search(ln)]
+
+
+def hlo_copy_counts(hlo_text: str) -> dict:
+    """How much an optimized HLO module copies: copy instructions, ``wrapped_slice`` fusions
+    (a slice of a stacked weight materialised, e.g. for a cuBLAS call; each is named twice in
+    the text) and cuBLAS calls."""
+    return dict(copies=len(hlo_copy_lines(hlo_text)), wrapped_slices=hlo_text.count("%wrapped_slice") // 2,
+                cublas_calls=hlo_text.count('"__cublas'))
+
 
 def find_trace(log_dir: str) -> str:
     """The newest trace json.gz that jax.profiler.trace wrote under log_dir."""

@@ -38,7 +38,7 @@ def _pow2_at_most(n: int, cap: int) -> int:
   return b
 
 
-def _plan(m: int, k: int, n: int, block_n, block_k, split_k):
+def _plan(k: int, n: int, block_n, block_k, split_k):
   # 64 x 128 tiles: the fastest on the shape this serves, the 8B o_proj, at 8 and 32 rows (13.1 /
   # 14.6 us per call against 14.8 / 15.6 for 128 x 128; bench/results/layer_matmul_h200.json)
   bn = _pow2_at_most(n, 64) if block_n is None else int(block_n)
@@ -93,8 +93,7 @@ def layer_matmul(x: jax.Array, w: jax.Array, layer, *, block_n=None, block_k=Non
   if layer.size != 1 or not jnp.issubdtype(layer.dtype, jnp.integer):
     raise ValueError(f"layer_matmul: layer must be an integer scalar, got {layer.dtype}"
                      f"{list(layer.shape)}.")
-  m, k = x.shape
-  bn, bk, sk = _plan(m, k, w.shape[2], block_n, block_k, split_k)
+  bn, bk, sk = _plan(x.shape[1], w.shape[2], block_n, block_k, split_k)
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   return _impl(x, w, layer.astype(jnp.int32).reshape(1), bn=bn, bk=bk, sk=sk,
@@ -109,7 +108,6 @@ def _impl(x, w, layer, *, bn, bk, sk, num_warps, num_stages, interpret):
   rows = max(_MIN_ROWS, 1 << max(0, (m - 1).bit_length()))
   ks = k // sk
   out_dtype = x.dtype if sk == 1 else jnp.float32
-  out_block = (None, m, bn)
   out = pl.pallas_call(
       functools.partial(_kernel, rows=rows, m=m, bk=bk, steps=ks // bk),
       grid=(n // bn, sk),
@@ -119,7 +117,7 @@ def _impl(x, w, layer, *, bn, bk, sk, num_warps, num_stages, interpret):
           # all layers, the program's columns: the layer is applied inside (no w[layer] copy)
           pl.BlockSpec((num_layers, k, bn), lambda j, s: (0, 0, j)),
       ],
-      out_specs=pl.BlockSpec(out_block, lambda j, s: (s, 0, j)),
+      out_specs=pl.BlockSpec((None, m, bn), lambda j, s: (s, 0, j)),
       out_shape=jax.ShapeDtypeStruct((sk, m, n), out_dtype),
       interpret=interpret,
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
