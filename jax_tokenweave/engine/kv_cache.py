@@ -26,8 +26,9 @@ from jax_tokenweave.parallel.sharding import cache_kv_heads, cache_spec
 DEFAULT_PAGE_SIZE = 16   # the continuous engine's pages: sequences share the pool page by page
 # The static-batch cache (TPModel.init_cache): each sequence owns a fixed run of pages, so the
 # page size costs no memory there beyond the last page, and the decode kernel reads 64-token pages
-# faster than 16-token ones (bench/results/paged_attention_h200.json: batch 32 x 512 tokens
-# 35.5 us against 63.7 us, batch 8 x 2048 32.2 against 40.9 us).
+# faster than 16-token ones: in the 8B decode step its time went from 354 to 307 us at batch 8
+# and from 1085 to 901 us at batch 32 (bench/results/profile_decode_h200.json, top level against
+# page64_run); alone, 32.2 against 40.9 us at batch 8 x 2048 (paged_attention_h200.json).
 STATIC_PAGE_SIZE = 64
 SCRATCH_PAGE = 0
 
