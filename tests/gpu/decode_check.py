@@ -83,8 +83,7 @@ cfg = get_preset("llama-3.1-8b").replace(num_layers=4)
 mesh = make_mesh(1)
 m = TPModel.random(cfg, mesh, seed=0, dtype=jnp.bfloat16)
 saved = attention.use_kernels
-attention.use_kernels = lambda: False
-m_xla = TPModel(cfg, m.params, mesh)   # its own jit cache, traced with use_kernels off
+m_xla = TPModel(cfg, m.params, mesh)   # its own jit cache: run() traces it with use_kernels off
 prompts = rng.integers(1, cfg.vocab_size, (8, 100)).astype(np.int32)
 lengths = np.array([100, 37, 64, 65, 1, 90, 63, 2], np.int32)
 
