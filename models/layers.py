@@ -164,7 +164,9 @@ class LayerOf:
 
 def out_projection(out: jax.Array, wo) -> jax.Array:
     """o_proj: attention output [B, S, Hl, hd] -> partial [B*S, D]. ``wo`` is the layer's
-    [Hl, hd, D], or ``LayerOf`` the stacked [L, Hl, hd, D] (the unrolled decode step).
+    [Hl, hd, D], or ``LayerOf`` the stacked [L, Hl, hd, D] (the unrolled decode step); then on
+    GPU the partial is the kernel's split-K pieces [S, B*S, D], which the reduction adds itself
+    (collective/reducer.py), so no kernel of its own sums them.
 
     Why LayerOf: XLA:GPU sends this dot in the unrolled decode step to cuBLAS-Lt, which needs its
     weight as a buffer of its own, so each layer's slice was copied every step (a memcpy of
@@ -176,7 +178,8 @@ def out_projection(out: jax.Array, wo) -> jax.Array:
     if isinstance(wo, LayerOf):
         if jax.default_backend() == "gpu":
             L, _, _, D = wo.stacked.shape
-            return layer_matmul(out.reshape(B * S, H * K), wo.stacked.reshape(L, H * K, D), wo.layer)
+            return layer_matmul(out.reshape(B * S, H * K), wo.stacked.reshape(L, H * K, D), wo.layer,
+                                sum_splits=False)
         wo = wo.stacked[wo.layer]
     return jnp.einsum("bshk,hkd->bsd", out, wo).reshape(B * S, -1)
 

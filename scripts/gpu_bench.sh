@@ -79,7 +79,7 @@ for s in ${STAGES//,/ }; do
     decode)     stage decode 420 $PY scripts/bench_decode.py --out "$R/decode" ;;
     serving)    stage serving 430 $PY scripts/bench_serving.py --out "$R/serving" ;;
     layermatmul) stage layermatmul 400 $PY scripts/bench_layer_matmul.py --out "$R/layermatmul" ;;
-    profdecode) stage profdecode 540 $PY scripts/profile_decode.py --out "$R/profdecode" ;;
+    profdecode) stage profdecode 540 $PY scripts/profile_decode.py --out "$R/profdecode" ${PROFDECODE_ARGS:-} ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done

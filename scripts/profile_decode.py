@@ -39,7 +39,14 @@ VARIANTS = {   # how the decode jit is built, timed against the default at each 
     "attn_programs_132": {"target_programs": 132},
     "attn_programs_528": {"target_programs": 528},
     "attn_programs_1056": {"target_programs": 1056},
+    # the decode kernel's Triton launch parameters (default 4 warps, 2 stages)
+    "attn_warps_8": {"attn_warps": 8},
+    "attn_warps_2": {"attn_warps": 2},
+    "attn_stages_3": {"attn_stages": 3},
+    "attn_stages_4": {"attn_stages": 4},
 }
+KERNEL_KNOBS = {"target_programs": "_TARGET_PROGRAMS", "attn_warps": "_DECODE_WARPS",
+                "attn_stages": "_DECODE_STAGES"}   # variant key -> paged_attention global
 
 
 def model_for(name: str):
@@ -135,15 +142,16 @@ def generator_probe(m, out: str, new=64):
 
 def variant_probe(m, B: int, variant: dict) -> dict:
     """The B-row decode step built as `variant` says (XLA compiler options, or the decode
-    kernel's split target): its step time, and how many weight slices it materialises
+    kernel's split target and launch parameters): its step time, and how many weight slices it materialises
     (`wrapped_slice` fusions: copies of a layer's slice of a stacked weight, made for cuBLAS
     calls) and how many cuBLAS calls it makes."""
     import jax
     from jax_tokenweave.kernels import paged_attention
-    options = {k: v for k, v in variant.items() if k != "target_programs"}
+    options = {k: v for k, v in variant.items() if k not in KERNEL_KNOBS}
     cache, tok = decode_setup(m, B)
-    saved = paged_attention._TARGET_PROGRAMS
-    paged_attention._TARGET_PROGRAMS = variant.get("target_programs", saved)   # read while tracing
+    saved = {g: getattr(paged_attention, g) for g in KERNEL_KNOBS.values()}
+    for k, g in KERNEL_KNOBS.items():   # read while tracing
+        setattr(paged_attention, g, variant.get(k, saved[g]))
     try:
         t = time.perf_counter()
         # a new function each time: jax's trace cache would otherwise reuse the default's trace
@@ -151,7 +159,8 @@ def variant_probe(m, B: int, variant: dict) -> dict:
                            compiler_options=options).lower(m.params, tok, cache).compile()
         compile_s = time.perf_counter() - t
     finally:
-        paged_attention._TARGET_PROGRAMS = saved
+        for g, v in saved.items():
+            setattr(paged_attention, g, v)
     txt = compiled.as_text()
     ms, warm, cache = step_ms(lambda tok, cache: compiled(m.params, tok, cache), cache, tok)
     del cache

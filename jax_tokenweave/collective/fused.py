@@ -5,14 +5,15 @@ Contract (TokenWeave's "RMSNorm reordering"): called inside ``shard_map`` over `
 rank r *owns* global rows ``[r*R, r*R + R)`` (rows past T are padding). The residual stream is
 kept sharded by token rows: each rank only ever holds its own R rows of it.
 
-    partial   [T, D]  this rank's partial sum (e.g. output of a row-parallel matmul), all T rows
+    partial   [T, D]  this rank's partial sum (e.g. output of a row-parallel matmul), all T rows;
+              or [S, T, D]: S pieces of it (a split-K matmul's fp32 pieces), added in fp32 first
     residual  [R, D]  this rank's rows of the residual stream
     gamma     [D]     RMSNorm weight, replicated
 
     s            = sum over ranks of partial          (fp32 accumulation)
     residual_out = residual + s[own rows]             [R, D], residual.dtype; padding rows keep
                                                       the input residual unchanged
-    normed       = rmsnorm(residual_out) * gamma      [T, D], partial.dtype, every row, identical
+    normed       = rmsnorm(residual_out) * gamma      [T, D], residual.dtype, every row, identical
                                                       on every rank (the owner normalises a row,
                                                       the others receive it)
 
@@ -25,6 +26,8 @@ Implementations, picked by ``impl``:
   ``p2p``       CUDA kernel over NVLink peer memory (needs the compiled extension and a Communicator).
   ``multimem``  CUDA kernel on an NVLS multicast object. Opt-in only.
   ``auto``      ``p2p`` where the measured table says it beats ``xla``, else ``xla``.
+At one rank there is nothing to all-reduce: ``xla`` and ``auto`` are then, on GPU, one Pallas
+kernel (kernels/add_rmsnorm.py) instead of XLA's two (the add, the norm).
 
 Asynchronous form (for overlap, see weave.py): ``fused_allreduce_rmsnorm_start`` returns a
 ``Pending`` handle, ``fused_allreduce_rmsnorm_done(pending, after=...)`` its two results. With the
@@ -41,6 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_tokenweave.compat import axis_size
+from jax_tokenweave.kernels.add_rmsnorm import add_rmsnorm
 
 IMPLS = ("xla", "p2p", "multimem", "auto")
 _FLOAT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
@@ -92,10 +96,11 @@ def rmsnorm(x: jax.Array, gamma: jax.Array, eps: float) -> jax.Array:
 
 def check_args(partial: jax.Array, residual: jax.Array, gamma: jax.Array, num_ranks: int) -> None:
     """Raise a ValueError that names the problem and the fix, for any argument off the contract."""
-    if partial.ndim != 2:
-        raise ValueError(f"fused_allreduce_rmsnorm: partial must be [tokens, hidden], got shape "
-                         f"{partial.shape}; flatten batch and sequence dims first (x.reshape(-1, D))")
-    T, D = partial.shape
+    if partial.ndim not in (2, 3):
+        raise ValueError(f"fused_allreduce_rmsnorm: partial must be [tokens, hidden] (or [pieces, "
+                         f"tokens, hidden]), got shape {partial.shape}; flatten batch and sequence dims "
+                         f"first (x.reshape(-1, D))")
+    T, D = partial.shape[-2:]
     R = rows_per_rank(T, num_ranks)
     if residual.shape != (R, D):
         raise ValueError(f"fused_allreduce_rmsnorm: residual must hold this rank's {R} token rows "
@@ -109,9 +114,19 @@ def check_args(partial: jax.Array, residual: jax.Array, gamma: jax.Array, num_ra
         if a.dtype not in _FLOAT_DTYPES:
             raise ValueError(f"fused_allreduce_rmsnorm: {name} has dtype {a.dtype}; use bfloat16, "
                              f"float16 or float32")
-    if partial.dtype != residual.dtype:
+    if partial.ndim == 2 and partial.dtype != residual.dtype:
         raise ValueError(f"fused_allreduce_rmsnorm: partial ({partial.dtype}) and residual "
                          f"({residual.dtype}) must share a dtype; cast one of them")
+
+
+def one_rank_kernel() -> bool:
+    """Whether a one-rank ``xla``/``auto`` call runs kernels.add_rmsnorm (on GPU; elsewhere XLA)."""
+    return jax.default_backend() == "gpu"
+
+
+def sum_pieces(partial: jax.Array, dtype) -> jax.Array:
+    """A [S, T, D] stack of pieces as one [T, D] partial (fp32 sum, then ``dtype``)."""
+    return partial if partial.ndim == 2 else partial.astype(jnp.float32).sum(0).astype(dtype)
 
 
 def fused_allreduce_rmsnorm(partial: jax.Array, residual: jax.Array, gamma: jax.Array, *,
@@ -123,6 +138,9 @@ def fused_allreduce_rmsnorm(partial: jax.Array, residual: jax.Array, gamma: jax.
         raise ValueError(f"fused_allreduce_rmsnorm: impl={impl!r} is unknown; choose one of {IMPLS}")
     n = axis_size(axis_name)
     check_args(partial, residual, gamma, n)
+    if n == 1 and impl in ("xla", "auto") and one_rank_kernel():
+        return add_rmsnorm(partial, residual, gamma, eps=eps)
+    partial = sum_pieces(partial, residual.dtype)
     impl = _resolve_impl(impl, partial, n)
     if impl == "xla":
         return _xla_impl(partial, residual, gamma, axis_name=axis_name, eps=eps, num_ranks=n)
@@ -148,6 +166,9 @@ def fused_allreduce_rmsnorm_start(partial, residual, gamma, *, axis_name: str = 
     device apart (one per token half); ``ctas`` overrides the communicator's CTA count."""
     n = axis_size(axis_name)
     check_args(partial, residual, gamma, n)
+    if n == 1 and impl in ("xla", "auto") and one_rank_kernel():
+        return Pending(*add_rmsnorm(partial, residual, gamma, eps=eps))
+    partial = sum_pieces(partial, residual.dtype)
     impl = _resolve_impl(impl, partial, n)
     if impl in _START_REGISTRY:
         return _START_REGISTRY[impl](partial, residual, gamma, axis_name=axis_name, eps=eps,

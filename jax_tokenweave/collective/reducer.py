@@ -1,5 +1,6 @@
 """The per-sublayer tensor-parallel reduction, as one callable the layer functions take
-(``models/layers.py``): ``(partial [T, D], residual, gamma) -> (normed [T, D], residual)``.
+(``models/layers.py``): ``(partial [T, D], residual, gamma) -> (normed [T, D], residual)``;
+partial may also be a [S, T, D] stack of split-K pieces (layers.out_projection's on GPU).
 
     fused   fused_allreduce_rmsnorm: the residual stays sharded by token rows ([R, D],
             R = rows_per_rank(T, N), see fused.py). What the model runs.
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_tokenweave.collective.fused import (Pending, fused_allreduce_rmsnorm, fused_allreduce_rmsnorm_start,
-                                             rmsnorm, rows_per_rank)
+                                             rmsnorm, rows_per_rank, sum_pieces)
 from jax_tokenweave.compat import axis_size
 
 CUSTOM_CALL_IMPLS = ("p2p", "auto", "multimem")
@@ -47,6 +48,7 @@ class Reducer:
         if self.kind == "fused":
             return fused_allreduce_rmsnorm(partial, residual, gamma, axis_name=self.axis_name,
                                            eps=self.eps, impl=self.impl, comm=self.comm)
+        partial = sum_pieces(partial, residual.dtype)
         s = jax.lax.psum(partial, self.axis_name) if self.kind == "psum" else partial
         h = residual + s
         return rmsnorm(h, gamma, self.eps).astype(partial.dtype), h

@@ -9,7 +9,9 @@ as the paged attention kernels take theirs) and offsets its loads itself, so not
 Shape of the kernel (decode GEMV: a few rows, a weight streamed once): grid (N / block_n,
 split_k). Program (n, s) accumulates ``x[:, ks] @ w[layer, ks, n-block]`` over its share ks of
 K in fp32 on the tensor cores (rows padded to 16 by masked loads: Triton's dot wants M >= 16);
-split_k > 1 writes fp32 partials [split_k, M, N] that XLA sums (fused into the consumer).
+split_k > 1 writes fp32 pieces [split_k, M, N]: XLA sums them, or with ``sum_splits=False``
+the consumer does (the one-rank fused reduction, kernels/add_rmsnorm.py, adds them to the
+residual in the same pass).
 split_k is chosen so that about two programs per SM stream the weight.
 
 Lowering: Pallas' Triton backend on GPU, interpret mode elsewhere (how CI tests it).
@@ -23,6 +25,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
+
+from jax_tokenweave.kernels.vma import most_varying_mat, out_struct
 
 __all__ = ["layer_matmul", "layer_matmul_reference"]
 
@@ -77,8 +81,10 @@ def _kernel(layer_ref, x_ref, w_ref, o_ref, *, rows, m, bk, steps):
 
 
 def layer_matmul(x: jax.Array, w: jax.Array, layer, *, block_n=None, block_k=None, split_k=None,
-                 num_warps: int = 4, num_stages: int = 3, interpret=None) -> jax.Array:
-  """x [M, K] @ w[layer] for stacked w [L, K, N] -> [M, N] in x's dtype (fp32 accumulation).
+                 num_warps: int = 4, num_stages: int = 3, sum_splits: bool = True,
+                 interpret=None) -> jax.Array:
+  """x [M, K] @ w[layer] for stacked w [L, K, N] -> [M, N] in x's dtype (fp32 accumulation);
+  with sum_splits=False the [split_k, M, N] pieces (fp32 when split_k > 1) whose sum that is.
 
   layer: integer scalar, may be traced. Reads only w[layer], in place. Meant for few rows
   (decode); M up to a few hundred works but re-reads nothing, so it gains nothing there.
@@ -96,8 +102,11 @@ def layer_matmul(x: jax.Array, w: jax.Array, layer, *, block_n=None, block_k=Non
   bn, bk, sk = _plan(x.shape[1], w.shape[2], block_n, block_k, split_k)
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
-  return _impl(x, w, layer.astype(jnp.int32).reshape(1), bn=bn, bk=bk, sk=sk,
-               num_warps=int(num_warps), num_stages=int(num_stages), interpret=bool(interpret))
+  pieces = _impl(x, w, layer.astype(jnp.int32).reshape(1), bn=bn, bk=bk, sk=sk,
+                 num_warps=int(num_warps), num_stages=int(num_stages), interpret=bool(interpret))
+  if not sum_splits:
+    return pieces
+  return pieces[0] if sk == 1 else pieces.sum(axis=0).astype(x.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("bn", "bk", "sk", "num_warps", "num_stages",
@@ -108,7 +117,7 @@ def _impl(x, w, layer, *, bn, bk, sk, num_warps, num_stages, interpret):
   rows = max(_MIN_ROWS, 1 << max(0, (m - 1).bit_length()))
   ks = k // sk
   out_dtype = x.dtype if sk == 1 else jnp.float32
-  out = pl.pallas_call(
+  return pl.pallas_call(
       functools.partial(_kernel, rows=rows, m=m, bk=bk, steps=ks // bk),
       grid=(n // bn, sk),
       in_specs=[
@@ -118,12 +127,11 @@ def _impl(x, w, layer, *, bn, bk, sk, num_warps, num_stages, interpret):
           pl.BlockSpec((num_layers, k, bn), lambda j, s: (0, 0, j)),
       ],
       out_specs=pl.BlockSpec((None, m, bn), lambda j, s: (s, 0, j)),
-      out_shape=jax.ShapeDtypeStruct((sk, m, n), out_dtype),
+      out_shape=out_struct((sk, m, n), out_dtype, most_varying_mat(x, w)),
       interpret=interpret,
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       name=f"layer_matmul_n{bn}_k{bk}_s{sk}",
   )(layer, x, w)
-  return out[0] if sk == 1 else out.sum(axis=0).astype(x.dtype)
 
 
 def layer_matmul_reference(x: jax.Array, w: jax.Array, layer) -> jax.Array:

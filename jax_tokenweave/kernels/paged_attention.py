@@ -53,7 +53,7 @@ of 560 tokens in a capacity of 8192 still spreads over several SMs). ``pages_per
 static count) overrides this with fixed boundaries ``[s * pps, (s + 1) * pps)``, and
 ``num_splits`` fixes the count. With a single split the kernel normalises and writes the output
 itself; otherwise each program writes its partial (unnormalised o, running max m, sum l, fp32)
-and a small XLA combine reduces over the splits.
+and a second small kernel (one program per sequence and kv head) combines the splits.
 
 The ragged kernel's grid is (query block, kv head): query blocks of BQ rows of one sequence
 (BQ * G_pad >= 64 matrix rows, G_pad = G rounded up to a power of two), enumerated in XLA from
@@ -64,7 +64,7 @@ causal limit; KV blocks that every row of the block sees in full skip the maskin
 kernel does not split along the KV axis: pure-decode batches with long contexts belong to
 ``paged_decode_attention``.
 
-Imports: jax, numpy and the standard library only.
+Imports: jax, numpy, the standard library and kernels.vma.
 """
 
 from __future__ import annotations
@@ -79,6 +79,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from jax_tokenweave.kernels.vma import most_varying_mat, out_struct
+
 __all__ = [
     "paged_decode_attention",
     "ragged_paged_attention",
@@ -92,6 +94,10 @@ _TARGET_PROGRAMS = 2 * _NUM_SMS
 _MIN_SPLIT_TOKENS = 128
 # Default KV tokens per inner-loop step (``block_k // page_size`` pages loaded per step).
 _DEFAULT_BLOCK_K = 64
+# The decode kernel's Triton launch parameters (read at trace time: scripts/profile_decode.py's
+# variants change them).
+_DECODE_WARPS = 4
+_DECODE_STAGES = 2
 # Default number of matrix rows (query rows x padded q heads of a group) of a ragged query block.
 _DEFAULT_RAGGED_ROWS = 64
 _NEG = -1e30  # finite "minus infinity": exp2(_NEG - m) == 0 and _NEG - _NEG is no NaN
@@ -192,26 +198,6 @@ def _pages_per_block(page_size: int, block_k: int | None, max_pages: int) -> int
   while ppb > max_pages:
     ppb //= 2
   return ppb
-
-
-def _most_varying_mat(*xs):
-  """The manual-axis type (shard_map with check_vma) of the most varying input, or None."""
-  best = None
-  for x in xs:
-    mat = getattr(jax.typeof(x), "mat", None)
-    if mat is not None and (best is None or len(getattr(mat, "varying", ()))
-                            > len(getattr(best, "varying", ()))):
-      best = mat
-  return best
-
-
-def _out_struct(shape, dtype, mat):
-  if mat is not None:
-    try:
-      return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
-    except TypeError:  # a jax without manual axis types
-      pass
-  return jax.ShapeDtypeStruct(shape, dtype)
 
 
 def _needs_plain(interpret, mat):
@@ -420,7 +406,7 @@ def _decode_kernel(layer_ref, len_ref, bt_ref, q_ref, *refs, group, rows, ppb, m
 
 def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, layer, *, scale=None,
                            pages_per_split=None, interpret=None, num_splits=None, block_k=None,
-                           kv_gather=None, num_warps=4, num_stages=2, new_kv=None):
+                           kv_gather=None, num_warps=None, num_stages=None, new_kv=None):
   """Flash-decoding attention of one query per sequence over its pages of layer ``layer``.
 
   q [B, H, hd]; k_pool, v_pool [L, KVH, num_pages, page_size, hd]; block_tables int32
@@ -480,8 +466,9 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, layer, *, s
   gather = _resolve_gather(kv_gather, page_size, fn)
   return _decode_impl(q, k_pool, v_pool, block_tables, lengths, layer_arr, new_kv, group=group,
                       rows=rows, ppb=ppb, ns=ns, static_pps=static_pps, scale=scale,
-                      interpret=interpret, gather=gather, num_warps=int(num_warps),
-                      num_stages=int(num_stages))
+                      interpret=interpret, gather=gather,
+                      num_warps=int(num_warps or _DECODE_WARPS),
+                      num_stages=int(num_stages or _DECODE_STAGES))
 
 
 @functools.partial(jax.jit, static_argnames=("group", "rows", "ppb", "ns", "static_pps", "scale",
@@ -492,7 +479,7 @@ def _decode_impl(q, k_pool, v_pool, block_tables, lengths, layer_arr, new_kv, *,
   batch, heads, _ = q.shape
   max_pages = block_tables.shape[1]
   layer_arr = layer_arr.astype(jnp.int32).reshape(1)
-  mat = _most_varying_mat(q, k_pool, v_pool, block_tables, lengths)
+  mat = most_varying_mat(q, k_pool, v_pool, block_tables, lengths)
   pad = _needs_plain(interpret, mat)
   qg = q.reshape(batch, kvh, group, head_dim)
   gq = group
@@ -519,13 +506,13 @@ def _decode_impl(q, k_pool, v_pool, block_tables, lengths, layer_arr, new_kv, *,
   in_specs += [pool_spec, pool_spec]
   args += [k_pool, v_pool]
   if ns == 1:
-    out_shape = _out_struct((batch, kvh, gq, head_dim), q.dtype, mat)
+    out_shape = out_struct((batch, kvh, gq, head_dim), q.dtype, mat)
     out_specs = pl.BlockSpec((None, None, gq, head_dim), lambda b, h, s: (b, h, 0, 0))
   else:
     out_shape = (
-        _out_struct((batch, kvh, ns, gq, head_dim), jnp.float32, mat),
-        _out_struct((batch, kvh, ns, gq), jnp.float32, mat),
-        _out_struct((batch, kvh, ns, gq), jnp.float32, mat),
+        out_struct((batch, kvh, ns, gq, head_dim), jnp.float32, mat),
+        out_struct((batch, kvh, ns, gq), jnp.float32, mat),
+        out_struct((batch, kvh, ns, gq), jnp.float32, mat),
     )
     out_specs = (
         pl.BlockSpec((None, None, None, gq, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
@@ -537,7 +524,7 @@ def _decode_impl(q, k_pool, v_pool, block_tables, lengths, layer_arr, new_kv, *,
   aliases = {}
   if new_kv is not None:   # the pools come back as outputs, updated in place
     aliases = {len(args) - 2: len(out_shape), len(args) - 1: len(out_shape) + 1}
-    out_shape += (_out_struct(k_pool.shape, k_pool.dtype, mat),) * 2
+    out_shape += (out_struct(k_pool.shape, k_pool.dtype, mat),) * 2
     out_specs += (pool_spec, pool_spec)
   out = pl.pallas_call(
       kernel,
@@ -552,16 +539,48 @@ def _decode_impl(q, k_pool, v_pool, block_tables, lengths, layer_arr, new_kv, *,
   )(*args)
   pools = tuple(out[-2:]) if new_kv is not None else ()
   out = out[:-2] if new_kv is not None else out
-  if ns == 1:
-    o = out[0][:, :, :group].reshape(batch, heads, head_dim)
-  else:
-    o_part, m_part, l_part = (x[:, :, :, :group] for x in out)
-    m_max = jnp.max(m_part, axis=2, keepdims=True)
-    w = jnp.exp2(m_part - m_max)
-    l_tot = jnp.sum(w * l_part, axis=2)
-    o = jnp.sum(w[..., None] * o_part, axis=2) / jnp.where(l_tot > 0, l_tot, 1.0)[..., None]
-    o = o.astype(q.dtype).reshape(batch, heads, head_dim)
+  o = out[0] if ns == 1 else _combine_splits(*out, group=group, dtype=q.dtype, mat=mat,
+                                              plain=pad, interpret=interpret)
+  o = o[:, :, :group].reshape(batch, heads, head_dim)
   return (o,) + pools if pools else o
+
+
+def _combine_kernel(o_ref, m_ref, l_ref, out_ref, *, group, gq, rows, num_splits, plain):
+  # the splits' partial softmaxes rescaled to their common max: o = sum_s 2^(m_s - m) o_s / l.
+  # Split s holds rows [s * gq, s * gq + group) of the flattened refs (static offsets).
+  row_ok = jnp.arange(rows, dtype=jnp.int32) < group
+  ms = [_masked_load(m_ref.at[pl.ds(s * gq, rows)], row_ok, plain) for s in range(num_splits)]
+  m_max = functools.reduce(jnp.maximum, ms)
+  acc = jnp.zeros((rows, o_ref.shape[-1]), jnp.float32)
+  l_tot = jnp.zeros((rows,), jnp.float32)
+  for s in range(num_splits):
+    w = jnp.exp2(ms[s] - m_max)   # empty splits hold m = _NEG, l = 0, o = 0: weight 0
+    l_tot = l_tot + w * _masked_load(l_ref.at[pl.ds(s * gq, rows)], row_ok, plain)
+    acc = acc + w[:, None] * _masked_load(o_ref.at[pl.ds(s * gq, rows)], row_ok[:, None], plain)
+  out = acc / jnp.where(l_tot > 0, l_tot, 1.0)[:, None]
+  _masked_store(out_ref.at[pl.ds(0, rows)], out.astype(out_ref.dtype), row_ok[:, None], plain)
+
+
+def _combine_splits(o_part, m_part, l_part, *, group, dtype, mat, plain, interpret):
+  """[B, KVH, ns, gq, hd] partials (+ m, l [B, KVH, ns, gq]) -> [B, KVH, gq, hd] in ``dtype``:
+  one kernel for what XLA ran as three (max, weighted sum, divide; ~4.4 us per layer at batch
+  1 on the H200, bench/results/profile_decode_h200.json)."""
+  batch, kvh, ns, gq, head_dim = o_part.shape
+  rows = _next_pow2(gq)
+  flat = ns * gq
+  return pl.pallas_call(
+      functools.partial(_combine_kernel, group=group, gq=gq, rows=rows, num_splits=ns, plain=plain),
+      grid=(batch, kvh),
+      in_specs=[pl.BlockSpec((None, None, flat, head_dim), lambda b, h: (b, h, 0, 0)),
+                pl.BlockSpec((None, None, flat), lambda b, h: (b, h, 0)),
+                pl.BlockSpec((None, None, flat), lambda b, h: (b, h, 0))],
+      out_specs=pl.BlockSpec((None, None, gq, head_dim), lambda b, h: (b, h, 0, 0)),
+      out_shape=out_struct((batch, kvh, gq, head_dim), dtype, mat),
+      interpret=interpret,
+      compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+      name=f"paged_decode_combine_s{ns}",
+  )(o_part.reshape(batch, kvh, flat, head_dim), m_part.reshape(batch, kvh, flat),
+    l_part.reshape(batch, kvh, flat))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -716,7 +735,7 @@ def _ragged_impl(q, k_pool, v_pool, block_tables, context_lens, query_start, num
   s_slots, max_pages = block_tables.shape
   layer_arr = layer_arr.astype(jnp.int32).reshape(1)
   meta, nb = _ragged_block_table(query_start, num_seqs, num_rows, s_slots, bq)
-  mat = _most_varying_mat(q, k_pool, v_pool, block_tables, context_lens, query_start)
+  mat = most_varying_mat(q, k_pool, v_pool, block_tables, context_lens, query_start)
   pad = _needs_plain(interpret, mat)  # see _decode_impl
   qg = q.reshape(num_rows, kvh, group, head_dim)
   rows_p, gq, bt = num_rows, group, block_tables
@@ -742,7 +761,7 @@ def _ragged_impl(q, k_pool, v_pool, block_tables, context_lens, query_start, num
           pool_spec,
       ],
       out_specs=pl.BlockSpec((rows_p, None, gq, head_dim), lambda i, h: (0, h, 0, 0)),
-      out_shape=_out_struct((rows_p, kvh, gq, head_dim), q.dtype, mat),
+      out_shape=out_struct((rows_p, kvh, gq, head_dim), q.dtype, mat),
       interpret=interpret,
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       name=f"ragged_paged_attention_bq{bq}_bk{ppb * page_size}",

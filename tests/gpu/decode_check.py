@@ -4,10 +4,13 @@ shapes (32 q / 8 kv heads, hd 128, bf16), against their XLA references:
   1. kernels.paged_decode_attention with new_kv (the new token's K/V written in place) at batch
      1 / 8 / 32, pages of 16 and 64, ragged lengths incl. 1 and page boundaries: output max |err|
      and the pools (bit-exact against XLA's scatter);
+     (every batch here splits the sequences, so the split-combine kernel runs too);
   2. kernels.layer_matmul on the 8B o_proj (32 stacked layers) at 8 and 32 rows;
-  3. TPModel.decode of a 4-layer 8B-width random model for 6 steps with the attention kernel
-     against the same model with engine.attention.use_kernels off (XLA's scatter + the reference
-     attention): logits and greedy tokens.
+  3. kernels.add_rmsnorm (the one-rank fused reduction) at 1 / 8 / 32 / 4096 rows of 4096, one
+     bf16 partial or 8 fp32 split-K pieces;
+  4. TPModel.decode of a 4-layer 8B-width random model for 6 steps with the kernels against the
+     same model with engine.attention.use_kernels and collective.fused.one_rank_kernel off
+     (XLA's scatter, the reference attention, XLA's add + RMSNorm): logits and greedy tokens.
 
 Prints one line per case and 'ALL OK' (exit 1 otherwise).
 
@@ -24,7 +27,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from jax_tokenweave.collective import fused  # noqa: E402
 from jax_tokenweave.engine import attention  # noqa: E402
+from jax_tokenweave.kernels.add_rmsnorm import add_rmsnorm, add_rmsnorm_reference  # noqa: E402
 from jax_tokenweave.engine.runner import TPModel, to_host  # noqa: E402
 from jax_tokenweave.kernels import paged_attention as pa  # noqa: E402
 from jax_tokenweave.kernels.layer_matmul import layer_matmul, layer_matmul_reference  # noqa: E402
@@ -78,18 +83,30 @@ for M in (8, 32):
         report(f"layer_matmul M{M} layer {layer}", rel < 1e-2, f"max|err| / max|ref| {rel:.2e}")
 del w
 
-# 3. the decode step, kernels against the XLA path
+# 3. add_rmsnorm
+for T in (1, 8, 32, 4096):
+    for pieces, pdt in ((1, jnp.bfloat16), (8, jnp.float32)):
+        parts, res, g = normal((pieces, T, 4096), pdt), 3 * normal((T, 4096)), 1 + 0.2 * normal((4096,))
+        got = jax.jit(lambda p, r, g: add_rmsnorm(p, r, g, eps=1e-5))(parts, res, g)
+        want = add_rmsnorm_reference(parts, res, g, eps=1e-5)
+        errs = [float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))
+                              / (1 + jnp.abs(b.astype(jnp.float32))))) for a, b in zip(got, want)]
+        # one bf16 ulp where fp32 sums in another order round the other way
+        report(f"add_rmsnorm T{T} pieces {pieces}", max(errs) <= 2 ** -7,
+               f"max rel err normed {errs[0]:.2e}, residual {errs[1]:.2e}")
+
+# 4. the decode step, kernels against the XLA path
 cfg = get_preset("llama-3.1-8b").replace(num_layers=4)
 mesh = make_mesh(1)
 m = TPModel.random(cfg, mesh, seed=0, dtype=jnp.bfloat16)
-saved = attention.use_kernels
+saved = attention.use_kernels, fused.one_rank_kernel
 m_xla = TPModel(cfg, m.params, mesh)   # its own jit cache: run() traces it with use_kernels off
 prompts = rng.integers(1, cfg.vocab_size, (8, 100)).astype(np.int32)
 lengths = np.array([100, 37, 64, 65, 1, 90, 63, 2], np.int32)
 
 
 def run(model, kernels_on):
-    attention.use_kernels = (lambda: True) if kernels_on else (lambda: False)
+    attention.use_kernels = fused.one_rank_kernel = (lambda: kernels_on)
     cache = model.init_cache(8, 256)
     logits, cache = model.prefill(prompts, lengths, cache)
     out, toks = [], []
@@ -103,7 +120,7 @@ def run(model, kernels_on):
 
 got, got_toks = run(m, True)
 ref, ref_toks = run(m_xla, False)
-attention.use_kernels = saved
+attention.use_kernels, fused.one_rank_kernel = saved
 rel = float(np.abs(got - ref).max() / np.abs(ref).max())
 same = float((got_toks == ref_toks).mean())
 report("TPModel.decode kernels vs XLA path (4 layers, 6 steps, batch 8)", rel < 3e-2 and same >= 0.9,
