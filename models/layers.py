@@ -33,6 +33,7 @@ import numpy as np
 
 from jax_tokenweave.compat import axis_size
 from jax_tokenweave.kernels.layer_matmul import layer_matmul
+from jax_tokenweave.kernels.layer_of import LayerOf
 from jax_tokenweave.models.config import ModelConfig
 from jax_tokenweave.models.moe import moe_ffn
 
@@ -154,14 +155,6 @@ def causal_attention(q, k, v, impl: str = "xla", prefix_kv=None):
                                         implementation="xla")
 
 
-@dataclasses.dataclass(frozen=True)
-class LayerOf:
-    """Layer ``layer`` (an int32 scalar, may be traced) of a stacked weight [L, ...], to be read
-    in place rather than sliced out first (see out_projection)."""
-    stacked: jax.Array
-    layer: jax.Array
-
-
 def out_projection(out: jax.Array, wo) -> jax.Array:
     """o_proj: attention output [B, S, Hl, hd] -> partial [B*S, D]. ``wo`` is the layer's
     [Hl, hd, D], or ``LayerOf`` the stacked [L, Hl, hd, D] (the unrolled decode step); then on
@@ -180,7 +173,7 @@ def out_projection(out: jax.Array, wo) -> jax.Array:
             L, _, _, D = wo.stacked.shape
             return layer_matmul(out.reshape(B * S, H * K), wo.stacked.reshape(L, H * K, D), wo.layer,
                                 sum_splits=False)
-        wo = wo.stacked[wo.layer]
+        wo = wo.slice()
     return jnp.einsum("bshk,hkd->bsd", out, wo).reshape(B * S, -1)
 
 
@@ -194,10 +187,18 @@ def attention_block(w, x: jax.Array, rope, spec: LayerSpec, attend: Callable):
 # ---------------------------------------------------------------------------------------- FFN
 
 def dense_ffn(w, x: jax.Array) -> jax.Array:
-    """SwiGLU, x [T, D] normed -> down_proj partial [T, D] (column- then row-parallel)."""
+    """SwiGLU, x [T, D] normed -> down_proj partial [T, D] (column- then row-parallel).
+    With ``LayerOf`` the stacked down_proj (the unrolled decode step) on GPU: kernels.layer_matmul
+    forms silu(gate) * up itself and returns its split-K pieces [S, T, D] for the reduction
+    (see out_projection)."""
     gate = jnp.einsum("td,df->tf", x, w["mlp.gate_proj.kernel"])
     up = jnp.einsum("td,df->tf", x, w["mlp.up_proj.kernel"])
-    return jnp.einsum("tf,fd->td", jax.nn.silu(gate) * up, w["mlp.down_proj.kernel"])
+    wd = w["mlp.down_proj.kernel"]
+    if isinstance(wd, LayerOf):
+        if jax.default_backend() == "gpu":
+            return layer_matmul(up, wd.stacked, wd.layer, gate=gate, sum_splits=False)
+        wd = wd.slice()
+    return jnp.einsum("tf,fd->td", jax.nn.silu(gate) * up, wd)
 
 
 def ffn_block(w, x: jax.Array, spec: LayerSpec) -> jax.Array:

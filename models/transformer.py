@@ -22,11 +22,13 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from jax_tokenweave.kernels.layer_of import LayerOf
 from jax_tokenweave.models import layers
 from jax_tokenweave.models.layers import LayerSpec
 
 LAYER_PREFIX = "layers."
-O_PROJ = "attn.o_proj.kernel"
+# the layer weights the unrolled decode step hands to kernels whole (see forward's unroll)
+IN_PLACE = ("attn.o_proj.kernel", "mlp.down_proj.kernel", "post_attn_norm.weight")
 
 
 def layer_weights(weights: dict) -> dict:
@@ -52,27 +54,32 @@ def forward(weights: dict, tokens: jax.Array, positions: jax.Array, *, spec: Lay
 
     unroll: emit the layers one after another instead of a loop. For memory-bound decode steps:
     inside the loop XLA on GPU copies each layer's weight slice before its GEMMs (measured on an
-    H200: 6.5 of an 11.8 ms 8B decode step were those copies; unrolled, 6.2 ms). Unrolled, the
-    other GEMMs read their slices in place, but o_proj's still was copied, so it is handed to the
-    layer as layers.LayerOf the stacked weight. Compute-bound steps (prefill, mixed batches) keep
-    the loop, whose compile time does not grow with depth."""
+    H200: 6.5 of an 11.8 ms 8B decode step were those copies; unrolled, 6.2 ms). Unrolled, XLA's
+    GEMMs read their slices in place, but a slice that feeds a custom call is still copied, so
+    the weights that go to kernels (o_proj, down_proj, the norms of the reductions) are handed
+    to the layer as LayerOf the stacked array (kernels/layer_of.py). Compute-bound steps
+    (prefill, mixed batches) keep the loop, whose compile time does not grow with depth."""
     B, S = tokens.shape
     stacked = layer_weights(weights)
     with jax.named_scope("embed"):
         partial = layers.embed(weights["embed_tokens.embedding"], tokens.reshape(B * S), spec.axis_name)
     D = partial.shape[-1]
     with jax.named_scope("reduce_embed"):
-        x, residual = reduce(partial, reduce.init(B * S, D, partial.dtype),
-                             stacked["input_norm.weight"][0])
+        first_norm = stacked["input_norm.weight"]
+        first_norm = LayerOf(first_norm, jnp.int32(0)) if unroll else first_norm[0]
+        x, residual = reduce(partial, reduce.init(B * S, D, partial.dtype), first_norm)
     rope = layers.rope_cos_sin(positions, inv_freq)
 
-    # The unrolled (decode) step reads o_proj from the stacked weight in place (layers.LayerOf).
-    in_place = {O_PROJ} if unroll else set()
+    # The unrolled (decode) step reads these from the stacked weights in place (LayerOf).
+    in_place = {k for k in IN_PLACE if k in stacked} if unroll else set()
+    norms = next_norms(stacked, weights["final_norm.weight"])
 
     def body(carry, xs):
         x, residual, cache = carry
         w, next_norm, i = xs
-        w = dict(w, **{k: layers.LayerOf(stacked[k], i) for k in in_place})
+        w = dict(w, **{k: LayerOf(stacked[k], i) for k in in_place})
+        if unroll:
+            next_norm = LayerOf(norms, i)
 
         def attend_layer(q, k, v):
             return attend(q, k, v, cache, i)
@@ -82,7 +89,7 @@ def forward(weights: dict, tokens: jax.Array, positions: jax.Array, *, spec: Lay
 
     L = stacked["input_norm.weight"].shape[0]
     sliced = {k: v for k, v in stacked.items() if k not in in_place}
-    xs = (sliced, next_norms(stacked, weights["final_norm.weight"]), jnp.arange(L, dtype=jnp.int32))
+    xs = (sliced, norms, jnp.arange(L, dtype=jnp.int32))
     with jax.named_scope("layers"):
         (x, _, cache), _ = jax.lax.scan(body, (x.reshape(B, S, D), residual, cache), xs,
                                         unroll=L if unroll else 1)

@@ -112,3 +112,17 @@ def test_reducers_take_split_k_pieces(kind):
     want = run(parts.sum(0))
     for x, y in zip(got, want):
         _close(x, y, jnp.float32)
+
+
+def test_stacked_gamma_read_in_place():
+    """gamma as LayerOf a stacked [L, D] (the unrolled decode step's norms): row `layer` is used."""
+    from jax_tokenweave.kernels.layer_of import LayerOf
+    parts, residual, _ = _data(2, 3, 128, jnp.float32, jnp.bfloat16, seed=5)
+    gammas = (1 + 0.3 * jax.random.normal(jax.random.PRNGKey(6), (4, 128), jnp.float32)).astype(jnp.bfloat16)
+    for layer in (0, 3):
+        got = add_rmsnorm(parts, residual, LayerOf(gammas, jnp.int32(layer)), eps=1e-5, interpret=True)
+        want = add_rmsnorm_reference(parts, residual, gammas[layer], eps=1e-5)
+        for x, y in zip(got, want):
+            _close(x, y, jnp.bfloat16)
+    other = add_rmsnorm_reference(parts, residual, gammas[1], eps=1e-5)[0]
+    assert not np.allclose(np.asarray(got[0], np.float32), np.asarray(other, np.float32), **TOL[jnp.bfloat16])

@@ -8,7 +8,7 @@ kept sharded by token rows: each rank only ever holds its own R rows of it.
     partial   [T, D]  this rank's partial sum (e.g. output of a row-parallel matmul), all T rows;
               or [S, T, D]: S pieces of it (a split-K matmul's fp32 pieces), added in fp32 first
     residual  [R, D]  this rank's rows of the residual stream
-    gamma     [D]     RMSNorm weight, replicated
+    gamma     [D]     RMSNorm weight, replicated (or kernels.layer_of.LayerOf a stacked [L, D])
 
     s            = sum over ranks of partial          (fp32 accumulation)
     residual_out = residual + s[own rows]             [R, D], residual.dtype; padding rows keep
@@ -45,6 +45,7 @@ import jax.numpy as jnp
 
 from jax_tokenweave.compat import axis_size
 from jax_tokenweave.kernels.add_rmsnorm import add_rmsnorm
+from jax_tokenweave.kernels.layer_of import resolve
 
 IMPLS = ("xla", "p2p", "multimem", "auto")
 _FLOAT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
@@ -140,7 +141,7 @@ def fused_allreduce_rmsnorm(partial: jax.Array, residual: jax.Array, gamma: jax.
     check_args(partial, residual, gamma, n)
     if n == 1 and impl in ("xla", "auto") and one_rank_kernel():
         return add_rmsnorm(partial, residual, gamma, eps=eps)
-    partial = sum_pieces(partial, residual.dtype)
+    partial, gamma = sum_pieces(partial, residual.dtype), resolve(gamma)
     impl = _resolve_impl(impl, partial, n)
     if impl == "xla":
         return _xla_impl(partial, residual, gamma, axis_name=axis_name, eps=eps, num_ranks=n)
@@ -168,7 +169,7 @@ def fused_allreduce_rmsnorm_start(partial, residual, gamma, *, axis_name: str = 
     check_args(partial, residual, gamma, n)
     if n == 1 and impl in ("xla", "auto") and one_rank_kernel():
         return Pending(*add_rmsnorm(partial, residual, gamma, eps=eps))
-    partial = sum_pieces(partial, residual.dtype)
+    partial, gamma = sum_pieces(partial, residual.dtype), resolve(gamma)
     impl = _resolve_impl(impl, partial, n)
     if impl in _START_REGISTRY:
         return _START_REGISTRY[impl](partial, residual, gamma, axis_name=axis_name, eps=eps,

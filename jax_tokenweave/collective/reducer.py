@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jax_tokenweave.collective.fused import (Pending, fused_allreduce_rmsnorm, fused_allreduce_rmsnorm_start,
                                              rmsnorm, rows_per_rank, sum_pieces)
 from jax_tokenweave.compat import axis_size
+from jax_tokenweave.kernels.layer_of import resolve
 
 CUSTOM_CALL_IMPLS = ("p2p", "auto", "multimem")
 
@@ -48,7 +49,7 @@ class Reducer:
         if self.kind == "fused":
             return fused_allreduce_rmsnorm(partial, residual, gamma, axis_name=self.axis_name,
                                            eps=self.eps, impl=self.impl, comm=self.comm)
-        partial = sum_pieces(partial, residual.dtype)
+        partial, gamma = sum_pieces(partial, residual.dtype), resolve(gamma)
         s = jax.lax.psum(partial, self.axis_name) if self.kind == "psum" else partial
         h = residual + s
         return rmsnorm(h, gamma, self.eps).astype(partial.dtype), h

@@ -8,7 +8,7 @@ row and takes the split-K pieces themselves, so the o_proj partial is never summ
 
     partials  [S, T, D]  S pieces of the partial sum (S = 1: an ordinary partial), any float dtype
     residual  [T, D]
-    gamma     [D]
+    gamma     [D], or LayerOf a stacked [L, D] (read in place: no copy of the layer's row)
     ->  residual_out = round(f32(residual) + sum_s f32(partials[s]))          residual.dtype
         normed       = round(f32(r) * rsqrt(mean(f32(r)^2) + eps) * f32(gamma)), r = residual_out
 
@@ -27,12 +27,13 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from jax_tokenweave.kernels.layer_of import LayerOf
 from jax_tokenweave.kernels.vma import most_varying_mat, out_struct
 
 __all__ = ["add_rmsnorm", "add_rmsnorm_reference"]
 
 
-def _kernel(p_ref, r_ref, g_ref, normed_ref, res_ref, *, pieces, dim, eps):
+def _kernel(layer_ref, p_ref, r_ref, g_ref, normed_ref, res_ref, *, pieces, dim, eps):
   width = 1 << (dim - 1).bit_length()
   cols = pl.ds(0, width)
   ok = jnp.arange(width, dtype=jnp.int32) < dim
@@ -58,7 +59,7 @@ def _kernel(p_ref, r_ref, g_ref, normed_ref, res_ref, *, pieces, dim, eps):
   store(res_ref, stored)
   hf = stored.astype(jnp.float32)
   inv = jax.lax.rsqrt(jnp.sum(hf * hf) / dim + eps)
-  g = load(g_ref, pl.ds(0, 1)).astype(jnp.float32)
+  g = load(g_ref, pl.ds(layer_ref[0], 1)).astype(jnp.float32)
   store(normed_ref, (hf * inv * g).astype(normed_ref.dtype))
 
 
@@ -72,33 +73,42 @@ def add_rmsnorm(partials: jax.Array, residual: jax.Array, gamma: jax.Array, *, e
                      f"the same T, D; got partials{list(partials.shape)}, residual"
                      f"{list(residual.shape)}.")
   if gamma.shape != residual.shape[1:]:
-    raise ValueError(f"add_rmsnorm: gamma must be [{residual.shape[1]}], got {list(gamma.shape)}.")
+    raise ValueError(f"add_rmsnorm: gamma must be [{residual.shape[1]}] (or LayerOf a stacked "
+                     f"[L, {residual.shape[1]}]), got {list(gamma.shape)}.")
+  if isinstance(gamma, LayerOf):
+    stacked, layer = gamma.stacked, jnp.asarray(gamma.layer, jnp.int32).reshape(1)
+  else:
+    stacked, layer = gamma[None], jnp.zeros((1,), jnp.int32)
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
-  return _impl(partials, residual, gamma, eps=float(eps), interpret=bool(interpret))
+  return _impl(layer, partials, residual, stacked, eps=float(eps), interpret=bool(interpret))
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "interpret"))
-def _impl(partials, residual, gamma, *, eps, interpret):
+def _impl(layer, partials, residual, gamma, *, eps, interpret):
   pieces, t, d = partials.shape
   row = lambda i: (i, 0)
   out = out_struct((t, d), residual.dtype, most_varying_mat(partials, residual, gamma))
+  # more warps as the row data grows: 4 for one 4096-wide partial, 8 for 4 pieces, at most 16
+  warps = min(16, max(4, (pieces * d) // 4096 * 2))
   return pl.pallas_call(
       functools.partial(_kernel, pieces=pieces, dim=d, eps=eps),
       grid=(t,),
-      in_specs=[pl.BlockSpec((pieces, None, d), lambda i: (0, i, 0)),
+      in_specs=[pl.BlockSpec((1,), lambda i: (0,)),
+                pl.BlockSpec((pieces, None, d), lambda i: (0, i, 0)),
                 pl.BlockSpec((1, d), row),
-                pl.BlockSpec((1, d), lambda i: (0, 0))],
+                pl.BlockSpec(gamma.shape, lambda i: (0, 0))],   # all layers: the row is picked inside
       out_specs=(pl.BlockSpec((1, d), row), pl.BlockSpec((1, d), row)),
       out_shape=(out, out),
       interpret=interpret,
-      compiler_params=pltriton.CompilerParams(num_warps=4 if d <= 4096 else 8, num_stages=1),
+      compiler_params=pltriton.CompilerParams(num_warps=warps, num_stages=1),
       name=f"add_rmsnorm_s{pieces}",
-  )(partials, residual, gamma.reshape(1, d))
+  )(layer, partials, residual, gamma)
 
 
 def add_rmsnorm_reference(partials, residual, gamma, *, eps: float):
   """The same in XLA."""
+  gamma = gamma.slice() if isinstance(gamma, LayerOf) else gamma
   if partials.ndim == 2:
     partials = partials[None]
   h = residual.astype(jnp.float32) + partials.astype(jnp.float32).sum(0)
