@@ -187,18 +187,10 @@ def attention_block(w, x: jax.Array, rope, spec: LayerSpec, attend: Callable):
 # ---------------------------------------------------------------------------------------- FFN
 
 def dense_ffn(w, x: jax.Array) -> jax.Array:
-    """SwiGLU, x [T, D] normed -> down_proj partial [T, D] (column- then row-parallel).
-    With ``LayerOf`` the stacked down_proj (the unrolled decode step) on GPU: kernels.layer_matmul
-    forms silu(gate) * up itself and returns its split-K pieces [S, T, D] for the reduction
-    (see out_projection)."""
+    """SwiGLU, x [T, D] normed -> down_proj partial [T, D] (column- then row-parallel)."""
     gate = jnp.einsum("td,df->tf", x, w["mlp.gate_proj.kernel"])
     up = jnp.einsum("td,df->tf", x, w["mlp.up_proj.kernel"])
-    wd = w["mlp.down_proj.kernel"]
-    if isinstance(wd, LayerOf):
-        if jax.default_backend() == "gpu":
-            return layer_matmul(up, wd.stacked, wd.layer, gate=gate, sum_splits=False)
-        wd = wd.slice()
-    return jnp.einsum("tf,fd->td", jax.nn.silu(gate) * up, wd)
+    return jnp.einsum("tf,fd->td", jax.nn.silu(gate) * up, w["mlp.down_proj.kernel"])
 
 
 def ffn_block(w, x: jax.Array, spec: LayerSpec) -> jax.Array:

@@ -76,21 +76,6 @@ def test_out_projection_layer_of_matches_slice():
                                    rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_swiglu_gate_prologue(dtype):
-    """The down projection's form: silu(gate) * up formed on the loaded tiles."""
-    x, w = _data(5, 128, 64, 2, dtype, seed=21)
-    gate = jax.random.normal(jax.random.PRNGKey(22), x.shape, jnp.float32).astype(dtype)
-    got = layer_matmul(x, w, 1, gate=gate, block_n=32, block_k=32, split_k=2)
-    ref = layer_matmul_reference(x, w, 1, gate=gate)
-    # the gate matters: without it the product differs
-    assert not np.allclose(np.asarray(ref, np.float32), np.asarray(layer_matmul_reference(x, w, 1), np.float32),
-                           **TOL[dtype])
-    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32), **TOL[dtype])
-    with pytest.raises(ValueError, match="gate must match x"):
-        layer_matmul(x, w, 1, gate=gate[:, :64])
-
-
 def test_unsummed_pieces_add_up():
     x, w = _data(8, 256, 64, 2, jnp.float32, seed=31)
     pieces = layer_matmul(x, w, 0, block_n=32, block_k=32, split_k=4, sum_splits=False)
@@ -99,16 +84,3 @@ def test_unsummed_pieces_add_up():
                                **TOL[jnp.float32])
     # each piece is a different share of K: no two are equal
     assert not np.allclose(np.asarray(pieces[0]), np.asarray(pieces[1]))
-
-
-def test_dense_ffn_layer_of_matches_slice():
-    """The unrolled decode step hands down_proj as LayerOf; on CPU it is the slice's einsum."""
-    ks = jax.random.split(jax.random.PRNGKey(41), 4)
-    x = jax.random.normal(ks[0], (6, 32), jnp.float32)
-    w = {"mlp.gate_proj.kernel": jax.random.normal(ks[1], (32, 48), jnp.float32),
-         "mlp.up_proj.kernel": jax.random.normal(ks[2], (32, 48), jnp.float32)}
-    down = jax.random.normal(ks[3], (3, 48, 32), jnp.float32)
-    for layer in range(3):
-        got = layers.dense_ffn(dict(w, **{"mlp.down_proj.kernel": layers.LayerOf(down, jnp.int32(layer))}), x)
-        want = layers.dense_ffn(dict(w, **{"mlp.down_proj.kernel": down[layer]}), x)
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-5)

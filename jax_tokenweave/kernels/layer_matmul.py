@@ -5,9 +5,9 @@ takes its weight as a buffer of its own, so each layer's slice of the stacked o_
 copied first (bench/results/profile_decode_h200.json: 32 memcpys, 0.51 ms of a 5.4 ms 8B step).
 A Pallas call receives the whole stacked array and the layer index (a one-element int32 array,
 as the paged attention kernels take theirs) and offsets its loads itself, so nothing is copied.
-The down projection uses it too: its ``gate`` prologue computes SwiGLU's silu(gate) * up on the
-tiles it loads (XLA ran that product as a kernel of its own, 2.3-4.9 us per layer), and its
-split-K pieces go to the fused reduction unsummed (XLA's split-K GEMM summed them in one more).
+Not used for the down projection: a SwiGLU prologue (silu(gate) * up formed on the loaded
+tiles, to drop XLA's product kernel of 2.3-4.9 us) made it 101 us per layer against XLA's ~30
+on the H200 (8B, batch 1-8), so it was removed.
 
 Shape of the kernel (decode GEMV: a few rows, a weight streamed once): grid (N / block_n,
 split_k). Program (n, s) accumulates ``x[:, ks] @ w[layer, ks, n-block]`` over its share ks of
@@ -64,8 +64,7 @@ def _plan(k: int, n: int, block_n, block_k, split_k):
   return bn, bk, split_k
 
 
-def _kernel(layer_ref, x_ref, *refs, rows, m, bk, steps, gated):
-  g_ref, w_ref, o_ref = refs if gated else (None,) + refs
+def _kernel(layer_ref, x_ref, w_ref, o_ref, *, rows, m, bk, steps):
   layer = layer_ref[0]
   s = pl.program_id(1)
   row_ok = (jnp.arange(rows, dtype=jnp.int32) < m)[:, None]
@@ -75,10 +74,6 @@ def _kernel(layer_ref, x_ref, *refs, rows, m, bk, steps, gated):
     k0 = (s * steps + i) * bk
     # rows >= m are read as 0 (never touched in memory) and masked out of the store
     xb = pltriton.load(x_ref.at[pl.ds(0, rows), pl.ds(k0, bk)], mask=row_ok, other=0)
-    if gated:   # SwiGLU: silu(gate) * up in fp32, rounded as XLA's elementwise product would be
-      gb = pltriton.load(g_ref.at[pl.ds(0, rows), pl.ds(k0, bk)], mask=row_ok, other=0)
-      gf = gb.astype(jnp.float32)
-      xb = (gf * jax.nn.sigmoid(gf) * xb.astype(jnp.float32)).astype(xb.dtype)
     wb = w_ref[layer, pl.ds(k0, bk), :]
     prec = lax.Precision.HIGHEST if xb.dtype == jnp.float32 else None
     return acc + lax.dot_general(xb, wb, (((1,), (0,)), ((), ())), precision=prec,
@@ -89,12 +84,10 @@ def _kernel(layer_ref, x_ref, *refs, rows, m, bk, steps, gated):
 
 
 def layer_matmul(x: jax.Array, w: jax.Array, layer, *, block_n=None, block_k=None, split_k=None,
-                 num_warps: int = 4, num_stages: int = 3, sum_splits: bool = True, gate=None,
+                 num_warps: int = 4, num_stages: int = 3, sum_splits: bool = True,
                  interpret=None) -> jax.Array:
   """x [M, K] @ w[layer] for stacked w [L, K, N] -> [M, N] in x's dtype (fp32 accumulation);
   with sum_splits=False the [split_k, M, N] pieces (fp32 when split_k > 1) whose sum that is.
-  gate [M, K]: the left operand is silu(gate) * x instead (SwiGLU's down projection, x = up), so
-  the product of the two is never written out.
 
   layer: integer scalar, may be traced. Reads only w[layer], in place. Meant for few rows
   (decode); M up to a few hundred works but re-reads nothing, so it gains nothing there.
@@ -105,9 +98,7 @@ def layer_matmul(x: jax.Array, w: jax.Array, layer, *, block_n=None, block_k=Non
   if x.dtype != w.dtype:
     raise ValueError(f"layer_matmul: x is {x.dtype} and w {w.dtype}; cast x to the weights' "
                      "dtype.")
-  if gate is not None and (gate.shape != x.shape or gate.dtype != x.dtype):
-    raise ValueError(f"layer_matmul: gate must match x ({x.dtype}{list(x.shape)}), got "
-                     f"{gate.dtype}{list(gate.shape)}.")
+
   layer = jnp.asarray(layer)
   if layer.size != 1 or not jnp.issubdtype(layer.dtype, jnp.integer):
     raise ValueError(f"layer_matmul: layer must be an integer scalar, got {layer.dtype}"
@@ -115,7 +106,7 @@ def layer_matmul(x: jax.Array, w: jax.Array, layer, *, block_n=None, block_k=Non
   bn, bk, sk = _plan(x.shape[1], w.shape[2], block_n, block_k, split_k)
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
-  pieces = _impl(x, gate, w, layer.astype(jnp.int32).reshape(1), bn=bn, bk=bk, sk=sk,
+  pieces = _impl(x, w, layer.astype(jnp.int32).reshape(1), bn=bn, bk=bk, sk=sk,
                  num_warps=int(num_warps), num_stages=int(num_stages), interpret=bool(interpret))
   if not sum_splits:
     return pieces
@@ -124,20 +115,18 @@ def layer_matmul(x: jax.Array, w: jax.Array, layer, *, block_n=None, block_k=Non
 
 @functools.partial(jax.jit, static_argnames=("bn", "bk", "sk", "num_warps", "num_stages",
                                              "interpret"))
-def _impl(x, gate, w, layer, *, bn, bk, sk, num_warps, num_stages, interpret):
+def _impl(x, w, layer, *, bn, bk, sk, num_warps, num_stages, interpret):
   m, k = x.shape
   num_layers, _, n = w.shape
   rows = max(_MIN_ROWS, 1 << max(0, (m - 1).bit_length()))
   ks = k // sk
   out_dtype = x.dtype if sk == 1 else jnp.float32
-  gated = gate is not None
-  whole = pl.BlockSpec((m, k), lambda j, s: (0, 0))
   return pl.pallas_call(
-      functools.partial(_kernel, rows=rows, m=m, bk=bk, steps=ks // bk, gated=gated),
+      functools.partial(_kernel, rows=rows, m=m, bk=bk, steps=ks // bk),
       grid=(n // bn, sk),
       in_specs=[
           pl.BlockSpec((1,), lambda j, s: (0,)),
-          whole] + [whole] * gated + [
+          pl.BlockSpec((m, k), lambda j, s: (0, 0)),
           # all layers, the program's columns: the layer is applied inside (no w[layer] copy)
           pl.BlockSpec((num_layers, k, bn), lambda j, s: (0, 0, j)),
       ],
@@ -145,14 +134,12 @@ def _impl(x, gate, w, layer, *, bn, bk, sk, num_warps, num_stages, interpret):
       out_shape=out_struct((sk, m, n), out_dtype, most_varying_mat(x, w)),
       interpret=interpret,
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      name=f"layer_matmul{'_swiglu' * gated}_n{bn}_k{bk}_s{sk}",
-  )(layer, x, *([gate] if gated else []), w)
+      name=f"layer_matmul_n{bn}_k{bk}_s{sk}",
+  )(layer, x, w)
 
 
-def layer_matmul_reference(x: jax.Array, w: jax.Array, layer, gate=None) -> jax.Array:
+def layer_matmul_reference(x: jax.Array, w: jax.Array, layer) -> jax.Array:
   """The XLA reference: the same product through a slice and jnp.dot (fp32 accumulation)."""
-  if gate is not None:
-    x = jax.nn.silu(gate) * x
   wl = lax.dynamic_index_in_dim(w, jnp.asarray(layer).reshape(()), axis=0, keepdims=False)
   prec = lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
   return jnp.dot(x, wl, precision=prec, preferred_element_type=jnp.float32).astype(x.dtype)
