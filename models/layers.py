@@ -33,7 +33,8 @@ import numpy as np
 
 from jax_tokenweave.compat import axis_size
 from jax_tokenweave.kernels.layer_matmul import layer_matmul
-from jax_tokenweave.kernels.layer_of import LayerOf
+from jax_tokenweave.kernels.layer_of import LayerOf, resolve
+from jax_tokenweave.kernels.layer_swiglu import layer_swiglu
 from jax_tokenweave.models.config import ModelConfig
 from jax_tokenweave.models.moe import moe_ffn
 
@@ -187,10 +188,17 @@ def attention_block(w, x: jax.Array, rope, spec: LayerSpec, attend: Callable):
 # ---------------------------------------------------------------------------------------- FFN
 
 def dense_ffn(w, x: jax.Array) -> jax.Array:
-    """SwiGLU, x [T, D] normed -> down_proj partial [T, D] (column- then row-parallel)."""
-    gate = jnp.einsum("td,df->tf", x, w["mlp.gate_proj.kernel"])
-    up = jnp.einsum("td,df->tf", x, w["mlp.up_proj.kernel"])
-    return jnp.einsum("tf,fd->td", jax.nn.silu(gate) * up, w["mlp.down_proj.kernel"])
+    """SwiGLU, x [T, D] normed -> down_proj partial [T, D] (column- then row-parallel).
+    Gate and up as ``LayerOf`` the stacked weights (the unrolled decode step): on GPU one kernel,
+    kernels.layer_swiglu, computes both and their product; elsewhere the einsums on the slices."""
+    wg, wu = w["mlp.gate_proj.kernel"], w["mlp.up_proj.kernel"]
+    if isinstance(wg, LayerOf) and jax.default_backend() == "gpu":
+        h = layer_swiglu(x, wg.stacked, wu.stacked, wg.layer)
+    else:
+        gate = jnp.einsum("td,df->tf", x, resolve(wg))
+        up = jnp.einsum("td,df->tf", x, resolve(wu))
+        h = jax.nn.silu(gate) * up
+    return jnp.einsum("tf,fd->td", h, w["mlp.down_proj.kernel"])
 
 
 def ffn_block(w, x: jax.Array, spec: LayerSpec) -> jax.Array:

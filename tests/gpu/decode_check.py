@@ -5,7 +5,8 @@ shapes (32 q / 8 kv heads, hd 128, bf16), against their XLA references:
      1 / 8 / 32, pages of 16 and 64, ragged lengths incl. 1 and page boundaries: output max |err|
      and the pools (bit-exact against XLA's scatter);
      (every batch here splits the sequences, so the split-combine kernel runs too);
-  2. kernels.layer_matmul on the 8B o_proj (32 stacked layers) at 8 and 32 rows;
+  2. kernels.layer_matmul on the 8B o_proj (32 stacked layers) at 8 and 32 rows, and
+     kernels.layer_swiglu on the 8B gate/up at 1, 8 and 32 rows;
   3. kernels.add_rmsnorm (the one-rank fused reduction) at 1 / 8 / 32 / 4096 rows of 4096, one
      bf16 partial or 8 fp32 split-K pieces;
   4. TPModel.decode of a 4-layer 8B-width random model for 6 steps with the kernels against the
@@ -33,6 +34,7 @@ from jax_tokenweave.kernels.add_rmsnorm import add_rmsnorm, add_rmsnorm_referenc
 from jax_tokenweave.engine.runner import TPModel, to_host  # noqa: E402
 from jax_tokenweave.kernels import paged_attention as pa  # noqa: E402
 from jax_tokenweave.kernels.layer_matmul import layer_matmul, layer_matmul_reference  # noqa: E402
+from jax_tokenweave.kernels.layer_swiglu import layer_swiglu, layer_swiglu_reference  # noqa: E402
 from jax_tokenweave.models import get_preset  # noqa: E402
 from jax_tokenweave.parallel.mesh import make_mesh  # noqa: E402
 
@@ -82,6 +84,14 @@ for M in (8, 32):
         rel = float(jnp.max(jnp.abs(got - ref)) / jnp.max(jnp.abs(ref)))
         report(f"layer_matmul M{M} layer {layer}", rel < 1e-2, f"max|err| / max|ref| {rel:.2e}")
 del w
+wg, wu = normal((8, 4096, 14336)) * 0.05, normal((8, 4096, 14336)) * 0.05   # 8B gate/up
+for M in (1, 8, 32):
+    x = normal((M, 4096))
+    got = jax.jit(layer_swiglu)(x, wg, wu, jnp.int32(7)).astype(jnp.float32)
+    ref = layer_swiglu_reference(x, wg, wu, 7).astype(jnp.float32)
+    rel = float(jnp.max(jnp.abs(got - ref)) / jnp.max(jnp.abs(ref)))
+    report(f"layer_swiglu M{M}", rel < 2e-2, f"max|err| / max|ref| {rel:.2e}")
+del wg, wu
 
 # 3. add_rmsnorm
 for T in (1, 8, 32, 4096):

@@ -1,0 +1,118 @@
+"""SwiGLU's two up-projections in one kernel: ``silu(x @ wg[layer]) * (x @ wu[layer])``.
+
+Why it exists: in the decode step XLA ran the gate and the up GEMM as two kernels and their
+product as a third (8B on an H200, batch 1: 30.3 + 30.9 + 2.3 us per layer,
+bench/results/profile_decode_h200.json). Each short GEMM pays its own ramp-up and tail; the
+lm_head, one long GEMM, streams its weight at 4.47 TB/s against their ~3.9. One launch streams
+both weights and writes only the product.
+
+Shape of the kernel (decode: a few rows): grid (F / block_n,). Program j accumulates
+``x @ wg[layer, :, j-block]`` and ``x @ wu[layer, :, j-block]`` over all of K in fp32 (rows padded
+to 16 by masked loads: Triton's dot wants M >= 16), rounds both to x's dtype (as the unfused
+model stores them) and writes silu(gate) * up. No split-K: the product needs whole sums, and
+F / block_n programs already cover the SMs at the FFN widths this serves. Like layer_matmul it
+takes the stacked weights and the layer index and reads the layer in place.
+
+Lowering: Pallas' Triton backend on GPU, interpret mode elsewhere (how CI tests it).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from jax_tokenweave.kernels.vma import most_varying_mat, out_struct
+
+__all__ = ["layer_swiglu", "layer_swiglu_reference"]
+
+_MIN_ROWS = 16        # Triton's dot: M >= 16
+
+
+def _pow2_at_most(n: int, cap: int) -> int:
+  b = 1
+  while b * 2 <= cap and n % (b * 2) == 0:
+    b *= 2
+  return b
+
+
+def _kernel(layer_ref, x_ref, g_ref, u_ref, o_ref, *, rows, m, bk, steps):
+  layer = layer_ref[0]
+  row_ok = (jnp.arange(rows, dtype=jnp.int32) < m)[:, None]
+  bn = g_ref.shape[-1]
+
+  def body(i, accs):
+    acc_g, acc_u = accs
+    k0 = i * bk
+    # rows >= m are read as 0 (never touched in memory) and masked out of the store
+    xb = pltriton.load(x_ref.at[pl.ds(0, rows), pl.ds(k0, bk)], mask=row_ok, other=0)
+    prec = lax.Precision.HIGHEST if xb.dtype == jnp.float32 else None
+    dot = lambda w: lax.dot_general(xb, w, (((1,), (0,)), ((), ())), precision=prec,
+                                    preferred_element_type=jnp.float32)
+    return (acc_g + dot(g_ref[layer, pl.ds(k0, bk), :]),
+            acc_u + dot(u_ref[layer, pl.ds(k0, bk), :]))
+
+  zeros = jnp.zeros((rows, bn), jnp.float32)
+  acc_g, acc_u = lax.fori_loop(0, steps, body, (zeros, zeros))
+  g = acc_g.astype(o_ref.dtype).astype(jnp.float32)
+  u = acc_u.astype(o_ref.dtype).astype(jnp.float32)
+  out = g * jax.nn.sigmoid(g) * u
+  pltriton.store(o_ref.at[pl.ds(0, rows)], out.astype(o_ref.dtype), mask=row_ok)
+
+
+def layer_swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, layer, *, block_n=None,
+                 block_k=None, num_warps: int = 4, num_stages: int = 3, interpret=None) -> jax.Array:
+  """x [M, K], stacked w_gate / w_up [L, K, F] -> silu(x @ w_gate[layer]) * (x @ w_up[layer])
+  [M, F] in x's dtype. layer: integer scalar, may be traced."""
+  if x.ndim != 2 or w_gate.ndim != 3 or w_up.shape != w_gate.shape or x.shape[1] != w_gate.shape[1]:
+    raise ValueError(f"layer_swiglu: x must be [M, K] and w_gate, w_up both [L, K, F]; got "
+                     f"x{list(x.shape)}, w_gate{list(w_gate.shape)}, w_up{list(w_up.shape)}.")
+  if not x.dtype == w_gate.dtype == w_up.dtype:
+    raise ValueError(f"layer_swiglu: x ({x.dtype}) and the weights ({w_gate.dtype}, {w_up.dtype}) "
+                     "must share a dtype; cast x to the weights' dtype.")
+  layer = jnp.asarray(layer)
+  if layer.size != 1 or not jnp.issubdtype(layer.dtype, jnp.integer):
+    raise ValueError(f"layer_swiglu: layer must be an integer scalar, got {layer.dtype}"
+                     f"{list(layer.shape)}.")
+  k, f = w_gate.shape[1:]
+  bn = _pow2_at_most(f, 64) if block_n is None else int(block_n)
+  bk = _pow2_at_most(k, 128) if block_k is None else int(block_k)
+  if f % bn or k % bk or bn < 16 or bk < 16:
+    raise ValueError(f"layer_swiglu: block_n={bn} / block_k={bk} must be >= 16 and divide "
+                     f"F={f} / K={k}; FFN widths that are not multiples of 16 go through "
+                     "jnp.einsum instead.")
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  return _impl(x, w_gate, w_up, layer.astype(jnp.int32).reshape(1), bn=bn, bk=bk,
+               num_warps=int(num_warps), num_stages=int(num_stages), interpret=bool(interpret))
+
+
+@functools.partial(jax.jit, static_argnames=("bn", "bk", "num_warps", "num_stages", "interpret"))
+def _impl(x, w_gate, w_up, layer, *, bn, bk, num_warps, num_stages, interpret):
+  m, k = x.shape
+  num_layers, _, f = w_gate.shape
+  rows = max(_MIN_ROWS, 1 << max(0, (m - 1).bit_length()))
+  # all layers, the program's columns: the layer is applied inside (no w[layer] copy)
+  weight = pl.BlockSpec((num_layers, k, bn), lambda j: (0, 0, j))
+  return pl.pallas_call(
+      functools.partial(_kernel, rows=rows, m=m, bk=bk, steps=k // bk),
+      grid=(f // bn,),
+      in_specs=[pl.BlockSpec((1,), lambda j: (0,)), pl.BlockSpec((m, k), lambda j: (0, 0)),
+                weight, weight],
+      out_specs=pl.BlockSpec((m, bn), lambda j: (0, j)),
+      out_shape=out_struct((m, f), x.dtype, most_varying_mat(x, w_gate, w_up)),
+      interpret=interpret,
+      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      name=f"layer_swiglu_n{bn}_k{bk}",
+  )(layer, x, w_gate, w_up)
+
+
+def layer_swiglu_reference(x, w_gate, w_up, layer):
+  """The XLA reference: the unfused model's einsums on the layer's slices, then silu(gate) * up."""
+  layer = jnp.asarray(layer).reshape(())
+  prec = lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+  mm = lambda w: jnp.dot(x, w[layer], precision=prec, preferred_element_type=jnp.float32).astype(x.dtype)
+  return jax.nn.silu(mm(w_gate)) * mm(w_up)
