@@ -156,6 +156,12 @@ def causal_attention(q, k, v, impl: str = "xla", prefix_kv=None):
                                         implementation="xla")
 
 
+def use_kernels() -> bool:
+    """Whether the LayerOf weights go to the Pallas kernels (on GPU; elsewhere the einsums on the
+    slices, with the same numerics as the other paths)."""
+    return jax.default_backend() == "gpu"
+
+
 def out_projection(out: jax.Array, wo) -> jax.Array:
     """o_proj: attention output [B, S, Hl, hd] -> partial [B*S, D]. ``wo`` is the layer's
     [Hl, hd, D], or ``LayerOf`` the stacked [L, Hl, hd, D] (the unrolled decode step); then on
@@ -170,7 +176,7 @@ def out_projection(out: jax.Array, wo) -> jax.Array:
     runs on the slice, with the same numerics as the other paths."""
     B, S, H, K = out.shape
     if isinstance(wo, LayerOf):
-        if jax.default_backend() == "gpu":
+        if use_kernels():
             L, _, _, D = wo.stacked.shape
             return layer_matmul(out.reshape(B * S, H * K), wo.stacked.reshape(L, H * K, D), wo.layer,
                                 sum_splits=False)
@@ -192,7 +198,7 @@ def dense_ffn(w, x: jax.Array) -> jax.Array:
     Gate and up as ``LayerOf`` the stacked weights (the unrolled decode step): on GPU one kernel,
     kernels.layer_swiglu, computes both and their product; elsewhere the einsums on the slices."""
     wg, wu = w["mlp.gate_proj.kernel"], w["mlp.up_proj.kernel"]
-    if isinstance(wg, LayerOf) and jax.default_backend() == "gpu":
+    if isinstance(wg, LayerOf) and use_kernels():
         h = layer_swiglu(x, wg.stacked, wu.stacked, wg.layer)
     else:
         gate = jnp.einsum("td,df->tf", x, resolve(wg))
