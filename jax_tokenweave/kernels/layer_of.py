@@ -17,7 +17,7 @@ import jax
 @dataclasses.dataclass(frozen=True)
 class LayerOf:
     stacked: jax.Array
-    layer: jax.Array      # int32 scalar, may be traced
+    layer: int | jax.Array   # the layer index: an int, or an int32 scalar (may be traced)
 
     def slice(self) -> jax.Array:
         return self.stacked[self.layer]
