@@ -12,8 +12,8 @@ shapes (32 q / 8 kv heads, hd 128, bf16), against their XLA references:
   4. TPModel.decode of a 4-layer 8B-width random model for 6 steps with the kernels against the
      same model with engine.attention.use_kernels, collective.fused.one_rank_kernel and
      models.layers.use_kernels off (XLA's scatter, the reference attention, XLA's add + RMSNorm,
-     XLA's GEMMs): logits (per batch row) and greedy tokens; all kernels, then the attention and
-     norm kernels alone, then the matmul kernels alone.
+     XLA's GEMMs), both fed the XLA path's greedy tokens: logits (per batch row) and greedy
+     choices; all kernels, then the attention and norm kernels alone, then the matmul kernels.
 
 Prints one line per case and 'ALL OK' (exit 1 otherwise).
 
@@ -117,15 +117,18 @@ prompts = rng.integers(1, cfg.vocab_size, (8, 100)).astype(np.int32)
 lengths = np.array([100, 37, 64, 65, 1, 90, 63, 2], np.int32)
 
 
-def run(model, kernels_on, matmul_kernels=None):
+def run(model, kernels_on, matmul_kernels=None, feed=None):
+    """6 decode steps; each step's input tokens are `feed`'s (teacher forcing: a near-tie that
+    flips one greedy token would otherwise make the two runs diverge from there on) or, without
+    it, the run's own greedy tokens. -> (logits [6, B, V], the tokens fed)."""
     attention.use_kernels = fused.one_rank_kernel = (lambda: kernels_on)
     mk = kernels_on if matmul_kernels is None else matmul_kernels
     layers.use_kernels = lambda: mk
     cache = model.init_cache(8, 256)
     logits, cache = model.prefill(prompts, lengths, cache)
     out, toks = [], []
-    for _ in range(6):
-        tok = np.asarray(to_host(logits)).argmax(-1).astype(np.int32)
+    for t in range(6):
+        tok = np.asarray(to_host(logits)).argmax(-1).astype(np.int32) if feed is None else feed[t]
         toks.append(tok)
         logits, cache = model.decode(tok, cache)
         out.append(np.asarray(to_host(logits)))
@@ -136,13 +139,13 @@ ref, ref_toks = run(m_xla, False)
 for name, model, on, mk in (("all kernels", m, True, None),
                             ("attention + norm kernels, XLA matmuls", TPModel(cfg, m.params, mesh), True, False),
                             ("matmul kernels only", TPModel(cfg, m.params, mesh), False, True)):
-    got, got_toks = run(model, on, mk)
+    got, _ = run(model, on, mk, feed=ref_toks)
     err = np.abs(got - ref).max(axis=(0, 2)) / np.abs(ref).max()
-    same = float((got_toks == ref_toks).mean())
-    report(f"TPModel.decode {name} vs the XLA path (4 layers, 6 steps, batch 8)",
+    same = float((got.argmax(-1) == ref.argmax(-1)).mean())
+    report(f"TPModel.decode {name} vs the XLA path (4 layers, 6 steps, batch 8, same input tokens)",
            err.max() < 3e-2 and same >= 0.9,
            f"max|dlogits| / max|logits| {err.max():.2e} (per row {np.round(err, 4).tolist()}), "
-           f"greedy tokens equal {same:.0%}")
+           f"greedy choices equal {same:.0%}")
 attention.use_kernels, fused.one_rank_kernel, layers.use_kernels = saved
 print("ALL OK" if ok else "FAILED")
 sys.exit(0 if ok else 1)
