@@ -317,7 +317,8 @@ def _category(name: str) -> str:
         return "communication"
     if any(s in n for s in ("fmha", "cudnn", "flash", "attention", "softmax", "paged", "ragged")):
         return "attention"
-    if any(s in n for s in ("gemm", "gemv", "nvjet", "cutlass", "sm90", "dot", "matmul", "xmma", "cublas")):
+    if any(s in n for s in ("gemm", "gemv", "nvjet", "cutlass", "sm90", "dot", "matmul", "swiglu", "xmma",
+                            "cublas")):
         return "matmul"
     return "other"
 
