@@ -34,7 +34,7 @@ import numpy as np
 from jax_tokenweave.compat import axis_size
 from jax_tokenweave.kernels.layer_matmul import layer_matmul
 from jax_tokenweave.kernels.layer_of import LayerOf, resolve
-from jax_tokenweave.kernels.layer_swiglu import layer_swiglu
+from jax_tokenweave.kernels.layer_swiglu import fills_the_gpu, layer_swiglu
 from jax_tokenweave.models.config import ModelConfig
 from jax_tokenweave.models.moe import moe_ffn
 
@@ -196,9 +196,10 @@ def attention_block(w, x: jax.Array, rope, spec: LayerSpec, attend: Callable):
 def dense_ffn(w, x: jax.Array) -> jax.Array:
     """SwiGLU, x [T, D] normed -> down_proj partial [T, D] (column- then row-parallel).
     Gate and up as ``LayerOf`` the stacked weights (the unrolled decode step): on GPU one kernel,
-    kernels.layer_swiglu, computes both and their product; elsewhere the einsums on the slices."""
+    kernels.layer_swiglu, computes both and their product where the FFN width fills the GPU;
+    otherwise the einsums on the slices."""
     wg, wu = w["mlp.gate_proj.kernel"], w["mlp.up_proj.kernel"]
-    if isinstance(wg, LayerOf) and use_kernels():
+    if isinstance(wg, LayerOf) and use_kernels() and fills_the_gpu(wg.shape[-1]):
         h = layer_swiglu(x, wg.stacked, wu.stacked, wg.layer)
     else:
         gate = jnp.einsum("td,df->tf", x, resolve(wg))

@@ -62,3 +62,10 @@ def test_dense_ffn_layer_of_matches_slices():
         want = layers.dense_ffn({"mlp.gate_proj.kernel": wg[layer], "mlp.up_proj.kernel": wu[layer],
                                  "mlp.down_proj.kernel": down}, x)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-5)
+
+
+def test_fills_the_gpu_rule():
+    """8B at TP1 (14336 wide) takes the kernel; 70B at TP4 (7168 per rank) and odd widths do not."""
+    from jax_tokenweave.kernels.layer_swiglu import fills_the_gpu
+    assert fills_the_gpu(14336) and fills_the_gpu(28672)
+    assert not fills_the_gpu(7168) and not fills_the_gpu(14336 + 8) and not fills_the_gpu(1536)

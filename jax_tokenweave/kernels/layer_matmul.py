@@ -5,7 +5,7 @@ takes its weight as a buffer of its own, so each layer's slice of the stacked o_
 copied first (bench/results/profile_decode_h200.json: 32 memcpys, 0.51 ms of a 5.4 ms 8B step).
 A Pallas call receives the whole stacked array and the layer index (a one-element int32 array,
 as the paged attention kernels take theirs) and offsets its loads itself, so nothing is copied.
-Not used for the down projection: a SwiGLU prologue (silu(gate) * up formed on the loaded
+Gate and up have their own kernel (layer_swiglu.py). Not used for the down projection: a SwiGLU prologue (silu(gate) * up formed on the loaded
 tiles, to drop XLA's product kernel of 2.3-4.9 us) made it 101 us per layer against XLA's ~30
 on the H200 (8B, batch 1-8), so it was removed.
 
@@ -98,7 +98,6 @@ def layer_matmul(x: jax.Array, w: jax.Array, layer, *, block_n=None, block_k=Non
   if x.dtype != w.dtype:
     raise ValueError(f"layer_matmul: x is {x.dtype} and w {w.dtype}; cast x to the weights' "
                      "dtype.")
-
   layer = jnp.asarray(layer)
   if layer.size != 1 or not jnp.issubdtype(layer.dtype, jnp.integer):
     raise ValueError(f"layer_matmul: layer must be an integer scalar, got {layer.dtype}"

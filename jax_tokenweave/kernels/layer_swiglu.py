@@ -9,8 +9,9 @@ both weights and writes only the product.
 Shape of the kernel (decode: a few rows): grid (F / block_n,). Program j accumulates
 ``x @ wg[layer, :, j-block]`` and ``x @ wu[layer, :, j-block]`` over all of K in fp32 (rows padded
 to 16 by masked loads: Triton's dot wants M >= 16), rounds both to x's dtype (as the unfused
-model stores them) and writes silu(gate) * up. No split-K: the product needs whole sums, and
-F / block_n programs already cover the SMs at the FFN widths this serves. Like layer_matmul it
+model stores them) and writes silu(gate) * up. No split-K: the product needs whole sums, so the
+kernel only serves FFN widths whose F / 64 programs cover the SMs (``fills_the_gpu``: 224 for the
+8B at TP1; a 70B's 7168 per rank at TP4 would give 112, and goes to XLA). Like layer_matmul it
 takes the stacked weights and the layer index and reads the layer in place.
 
 Lowering: Pallas' Triton backend on GPU, interpret mode elsewhere (how CI tests it).
@@ -27,9 +28,16 @@ from jax.experimental.pallas import triton as pltriton
 
 from jax_tokenweave.kernels.vma import most_varying_mat, out_struct
 
-__all__ = ["layer_swiglu", "layer_swiglu_reference"]
+__all__ = ["layer_swiglu", "layer_swiglu_reference", "fills_the_gpu"]
 
 _MIN_ROWS = 16        # Triton's dot: M >= 16
+_NUM_SMS = 132        # H200
+_BLOCK_N = 64
+
+
+def fills_the_gpu(ffn_width: int) -> bool:
+  """Whether an FFN of this (per-rank) width gives at least one program per SM."""
+  return ffn_width % _BLOCK_N == 0 and ffn_width // _BLOCK_N >= _NUM_SMS
 
 
 def _pow2_at_most(n: int, cap: int) -> int:
@@ -78,7 +86,7 @@ def layer_swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, layer, *, blo
     raise ValueError(f"layer_swiglu: layer must be an integer scalar, got {layer.dtype}"
                      f"{list(layer.shape)}.")
   k, f = w_gate.shape[1:]
-  bn = _pow2_at_most(f, 64) if block_n is None else int(block_n)
+  bn = _pow2_at_most(f, _BLOCK_N) if block_n is None else int(block_n)
   bk = _pow2_at_most(k, 128) if block_k is None else int(block_k)
   if f % bn or k % bk or bn < 16 or bk < 16:
     raise ValueError(f"layer_swiglu: block_n={bn} / block_k={bk} must be >= 16 and divide "
