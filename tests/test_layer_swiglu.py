@@ -44,7 +44,7 @@ def test_default_blocks_and_traced_layer():
 
 def test_bad_inputs_name_the_fix():
     x, wg, wu = _data(4, 64, 48, 2, jnp.float32, seed=3)
-    with pytest.raises(ValueError, match=r"w_gate, w_up both \[L, K, F\]"):
+    with pytest.raises(ValueError, match=r"w_gate, w_up \[L, K, N\] \(all one shape\)"):
         layer_swiglu(x, wg, wu[:, :, :32], 0)
     with pytest.raises(ValueError, match="cast x to the weights' dtype"):
         layer_swiglu(x.astype(jnp.bfloat16), wg, wu, 0)

@@ -29,35 +29,24 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from jax_tokenweave.kernels.skinny import NUM_SMS, check_stacked, padded_rows, pow2_at_most
 from jax_tokenweave.kernels.vma import most_varying_mat, out_struct
 
 __all__ = ["layer_matmul", "layer_matmul_reference"]
 
-_NUM_SMS = 132        # H200
-_MIN_ROWS = 16        # Triton's dot: M >= 16
-
-
-def _pow2_at_most(n: int, cap: int) -> int:
-  """The largest power of two <= cap that divides n (>= 1)."""
-  b = 1
-  while b * 2 <= cap and n % (b * 2) == 0:
-    b *= 2
-  return b
-
-
 def _plan(k: int, n: int, block_n, block_k, split_k):
   # 64 x 128 tiles: the fastest on the shape this serves, the 8B o_proj, at 8 and 32 rows (13.1 /
   # 14.6 us per call against 14.8 / 15.6 for 128 x 128; bench/results/layer_matmul_h200.json)
-  bn = _pow2_at_most(n, 64) if block_n is None else int(block_n)
-  bk = _pow2_at_most(k, 128) if block_k is None else int(block_k)
+  bn = pow2_at_most(n, 64) if block_n is None else int(block_n)
+  bk = pow2_at_most(k, 128) if block_k is None else int(block_k)
   if n % bn or k % bk or bn < 16 or bk < 16:
     raise ValueError(f"layer_matmul: block_n={bn} / block_k={bk} must be >= 16 and divide "
                      f"N={n} / K={k}; weights whose N or K is not a multiple of 16 go through "
                      "jnp.einsum instead.")
   steps = k // bk
   if split_k is None:
-    want = max(1, -(-2 * _NUM_SMS // (n // bn)))
-    split_k = _pow2_at_most(steps, want)
+    want = max(1, -(-2 * NUM_SMS // (n // bn)))
+    split_k = pow2_at_most(steps, want)
   split_k = int(split_k)
   if split_k < 1 or steps % split_k:
     raise ValueError(f"layer_matmul: split_k={split_k} must divide K / block_k = {steps}.")
@@ -92,20 +81,11 @@ def layer_matmul(x: jax.Array, w: jax.Array, layer, *, block_n=None, block_k=Non
   layer: integer scalar, may be traced. Reads only w[layer], in place. Meant for few rows
   (decode); M up to a few hundred works but re-reads nothing, so it gains nothing there.
   """
-  if x.ndim != 2 or w.ndim != 3 or x.shape[1] != w.shape[1]:
-    raise ValueError(f"layer_matmul: x must be [M, K] and w [L, K, N]; got x{list(x.shape)}, "
-                     f"w{list(w.shape)}.")
-  if x.dtype != w.dtype:
-    raise ValueError(f"layer_matmul: x is {x.dtype} and w {w.dtype}; cast x to the weights' "
-                     "dtype.")
-  layer = jnp.asarray(layer)
-  if layer.size != 1 or not jnp.issubdtype(layer.dtype, jnp.integer):
-    raise ValueError(f"layer_matmul: layer must be an integer scalar, got {layer.dtype}"
-                     f"{list(layer.shape)}.")
+  layer = check_stacked("layer_matmul", x, {"w": w}, layer)
   bn, bk, sk = _plan(x.shape[1], w.shape[2], block_n, block_k, split_k)
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
-  pieces = _impl(x, w, layer.astype(jnp.int32).reshape(1), bn=bn, bk=bk, sk=sk,
+  pieces = _impl(x, w, layer, bn=bn, bk=bk, sk=sk,
                  num_warps=int(num_warps), num_stages=int(num_stages), interpret=bool(interpret))
   if not sum_splits:
     return pieces
@@ -117,7 +97,7 @@ def layer_matmul(x: jax.Array, w: jax.Array, layer, *, block_n=None, block_k=Non
 def _impl(x, w, layer, *, bn, bk, sk, num_warps, num_stages, interpret):
   m, k = x.shape
   num_layers, _, n = w.shape
-  rows = max(_MIN_ROWS, 1 << max(0, (m - 1).bit_length()))
+  rows = padded_rows(m)
   ks = k // sk
   out_dtype = x.dtype if sk == 1 else jnp.float32
   return pl.pallas_call(

@@ -26,25 +26,17 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from jax_tokenweave.kernels.skinny import NUM_SMS, check_stacked, padded_rows, pow2_at_most
 from jax_tokenweave.kernels.vma import most_varying_mat, out_struct
 
 __all__ = ["layer_swiglu", "layer_swiglu_reference", "fills_the_gpu"]
 
-_MIN_ROWS = 16        # Triton's dot: M >= 16
-_NUM_SMS = 132        # H200
 _BLOCK_N = 64
 
 
 def fills_the_gpu(ffn_width: int) -> bool:
   """Whether an FFN of this (per-rank) width gives at least one program per SM."""
-  return ffn_width % _BLOCK_N == 0 and ffn_width // _BLOCK_N >= _NUM_SMS
-
-
-def _pow2_at_most(n: int, cap: int) -> int:
-  b = 1
-  while b * 2 <= cap and n % (b * 2) == 0:
-    b *= 2
-  return b
+  return ffn_width % _BLOCK_N == 0 and ffn_width // _BLOCK_N >= NUM_SMS
 
 
 def _kernel(layer_ref, x_ref, g_ref, u_ref, o_ref, *, rows, m, bk, steps):
@@ -75,26 +67,17 @@ def layer_swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, layer, *, blo
                  block_k=None, num_warps: int = 4, num_stages: int = 3, interpret=None) -> jax.Array:
   """x [M, K], stacked w_gate / w_up [L, K, F] -> silu(x @ w_gate[layer]) * (x @ w_up[layer])
   [M, F] in x's dtype. layer: integer scalar, may be traced."""
-  if x.ndim != 2 or w_gate.ndim != 3 or w_up.shape != w_gate.shape or x.shape[1] != w_gate.shape[1]:
-    raise ValueError(f"layer_swiglu: x must be [M, K] and w_gate, w_up both [L, K, F]; got "
-                     f"x{list(x.shape)}, w_gate{list(w_gate.shape)}, w_up{list(w_up.shape)}.")
-  if not x.dtype == w_gate.dtype == w_up.dtype:
-    raise ValueError(f"layer_swiglu: x ({x.dtype}) and the weights ({w_gate.dtype}, {w_up.dtype}) "
-                     "must share a dtype; cast x to the weights' dtype.")
-  layer = jnp.asarray(layer)
-  if layer.size != 1 or not jnp.issubdtype(layer.dtype, jnp.integer):
-    raise ValueError(f"layer_swiglu: layer must be an integer scalar, got {layer.dtype}"
-                     f"{list(layer.shape)}.")
+  layer = check_stacked("layer_swiglu", x, {"w_gate": w_gate, "w_up": w_up}, layer)
   k, f = w_gate.shape[1:]
-  bn = _pow2_at_most(f, _BLOCK_N) if block_n is None else int(block_n)
-  bk = _pow2_at_most(k, 128) if block_k is None else int(block_k)
+  bn = pow2_at_most(f, _BLOCK_N) if block_n is None else int(block_n)
+  bk = pow2_at_most(k, 128) if block_k is None else int(block_k)
   if f % bn or k % bk or bn < 16 or bk < 16:
     raise ValueError(f"layer_swiglu: block_n={bn} / block_k={bk} must be >= 16 and divide "
                      f"F={f} / K={k}; FFN widths that are not multiples of 16 go through "
                      "jnp.einsum instead.")
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
-  return _impl(x, w_gate, w_up, layer.astype(jnp.int32).reshape(1), bn=bn, bk=bk,
+  return _impl(x, w_gate, w_up, layer, bn=bn, bk=bk,
                num_warps=int(num_warps), num_stages=int(num_stages), interpret=bool(interpret))
 
 
@@ -102,7 +85,7 @@ def layer_swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, layer, *, blo
 def _impl(x, w_gate, w_up, layer, *, bn, bk, num_warps, num_stages, interpret):
   m, k = x.shape
   num_layers, _, f = w_gate.shape
-  rows = max(_MIN_ROWS, 1 << max(0, (m - 1).bit_length()))
+  rows = padded_rows(m)
   # all layers, the program's columns: the layer is applied inside (no w[layer] copy)
   weight = pl.BlockSpec((num_layers, k, bn), lambda j: (0, 0, j))
   return pl.pallas_call(
