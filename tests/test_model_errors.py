@@ -168,7 +168,9 @@ def _call_fused(partial, residual, gamma, tp=2, **kw):
     (jnp.zeros((5, 8)), jnp.zeros((2, 8)), jnp.ones(8), {}, r"residual must hold this rank's 3 token rows"),
     (jnp.zeros((4, 8)), jnp.zeros((2, 8), jnp.bfloat16), jnp.ones(8), {}, r"must share a dtype"),
     (jnp.zeros((4, 8)), jnp.zeros((2, 8)), jnp.ones(7), {}, r"gamma must have shape \(8,\)"),
-    (jnp.zeros((2, 2, 8)), jnp.zeros((2, 8)), jnp.ones(8), {}, r"partial must be \[tokens, hidden\]"),
+    (jnp.zeros((1, 2, 2, 8)), jnp.zeros((2, 8)), jnp.ones(8), {}, r"partial must be \[tokens, hidden\]"),
+    # a [pieces, tokens, hidden] stack (split-K pieces) is checked by its tokens
+    (jnp.zeros((3, 5, 8)), jnp.zeros((2, 8)), jnp.ones(8), {}, r"residual must hold this rank's 3 token rows"),
     (jnp.zeros((4, 8)), jnp.zeros((2, 8)), jnp.ones(8), dict(impl="nccl"), r"impl='nccl' is unknown"),
 ])
 def test_fused_op_errors(partial, residual, gamma, kw, message):
