@@ -4,7 +4,8 @@ Why it exists: in the decode step XLA ran the gate and the up GEMM as two kernel
 product as a third (8B on an H200, batch 1: 30.3 + 30.9 + 2.3 us per layer,
 bench/results/profile_decode_h200.json). Each short GEMM pays its own ramp-up and tail; the
 lm_head, one long GEMM, streams its weight at 4.47 TB/s against their ~3.9. One launch streams
-both weights and writes only the product.
+both weights and writes only the product: 58.3 us per layer in the 8B decode step at batch 1
+(235 MB, 4.03 TB/s) against those 63.6 us; batch 32's step went 5.70 -> 5.38 ms.
 
 Shape of the kernel (decode: a few rows): grid (F / block_n,). Program j accumulates
 ``x @ wg[layer, :, j-block]`` and ``x @ wu[layer, :, j-block]`` over all of K in fp32 (rows padded
