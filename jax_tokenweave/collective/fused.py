@@ -125,6 +125,11 @@ def one_rank_kernel() -> bool:
     return jax.default_backend() == "gpu"
 
 
+def _one_rank(impl: str, n: int) -> bool:
+    """Whether this call is the one-rank kernel's (nothing to all-reduce; see the module doc)."""
+    return n == 1 and impl in ("xla", "auto") and one_rank_kernel()
+
+
 def sum_pieces(partial: jax.Array, dtype) -> jax.Array:
     """A [S, T, D] stack of pieces as one [T, D] partial (fp32 sum, then ``dtype``)."""
     return partial if partial.ndim == 2 else partial.astype(jnp.float32).sum(0).astype(dtype)
@@ -139,7 +144,7 @@ def fused_allreduce_rmsnorm(partial: jax.Array, residual: jax.Array, gamma: jax.
         raise ValueError(f"fused_allreduce_rmsnorm: impl={impl!r} is unknown; choose one of {IMPLS}")
     n = axis_size(axis_name)
     check_args(partial, residual, gamma, n)
-    if n == 1 and impl in ("xla", "auto") and one_rank_kernel():
+    if _one_rank(impl, n):
         return add_rmsnorm(partial, residual, gamma, eps=eps)
     partial, gamma = sum_pieces(partial, residual.dtype), resolve(gamma)
     impl = _resolve_impl(impl, partial, n)
@@ -167,7 +172,7 @@ def fused_allreduce_rmsnorm_start(partial, residual, gamma, *, axis_name: str = 
     device apart (one per token half); ``ctas`` overrides the communicator's CTA count."""
     n = axis_size(axis_name)
     check_args(partial, residual, gamma, n)
-    if n == 1 and impl in ("xla", "auto") and one_rank_kernel():
+    if _one_rank(impl, n):
         return Pending(*add_rmsnorm(partial, residual, gamma, eps=eps))
     partial, gamma = sum_pieces(partial, residual.dtype), resolve(gamma)
     impl = _resolve_impl(impl, partial, n)
