@@ -450,7 +450,8 @@ def profile_steps(model, cache, tok, steps: int = 5):
 
 class patched_decode_attention:
     """While entered, engine.attention's decode builds attention with the XLA reference (and
-    writes the new K/V with a scatter): the path before the Pallas kernel."""
+    writes the new K/V with a scatter): the attention before the Pallas kernel (the step's other
+    kernels stay)."""
 
     def __enter__(self):
         from jax_tokenweave.engine import attention

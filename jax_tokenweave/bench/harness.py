@@ -278,8 +278,6 @@ def copy_bandwidth(mib: int = 2048, reps: int = 10) -> dict:
                 method=f"best of {', '.join(res)} over {mib} MiB, (read + written) / median of {reps}")
 
 
-# ------------------------------------------------------------------------- profile timeline
-
 # ------------------------------------------------------------------- compiled HLO, read as text
 
 _HLO_COPY = re.compile(r"= \S+ copy(-start)?\(")
@@ -297,6 +295,8 @@ def hlo_copy_counts(hlo_text: str) -> dict:
     return dict(copies=len(hlo_copy_lines(hlo_text)), wrapped_slices=hlo_text.count("%wrapped_slice") // 2,
                 cublas_calls=hlo_text.count('"__cublas'))
 
+
+# ------------------------------------------------------------------------- profile timeline
 
 def find_trace(log_dir: str) -> str:
     """The newest trace json.gz that jax.profiler.trace wrote under log_dir."""
