@@ -28,7 +28,8 @@ from jax_tokenweave.models.layers import LayerSpec
 
 LAYER_PREFIX = "layers."
 # the layer weights the unrolled decode step hands to kernels whole (see forward's unroll)
-IN_PLACE = ("attn.o_proj.kernel", "post_attn_norm.weight", "mlp.gate_proj.kernel",
+IN_PLACE = ("attn.q_proj.kernel", "attn.k_proj.kernel", "attn.v_proj.kernel",
+            "attn.o_proj.kernel", "post_attn_norm.weight", "mlp.gate_proj.kernel",
             "mlp.up_proj.kernel")
 
 
@@ -67,33 +68,37 @@ def forward(weights: dict, tokens: jax.Array, positions: jax.Array, *, spec: Lay
     D = partial.shape[-1]
     with jax.named_scope("reduce_embed"):
         first_norm = stacked["input_norm.weight"]
-        first_norm = LayerOf(first_norm, jnp.int32(0)) if unroll else first_norm[0]
+        first_norm = LayerOf(first_norm, 0) if unroll else first_norm[0]
         x, residual = reduce(partial, reduce.init(B * S, D, partial.dtype), first_norm)
     rope = layers.rope_cos_sin(positions, inv_freq)
 
-    # The unrolled (decode) step reads these from the stacked weights in place (LayerOf).
-    in_place = {k for k in IN_PLACE if k in stacked} if unroll else set()
     norms = next_norms(stacked, weights["final_norm.weight"])
 
-    def body(carry, xs):
+    def layer(carry, w, next_norm, i):
         x, residual, cache = carry
-        w, next_norm, i = xs
-        w = dict(w, **{k: LayerOf(stacked[k], i) for k in in_place})
-        if unroll:
-            next_norm = LayerOf(norms, i)
 
         def attend_layer(q, k, v):
             return attend(q, k, v, cache, i)
-        x, residual, cache = layers.forward_layer(w, x, residual, next_norm, rope, spec=spec,
-                                                  reduce=reduce, attend=attend_layer)
-        return (x, residual, cache), None
+        if hasattr(attend, "from_projection"):
+            attend_layer.from_projection = (
+                lambda qkv, rope, heads: attend.from_projection(qkv, rope, cache, i, heads))
+        return layers.forward_layer(w, x, residual, next_norm, rope, spec=spec, reduce=reduce,
+                                    attend=attend_layer)
 
     L = stacked["input_norm.weight"].shape[0]
-    sliced = {k: v for k, v in stacked.items() if k not in in_place}
-    xs = (sliced, norms, jnp.arange(L, dtype=jnp.int32))
+    carry = (x.reshape(B, S, D), residual, cache)
     with jax.named_scope("layers"):
-        (x, _, cache), _ = jax.lax.scan(body, (x.reshape(B, S, D), residual, cache), xs,
-                                        unroll=L if unroll else 1)
+        if unroll:
+            # A Python loop rather than lax.scan(unroll=L): the layer index is then a constant,
+            # so the kernels' layer operands are literals instead of one s32[1] slice kernel per
+            # layer, and the weights that go to kernels are passed whole (LayerOf).
+            for i in range(L):
+                w = {k: LayerOf(v, i) if k in IN_PLACE else v[i] for k, v in stacked.items()}
+                carry = layer(carry, w, LayerOf(norms, i), i)
+        else:
+            carry, _ = jax.lax.scan(lambda c, xs: (layer(c, *xs), None), carry,
+                                    (stacked, norms, jnp.arange(L, dtype=jnp.int32)))
+    x, _, cache = carry
     return x, cache
 
 

@@ -21,6 +21,7 @@
 #   decode      scripts/bench_decode.py: decode step vs roofline, Generator, XLA attention, peer
 #   serving     scripts/bench_serving.py: continuous engine vs static batching vs peer
 #   profdecode  scripts/profile_decode.py: copy roofline, decode kernels by category, idle time, XLA flag variants
+#   profdecode8k  the same at a cache capacity of 8192 (512 positions valid)
 #   layermatmul scripts/bench_layer_matmul.py: decode's skinny matmuls, XLA on w[layer] vs the Pallas layer_matmul
 # At the end everything under $OUT is packed into $OUT/results.tgz (the device tool returns at
 # most 8 files), and a one-line-per-stage summary is printed. NVLink multicast stays off.
@@ -80,6 +81,8 @@ for s in ${STAGES//,/ }; do
     serving)    stage serving 430 $PY scripts/bench_serving.py --out "$R/serving" ;;
     layermatmul) stage layermatmul 400 $PY scripts/bench_layer_matmul.py --out "$R/layermatmul" ;;
     profdecode) stage profdecode 540 $PY scripts/profile_decode.py --out "$R/profdecode" ${PROFDECODE_ARGS:-} ;;
+    profdecode8k) stage profdecode8k 540 $PY scripts/profile_decode.py --capacity 8192 \
+                  --out "$R/profdecode8k" ${PROFDECODE_ARGS:-} ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done

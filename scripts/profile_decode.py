@@ -2,7 +2,7 @@
 """Where a decode step's time goes, on one GPU (random Llama-3.1-8B shape, TP1, bf16):
 
   1. the copy roofline (bench.harness.copy_bandwidth: every method, the best is the ceiling);
-  2. per batch (--batches): TPModel.decode step time (dispatch-ahead loop, median of 3 x 20),
+  2. per batch (--batches), 512 valid positions of --capacity: TPModel.decode step time (dispatch-ahead loop, median of 3 x 20),
      then a profile of 5 steps: GPU busy time (union of kernel intervals), idle time between
      kernels, kernels per step, time per category (matmul / attention / kv write / reduce /
      elementwise / memcpy) and the top kernels; one step's kernel sequence goes to the JSON;
@@ -57,14 +57,14 @@ def model_for(name: str):
     return TPModel.random(get_preset(name), make_mesh(1), dtype=jnp.bfloat16)
 
 
-def shape_of(m) -> tuple[int, int]:
-    """(valid, capacity): 512 of 2048 positions, scaled down for a model with a shorter window."""
-    capacity = min(2048, m.cfg.max_position_embeddings)
+def shape_of(m, capacity: int = 2048) -> tuple[int, int]:
+    """(valid, capacity): 512 of `capacity` positions, scaled down for a model with a shorter window."""
+    capacity = min(capacity, m.cfg.max_position_embeddings)
     return min(512, capacity // 4), capacity
 
 
-def decode_setup(m, batch):
-    valid, capacity = shape_of(m)
+def decode_setup(m, batch, capacity: int = 2048):
+    valid, capacity = shape_of(m, capacity)
     import jax
     import numpy as np
     cache = m.init_cache(batch, capacity)
@@ -140,7 +140,7 @@ def generator_probe(m, out: str, new=64):
     return res
 
 
-def variant_probe(m, B: int, variant: dict) -> dict:
+def variant_probe(m, B: int, variant: dict, capacity: int = 2048) -> dict:
     """The B-row decode step built as `variant` says (XLA compiler options, or the decode
     kernel's split target and launch parameters): its step time, and how many weight slices it materialises
     (`wrapped_slice` fusions: copies of a layer's slice of a stacked weight, made for cuBLAS
@@ -148,7 +148,7 @@ def variant_probe(m, B: int, variant: dict) -> dict:
     import jax
     from jax_tokenweave.kernels import paged_attention
     options = {k: v for k, v in variant.items() if k not in KERNEL_KNOBS}
-    cache, tok = decode_setup(m, B)
+    cache, tok = decode_setup(m, B, capacity)
     saved = {g: getattr(paged_attention, g) for g in KERNEL_KNOBS.values()}
     for k, g in KERNEL_KNOBS.items():   # read while tracing
         setattr(paged_attention, g, variant.get(k, saved[g]))
@@ -176,6 +176,8 @@ def main(argv=None):
     p.add_argument("--model", default="llama-3.1-8b", help="preset (tiny-llama: a CPU check of the script)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="names of VARIANTS, '' for none")
     p.add_argument("--variant-batches", default="8,32")
+    p.add_argument("--capacity", type=int, default=2048,
+                   help="cache positions per sequence (512 of them valid; the generator probe keeps 2048)")
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     import jax
@@ -191,7 +193,7 @@ def main(argv=None):
     m = model_for(a.model)
     res["batches"] = {}
     for B in [int(b) for b in a.batches.split(",") if b]:
-        cache, tok = decode_setup(m, B)
+        cache, tok = decode_setup(m, B, a.capacity)
         ms, warm, cache = step_ms(model_decode(m), cache, tok)
         prof, cache = profile_decode(m, cache, tok, a.out, f"b{B}")
         res["batches"][B] = dict(step_ms=ms, warmup_s=warm, **prof, hlo_copies=hlo_copies(m, cache, tok, a.out, B))
@@ -206,7 +208,7 @@ def main(argv=None):
     for B in [int(b) for b in a.variant_batches.split(",") if b]:
         for name in [v for v in a.variants.split(",") if v]:
             try:
-                r = variant_probe(m, B, VARIANTS[name])
+                r = variant_probe(m, B, VARIANTS[name], a.capacity)
             except Exception as e:  # noqa: BLE001 - keep the rest
                 r = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
             res["variants"][f"{name}@b{B}"] = r

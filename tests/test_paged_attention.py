@@ -144,6 +144,74 @@ def test_decode_append_rejects_bad_new_kv():
         pa.paged_decode_attention(q, kp, vp, bt, ln, 0, new_kv=(good, good.astype(jnp.bfloat16)))
 
 
+def _rope_reference(x, cos, sin):
+    """Rotate-half RoPE as the fused kernel documents it: x [B, heads, hd] in its dtype, cos /
+    sin [B, hd] fp32 rounded to that dtype; the products and sum in fp32, rounded once."""
+    dt = x.dtype
+    c = cos.astype(dt).astype(jnp.float32)[:, None]
+    s = sin.astype(dt).astype(jnp.float32)[:, None]
+    xf = x.astype(jnp.float32)
+    h = x.shape[-1] // 2
+    rot = jnp.concatenate([-xf[..., h:], xf[..., :h]], axis=-1)
+    return (xf * c + rot * s).astype(dt)
+
+
+def _angles(lengths, hd, theta=10000.0):
+    inv = 1.0 / theta ** (np.arange(0, hd, 2, dtype=np.float32) / hd)
+    ang = (np.asarray(lengths, np.float32) - 1)[:, None] * inv[None]
+    ang = np.concatenate([ang, ang], axis=1)
+    return jnp.asarray(np.cos(ang), jnp.float32), jnp.asarray(np.sin(ang), jnp.float32)
+
+
+@pytest.mark.parametrize("dtype,hd,group,ps,pieces,kw", [
+    (jnp.float32, 64, 4, 16, 4, {}),
+    (jnp.bfloat16, 128, 8, 16, 4, dict(num_splits=3)),
+    (jnp.bfloat16, 64, 1, 32, 1, {}),
+    (jnp.float32, 128, 4, 8, 2, dict(num_splits=1)),
+])
+def test_decode_from_qkv_pieces(dtype, hd, group, ps, pieces, kw):
+    """paged_decode_attention_qkv: the projection's pieces summed and rounded, RoPE on q and the
+    new k, k/v written to the slot, attention: against the same steps in XLA and the plain
+    decode kernel's reference, every element of the output and of both pools."""
+    lengths = [1, ps - 1, ps, ps + 1, 2 * ps, 3 * ps + 5]
+    B = len(lengths)
+    _, kp, vp, bt, ln = _decode_case(dtype, hd, group, ps, lengths)
+    kvh = kp.shape[1]
+    H = kvh * group
+    pdt = jnp.float32 if pieces > 1 else dtype
+    qkv = _normal((pieces, B, (H + 2 * kvh) * hd), pdt)
+    cos, sin = _angles(lengths, hd)
+    out, k2, v2 = pa.paged_decode_attention_qkv(qkv, (cos, sin), kp, vp, bt, ln, 1, num_heads=H, **kw)
+
+    lin = qkv.astype(jnp.float32).sum(axis=0).astype(dtype).reshape(B, H + 2 * kvh, hd)
+    q = _rope_reference(lin[:, :H], cos, sin)
+    k_new, v_new = _rope_reference(lin[:, H:H + kvh], cos, sin), lin[:, H + kvh:]
+    kr, vr = _appended(kp, vp, bt, ln, 1, k_new, v_new)
+    _check(out, pa.paged_attention_reference(q, kr, vr, bt, ln, 1), dtype)
+    np.testing.assert_array_equal(np.asarray(v2, np.float32), np.asarray(vr, np.float32))
+    # the written k slots within an ulp of the reference (fp32 sums in another order), every
+    # other slot of the pool untouched
+    pos = np.asarray(ln) - 1
+    page = np.asarray(bt)[np.arange(B), pos // ps]
+    k2f, krf = np.array(k2, np.float32), np.asarray(kr, np.float32)
+    np.testing.assert_allclose(k2f[1, :, page, pos % ps], krf[1, :, page, pos % ps], **TOL[dtype])
+    k2f[1, :, page, pos % ps] = krf[1, :, page, pos % ps]
+    np.testing.assert_array_equal(k2f, krf)
+
+
+def test_decode_from_qkv_pieces_rejects_bad_input():
+    _, kp, vp, bt, ln = _decode_case(jnp.bfloat16, 64, 4, 16, [3, 20])
+    cos, sin = _angles([3, 20], 64)
+    qkv = _normal((4, 2, (8 + 4) * 64), jnp.float32)
+    with pytest.raises(ValueError, match=r"qkv must be \[P, B, \(num_heads \+ 2 \* kv_heads\)"):
+        pa.paged_decode_attention_qkv(qkv, (cos, sin), kp, vp, bt, ln, 0, num_heads=4)
+    with pytest.raises(ValueError, match="pass float32 split-K pieces"):
+        pa.paged_decode_attention_qkv(qkv.astype(jnp.float16), (cos, sin), kp, vp, bt, ln, 0,
+                                      num_heads=8)
+    with pytest.raises(ValueError, match=r"rope cos must be float32\[2, 64\]"):
+        pa.paged_decode_attention_qkv(qkv, (cos[:, :32], sin), kp, vp, bt, ln, 0, num_heads=8)
+
+
 def test_decode_split_rule():
     # batch 1 on 8 kv heads fills ~2 programs per SM; capped by 128-token splits
     assert pa.decode_num_splits(1, 8, 512, 16) == 33
