@@ -322,13 +322,22 @@ def decode_num_splits(batch: int, kv_heads: int, max_pages: int, page_size: int)
   return int(max(1, min(want, cap)))
 
 
-def _project_and_rotate(q_ref, kn_ref, vn_ref, cos_ref, sin_ref, rot_ref, row_ok, dtype, plain):
+def _rotate_half(x):
+  """concat(-x2, x1) of x = concat(x1, x2) along the last axis. Triton has no general
+  concatenate: the halves are stacked on a new last axis (a join), swapped to the front of it
+  and flattened, which puts them side by side."""
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  st = jnp.stack([-x2, x1], axis=-1)                       # [..., h, 2]
+  swap = tuple(range(st.ndim - 2)) + (st.ndim - 1, st.ndim - 2)
+  return jnp.transpose(st, swap).reshape(x.shape)          # [..., 2, h] -> [..., 2h]
+
+
+def _project_and_rotate(q_ref, kn_ref, vn_ref, cos_ref, sin_ref, row_ok, dtype, plain):
   """q [rows, hd], the new k and v [hd] of one (sequence, kv head) from the qkv projection's
   pieces (q_ref [P, group, hd], kn_ref / vn_ref [P, hd]): summed in fp32, rounded to the pools'
   dtype (what the projection stores), then rotate-half RoPE on q and k with cos / sin [hd]
-  rounded to that dtype, as models.layers.apply_rope does. rotate_half(x) is x @ rot, a signed
-  permutation: in a dot of dtype inputs with fp32 accumulation each output is one input, exact,
-  which Triton does without slicing or concatenating registers."""
+  rounded to that dtype, as models.layers.apply_rope does (products and sum in fp32, one
+  rounding)."""
   num_pieces = q_ref.shape[0]
   rows = row_ok.shape[0]
   f32 = jnp.float32
@@ -340,30 +349,26 @@ def _project_and_rotate(q_ref, kn_ref, vn_ref, cos_ref, sin_ref, rot_ref, row_ok
         pltriton.load(q_ref.at[jnp.int32(p), pl.ds(0, rows)], mask=row_ok[:, None],
                       other=0).astype(f32)
         for p in range(num_pieces)]).astype(dtype)
+
   def piece_sum(ref):   # [P, hd] -> [hd]
     return functools.reduce(jnp.add, [ref[jnp.int32(p), :].astype(f32)
                                       for p in range(num_pieces)]).astype(dtype)
 
   k_lin, vn = piece_sum(kn_ref), piece_sum(vn_ref)
-  cos = cos_ref[...].astype(dtype).astype(f32)[None, :]
-  sin = sin_ref[...].astype(dtype).astype(f32)[None, :]
-  rot = rot_ref[...]
+  cos = cos_ref[...].astype(dtype).astype(f32)
+  sin = sin_ref[...].astype(dtype).astype(f32)
 
-  def rope(x):   # x [rows, hd] in dtype
-    return (x.astype(f32) * cos + _dot_nn(x, rot) * sin).astype(dtype)
+  def rope(x):   # x [..., hd] in dtype
+    xf = x.astype(f32)
+    return (xf * cos + _rotate_half(xf) * sin).astype(dtype)
 
-  q = rope(q_lin)
-  # k as `rows` equal rows (Triton's dot wants M >= 16), then its first row
-  kr = rope(jnp.broadcast_to(k_lin[None, :], (rows, k_lin.shape[0])))
-  first_row = (jnp.arange(rows, dtype=jnp.int32) == 0)[:, None]
-  kn = jnp.sum(jnp.where(first_row, kr.astype(f32), 0.0), axis=0).astype(dtype)
-  return q, kn, vn
+  return rope(q_lin), rope(k_lin), vn
 
 
 def _decode_kernel(layer_ref, len_ref, bt_ref, q_ref, *refs, group, rows, ppb, max_pages,
                    num_splits, static_pps, qk_scale, plain, gather, append, fused):
   if fused:    # q, the new k and v as projection pieces, plus RoPE (see _project_and_rotate)
-    kn_ref, vn_ref, cos_ref, sin_ref, rot_ref, k_ref, v_ref, *out_refs = refs
+    kn_ref, vn_ref, cos_ref, sin_ref, k_ref, v_ref, *out_refs = refs
     out_refs, (ko_ref, vo_ref) = out_refs[:-2], out_refs[-2:]
   elif append:   # the new token's k/v [hd] come in; the pools are also outputs (aliased)
     kn_ref, vn_ref, k_ref, v_ref, *out_refs = refs
@@ -395,7 +400,7 @@ def _decode_kernel(layer_ref, len_ref, bt_ref, q_ref, *refs, group, rows, ppb, m
 
   row_ok = jnp.arange(rows, dtype=jnp.int32) < group
   if fused:
-    q, kn, vn = _project_and_rotate(q_ref, kn_ref, vn_ref, cos_ref, sin_ref, rot_ref, row_ok,
+    q, kn, vn = _project_and_rotate(q_ref, kn_ref, vn_ref, cos_ref, sin_ref, row_ok,
                                     k_ref.dtype, plain)
   else:
     q = _masked_load(q_ref.at[pl.ds(0, rows)], row_ok[:, None], plain)
@@ -573,15 +578,6 @@ def paged_decode_attention_qkv(qkv, rope, k_pool, v_pool, block_tables, lengths,
                       num_warps=_DECODE_WARPS, num_stages=_DECODE_STAGES)
 
 
-def _rotate_half_matrix(head_dim: int, dtype) -> jax.Array:
-  """R [hd, hd] with x @ R == rotate_half(x) == concat(-x[h:], x[:h]), h = hd / 2."""
-  h = head_dim // 2
-  r = np.zeros((head_dim, head_dim), np.float32)
-  r[np.arange(h) + h, np.arange(h)] = -1.0
-  r[np.arange(h), np.arange(h) + h] = 1.0
-  return jnp.asarray(r, dtype)
-
-
 @functools.partial(jax.jit, static_argnames=("group", "rows", "ppb", "ns", "static_pps", "scale",
                                              "interpret", "gather", "num_warps", "num_stages"))
 def _decode_impl(q, k_pool, v_pool, block_tables, lengths, layer_arr, new_kv, rope, *, group, rows,
@@ -630,8 +626,7 @@ def _decode_impl(q, k_pool, v_pool, block_tables, lengths, layer_arr, new_kv, ro
   args = [layer_arr, lengths, bt, qg]
   if fused:
     in_specs += kv_new_specs + [pl.BlockSpec((None, head_dim), lambda b, h, s: (b, 0))] * 2
-    in_specs += [pl.BlockSpec((head_dim, head_dim), lambda b, h, s: (0, 0))]
-    args += [qg, qg, rope[0], rope[1], _rotate_half_matrix(head_dim, k_pool.dtype)]
+    args += [qg, qg, rope[0], rope[1]]
   elif new_kv is not None:
     in_specs += [pl.BlockSpec((None, None, head_dim), lambda b, h, s: (b, h, 0))] * 2
     args += list(new_kv)

@@ -102,10 +102,14 @@ for ps in (16, 64):
         # the operands, so bounded by 2^-6 of the largest k
         kerr = float(jnp.max(jnp.abs(k2.astype(jnp.float32) - kr.astype(jnp.float32)))
                      / jnp.max(jnp.abs(knr.astype(jnp.float32))))
+        # v: the kernel sums the 4 pieces in another order than XLA's reduce, so a value near a
+        # rounding boundary may land one bf16 ulp away
+        verr = float(jnp.max(jnp.abs(v2.astype(jnp.float32) - vr.astype(jnp.float32))
+                             / jnp.maximum(jnp.abs(vr.astype(jnp.float32)), 1e-3)))
         report(f"decode from qkv pieces ps{ps} B{B}", err < 2e-2 and kerr <= 2 ** -6
-               and bool(jnp.array_equal(v2, vr)),
+               and verr <= 2 ** -7,
                f"max|err| {err:.4f}, k pool max|err| / max|k| {kerr:.2e}, "
-               f"v pool equal {bool(jnp.array_equal(v2, vr))}")
+               f"v pool max rel err {verr:.2e} (<= 1 ulp)")
 
 # 2. layer_matmul on the o_proj, and on q / k / v in one launch
 wq, wk, wv = normal((4, 4096, 4096)), normal((4, 4096, 1024)), normal((4, 4096, 1024))
