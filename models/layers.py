@@ -189,12 +189,17 @@ def out_projection(out: jax.Array, wo) -> jax.Array:
     return jnp.einsum("bshk,hkd->bsd", out, wo).reshape(B * S, -1)
 
 
-def projection_fuses(w, spec: LayerSpec, attend: Callable) -> bool:
+# the fewest token rows at which the qkv projection goes to the attention kernel as pieces
+FUSED_QKV_MIN_ROWS = 1
+
+
+def projection_fuses(w, spec: LayerSpec, attend: Callable, rows: int) -> bool:
     """Whether the qkv projection goes to the attention kernel as split-K pieces: in the unrolled
-    decode step on GPU (q/k/v weights as LayerOf, an attend with ``from_projection``), for
-    projections without biases whose kv heads are this rank's own (not replicated over ranks)."""
+    decode step on GPU (q/k/v weights as LayerOf, an attend with ``from_projection``) of at
+    least FUSED_QKV_MIN_ROWS rows, for projections without biases whose kv heads are this
+    rank's own (not replicated over ranks)."""
     return (hasattr(attend, "from_projection") and isinstance(w["attn.q_proj.kernel"], LayerOf)
-            and use_kernels() and "attn.q_proj.bias" not in w
+            and use_kernels() and rows >= FUSED_QKV_MIN_ROWS and "attn.q_proj.bias" not in w
             and axis_size(spec.axis_name) <= spec.num_kv_heads)
 
 
@@ -214,7 +219,7 @@ def attention_block(w, x: jax.Array, rope, spec: LayerSpec, attend: Callable):
     to sum the projection's split-K pieces and rotate q and k (kernels/paged_attention.py's
     paged_decode_attention_qkv says what they cost)."""
     B, S, D = x.shape
-    if projection_fuses(w, spec, attend):
+    if projection_fuses(w, spec, attend, B * S):
         heads = w["attn.q_proj.kernel"].shape[-2]
         cos, sin = rope
         out, aux = attend.from_projection(qkv_pieces(w, x.reshape(B * S, D)),

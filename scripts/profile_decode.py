@@ -44,9 +44,16 @@ VARIANTS = {   # how the decode jit is built, timed against the default at each 
     "attn_warps_2": {"attn_warps": 2},
     "attn_stages_3": {"attn_stages": 3},
     "attn_stages_4": {"attn_stages": 4},
+    "attn_stages_1": {"attn_stages": 1},
+    # the qkv projection into the decode kernel as pieces (models.layers.projection_fuses) only
+    # from this many rows on: a huge number turns it off
+    "qkv_unfused": {"fused_qkv_min_rows": 1 << 30},
 }
-KERNEL_KNOBS = {"target_programs": "_TARGET_PROGRAMS", "attn_warps": "_DECODE_WARPS",
-                "attn_stages": "_DECODE_STAGES"}   # variant key -> paged_attention global
+# variant key -> (module, global) read while tracing
+KERNEL_KNOBS = {"target_programs": ("jax_tokenweave.kernels.paged_attention", "_TARGET_PROGRAMS"),
+                "attn_warps": ("jax_tokenweave.kernels.paged_attention", "_DECODE_WARPS"),
+                "attn_stages": ("jax_tokenweave.kernels.paged_attention", "_DECODE_STAGES"),
+                "fused_qkv_min_rows": ("jax_tokenweave.models.layers", "FUSED_QKV_MIN_ROWS")}
 
 
 def model_for(name: str):
@@ -146,12 +153,13 @@ def variant_probe(m, B: int, variant: dict, capacity: int = 2048) -> dict:
     (`wrapped_slice` fusions: copies of a layer's slice of a stacked weight, made for cuBLAS
     calls) and how many cuBLAS calls it makes."""
     import jax
-    from jax_tokenweave.kernels import paged_attention
+    import importlib
     options = {k: v for k, v in variant.items() if k not in KERNEL_KNOBS}
     cache, tok = decode_setup(m, B, capacity)
-    saved = {g: getattr(paged_attention, g) for g in KERNEL_KNOBS.values()}
-    for k, g in KERNEL_KNOBS.items():   # read while tracing
-        setattr(paged_attention, g, variant.get(k, saved[g]))
+    knobs = {k: (importlib.import_module(m), g) for k, (m, g) in KERNEL_KNOBS.items()}
+    saved = {k: getattr(mod, g) for k, (mod, g) in knobs.items()}
+    for k, (mod, g) in knobs.items():   # read while tracing
+        setattr(mod, g, variant.get(k, saved[k]))
     try:
         t = time.perf_counter()
         # a new function each time: jax's trace cache would otherwise reuse the default's trace
@@ -159,8 +167,8 @@ def variant_probe(m, B: int, variant: dict, capacity: int = 2048) -> dict:
                            compiler_options=options).lower(m.params, tok, cache).compile()
         compile_s = time.perf_counter() - t
     finally:
-        for g, v in saved.items():
-            setattr(paged_attention, g, v)
+        for k, (mod, g) in knobs.items():
+            setattr(mod, g, saved[k])
     txt = compiled.as_text()
     ms, warm, cache = step_ms(lambda tok, cache: compiled(m.params, tok, cache), cache, tok)
     del cache
