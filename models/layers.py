@@ -10,12 +10,7 @@ Two things vary between callers and are passed in:
   ``attend(q, k, v) -> (out, aux)``      how attention reads and writes keys/values: causal over
                                          the batch itself (prefill, logits), over the paged KV
                                          cache (decode, mixed batches), with a prefix (split
-                                         halves); ``aux`` is whatever it threads back (the cache).
-                                         The decode step's (on GPU) also has
-                                         ``attend.from_projection(qkv, rope, num_heads)``: it
-                                         takes the qkv projection's split-K pieces and RoPE's
-                                         angles and does the rest in its kernel
-                                         (attention_block says when that is used)
+                                         halves); ``aux`` is whatever it threads back (the cache)
   ``reduce(partial, residual, gamma)``   the tensor-parallel reduction, ``collective.reducer``:
                                          the fused AllReduce + residual + RMSNorm for the model;
                                          psum or none in the benchmark variants
@@ -126,7 +121,7 @@ def qkv(w, x: jax.Array, rope, spec: LayerSpec):
         kv_slice = jax.lax.axis_index(spec.axis_name) * spec.num_kv_heads // tp
 
     def project(name, sl):
-        wt, b = resolve(w[f"attn.{name}.kernel"]), w.get(f"attn.{name}.bias")
+        wt, b = w[f"attn.{name}.kernel"], w.get(f"attn.{name}.bias")
         if sl is not None:
             wt = jax.lax.dynamic_slice_in_dim(wt, sl, 1, axis=1)
             b = None if b is None else jax.lax.dynamic_slice_in_dim(b, sl, 1, axis=0)
@@ -189,45 +184,10 @@ def out_projection(out: jax.Array, wo) -> jax.Array:
     return jnp.einsum("bshk,hkd->bsd", out, wo).reshape(B * S, -1)
 
 
-# the fewest token rows at which the qkv projection goes to the attention kernel as pieces
-FUSED_QKV_MIN_ROWS = 1
-
-
-def projection_fuses(w, spec: LayerSpec, attend: Callable, rows: int) -> bool:
-    """Whether the qkv projection goes to the attention kernel as split-K pieces: in the unrolled
-    decode step on GPU (q/k/v weights as LayerOf, an attend with ``from_projection``) of at
-    least FUSED_QKV_MIN_ROWS rows, for projections without biases whose kv heads are this
-    rank's own (not replicated over ranks)."""
-    return (hasattr(attend, "from_projection") and isinstance(w["attn.q_proj.kernel"], LayerOf)
-            and use_kernels() and rows >= FUSED_QKV_MIN_ROWS and "attn.q_proj.bias" not in w
-            and axis_size(spec.axis_name) <= spec.num_kv_heads)
-
-
-def qkv_pieces(w, x: jax.Array) -> jax.Array:
-    """x [T, D] -> the split-K pieces [P, T, (Hl + 2 KVHl) * hd] of x @ [wq | wk | wv], one
-    kernel reading the three stacked weights in place (kernels.layer_matmul)."""
-    ws = [w[f"attn.{n}.kernel"] for n in ("q_proj", "k_proj", "v_proj")]
-    flat = tuple(wi.stacked.reshape(wi.stacked.shape[:2] + (-1,)) for wi in ws)
-    return layer_matmul(x, flat, ws[0].layer, sum_splits=False)
-
-
 def attention_block(w, x: jax.Array, rope, spec: LayerSpec, attend: Callable):
-    """x [B, S, D] normed -> (o_proj partial [B*S, D], attend's aux).
-
-    In the decode step on GPU (``projection_fuses``) the attention kernel takes the qkv
-    projection's pieces and applies RoPE itself: fed q / k / v, XLA ran three kernels per layer
-    to sum the projection's split-K pieces and rotate q and k (kernels/paged_attention.py's
-    paged_decode_attention_qkv says what they cost)."""
-    B, S, D = x.shape
-    if projection_fuses(w, spec, attend, B * S):
-        heads = w["attn.q_proj.kernel"].shape[-2]
-        cos, sin = rope
-        out, aux = attend.from_projection(qkv_pieces(w, x.reshape(B * S, D)),
-                                          (cos.reshape(B * S, -1), sin.reshape(B * S, -1)), heads)
-        out = out.reshape(B, S, heads, -1)
-    else:
-        q, k, v = qkv(w, x, rope, spec)
-        out, aux = attend(q, k, v)
+    """x [B, S, D] normed -> (o_proj partial [B*S, D], attend's aux)."""
+    q, k, v = qkv(w, x, rope, spec)
+    out, aux = attend(q, k, v)
     return out_projection(out.astype(x.dtype), w["attn.o_proj.kernel"]), aux
 
 

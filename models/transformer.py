@@ -28,8 +28,7 @@ from jax_tokenweave.models.layers import LayerSpec
 
 LAYER_PREFIX = "layers."
 # the layer weights the unrolled decode step hands to kernels whole (see forward's unroll)
-IN_PLACE = ("attn.q_proj.kernel", "attn.k_proj.kernel", "attn.v_proj.kernel",
-            "attn.o_proj.kernel", "post_attn_norm.weight", "mlp.gate_proj.kernel",
+IN_PLACE = ("attn.o_proj.kernel", "post_attn_norm.weight", "mlp.gate_proj.kernel",
             "mlp.up_proj.kernel")
 
 
@@ -79,9 +78,6 @@ def forward(weights: dict, tokens: jax.Array, positions: jax.Array, *, spec: Lay
 
         def attend_layer(q, k, v):
             return attend(q, k, v, cache, i)
-        if hasattr(attend, "from_projection"):
-            attend_layer.from_projection = (
-                lambda qkv, rope, heads: attend.from_projection(qkv, rope, cache, i, heads))
         return layers.forward_layer(w, x, residual, next_norm, rope, spec=spec, reduce=reduce,
                                     attend=attend_layer)
 

@@ -84,30 +84,3 @@ def test_unsummed_pieces_add_up():
                                **TOL[jnp.float32])
     # each piece is a different share of K: no two are equal
     assert not np.allclose(np.asarray(pieces[0]), np.asarray(pieces[1]))
-
-
-@pytest.mark.parametrize("m,dtype,split_k", [(1, jnp.bfloat16, None), (8, jnp.float32, 2), (17, jnp.float32, 1)])
-def test_several_weights_side_by_side(m, dtype, split_k):
-    """q, k and v in one launch: the output is the three products side by side, each column
-    block from its own weight (widths 128 / 32 / 32 as a GQA projection's)."""
-    x, wq = _data(m, 128, 128, 3, dtype, seed=40 + m)
-    _, wk = _data(m, 128, 32, 3, dtype, seed=41 + m)
-    _, wv = _data(m, 128, 32, 3, dtype, seed=42 + m)
-    for layer in range(3):
-        got = layer_matmul(x, (wq, wk, wv), layer, block_n=16, block_k=32, split_k=split_k,
-                           sum_splits=False)
-        assert got.shape[1:] == (m, 192)
-        got = got.astype(jnp.float32).sum(0)
-        for w, lo, hi in ((wq, 0, 128), (wk, 128, 160), (wv, 160, 192)):
-            ref = layer_matmul_reference(x, w, layer).astype(jnp.float32)
-            np.testing.assert_allclose(np.asarray(got[:, lo:hi]), np.asarray(ref), **TOL[dtype])
-
-
-def test_several_weights_must_share_layers_and_k():
-    x, wq = _data(4, 64, 32, 2, jnp.float32, seed=50)
-    _, wk = _data(4, 32, 32, 2, jnp.float32, seed=51)
-    with pytest.raises(ValueError, match=r"all one \[L, K\]"):
-        layer_matmul(x, (wq, wk), 0)
-    _, wv = _data(4, 64, 24, 2, jnp.float32, seed=52)
-    with pytest.raises(ValueError, match="must be >= 16 and divide"):
-        layer_matmul(x, (wq, wv), 0, block_n=16)

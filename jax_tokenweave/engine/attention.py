@@ -5,9 +5,7 @@ model's forward takes (models/transformer.py, weave/schedule.py). One per kind o
     prefill     a padded [B, S] batch of whole prompts: causal attention over the fresh keys
                 (cuDNN on GPU), and the keys/values written to the sequences' pages
     decode      one token per sequence: the Pallas paged decode kernel (flash-decoding) writes it
-                to its page slot and attends over the sequence's valid pages; on GPU it also
-                takes the qkv projection's pieces directly (``attend.from_projection``) and
-                applies RoPE itself
+                to its page slot and attends over the sequence's valid pages
     ragged      a flat batch of prefill chunks and decode tokens (the continuous engine): written
                 to their pages, then the Pallas ragged paged kernel (each chunk over its earlier
                 pages plus causal within itself)
@@ -43,21 +41,17 @@ def decode_attention(q, k_new, v_new, cache, block_tables, lengths, layer, busy_
     split count follows them, so one long sequence padded to 8 rows still spreads over the SMs."""
     k_new, v_new = k_new.astype(cache.k.dtype), v_new.astype(cache.v.dtype)
     if use_kernels():
+        splits = None
+        if busy_rows is not None:
+            splits = kernels.decode_num_splits(busy_rows, cache.k.shape[1], block_tables.shape[1],
+                                               cache.page_size)
         out, k, v = kernels.paged_decode_attention(q, cache.k, cache.v, block_tables, lengths, layer,
-                                                   num_splits=_splits(cache, block_tables, busy_rows),
-                                                   new_kv=(k_new, v_new))
+                                                   num_splits=splits, new_kv=(k_new, v_new))
         return out, kv_cache.KVPages(k, v)
     B = q.shape[0]
     page, off = kv_cache.slots(block_tables, (lengths - 1)[:, None], jnp.ones((B, 1), bool), cache.page_size)
     cache = kv_cache.write(cache, layer, k_new, v_new, page[:, 0], off[:, 0])
     return kernels.paged_attention_reference(q, cache.k, cache.v, block_tables, lengths, layer), cache
-
-
-def _splits(cache, block_tables, busy_rows):
-    """The decode kernel's split count for `busy_rows` real rows (None: its own rule)."""
-    if busy_rows is None:
-        return None
-    return kernels.decode_num_splits(busy_rows, cache.k.shape[1], block_tables.shape[1], cache.page_size)
 
 
 def ragged_paged_attention(q, k_pool, v_pool, block_tables, context_lens, query_start, num_seqs, layer):
@@ -94,16 +88,6 @@ def decode(block_tables, lengths, busy_rows=None):
         out, cache = decode_attention(q[:, 0], k[:, 0], v[:, 0], cache, block_tables, lengths + 1, layer,
                                       busy_rows=busy_rows)
         return out[:, None], cache
-
-    if use_kernels():
-        def from_projection(qkv, rope, cache, layer, num_heads):
-            """The qkv projection's pieces [P, B, (H + 2 KVH) * hd] and RoPE's angles of the new
-            token: one kernel rotates, writes and attends (paged_decode_attention_qkv)."""
-            out, k, v = kernels.paged_decode_attention_qkv(
-                qkv, rope, cache.k, cache.v, block_tables, lengths + 1, layer, num_heads=num_heads,
-                num_splits=_splits(cache, block_tables, busy_rows))
-            return out[:, None], kv_cache.KVPages(k, v)
-        attend.from_projection = from_projection
     return attend
 
 

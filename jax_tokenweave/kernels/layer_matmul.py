@@ -15,9 +15,7 @@ K in fp32 on the tensor cores (rows padded to 16 by masked loads: Triton's dot w
 split_k > 1 writes fp32 pieces [split_k, M, N]: XLA sums them, or with ``sum_splits=False``
 the consumer does (the one-rank fused reduction, kernels/add_rmsnorm.py, adds them to the
 residual in the same pass).
-split_k is chosen so that at least 1.5 programs per SM stream the weight. Several weights (q, k,
-v) can go in one launch: their column blocks side by side in the grid, each program reading the
-one weight its block belongs to.
+split_k is chosen so that about two programs per SM stream the weight.
 
 Lowering: Pallas' Triton backend on GPU, interpret mode elsewhere (how CI tests it).
 """
@@ -36,22 +34,18 @@ from jax_tokenweave.kernels.vma import most_varying_mat, out_struct
 
 __all__ = ["layer_matmul", "layer_matmul_reference"]
 
-def _plan(k: int, ns: tuple, block_n, block_k, split_k):
+def _plan(k: int, n: int, block_n, block_k, split_k):
   # 64 x 128 tiles: the fastest on the shape this serves, the 8B o_proj, at 8 and 32 rows (13.1 /
   # 14.6 us per call against 14.8 / 15.6 for 128 x 128; bench/results/layer_matmul_h200.json)
-  bn = min(pow2_at_most(n, 64) for n in ns) if block_n is None else int(block_n)
+  bn = pow2_at_most(n, 64) if block_n is None else int(block_n)
   bk = pow2_at_most(k, 128) if block_k is None else int(block_k)
-  if any(n % bn for n in ns) or k % bk or bn < 16 or bk < 16:
+  if n % bn or k % bk or bn < 16 or bk < 16:
     raise ValueError(f"layer_matmul: block_n={bn} / block_k={bk} must be >= 16 and divide "
-                     f"N={'/'.join(map(str, ns))} / K={k}; weights whose N or K is not a multiple "
-                     "of 16 go through jnp.einsum instead.")
+                     f"N={n} / K={k}; weights whose N or K is not a multiple of 16 go through "
+                     "jnp.einsum instead.")
   steps = k // bk
   if split_k is None:
-    # the fewest splits (a power of two) that give at least 1.5 programs per SM, so that the
-    # SMs idle in the last wave are at most a third (o_proj of the 8B: 64 x 4, its qkv 96 x 4)
-    want = 1
-    while (sum(ns) // bn) * want < 1.5 * NUM_SMS and want < steps:
-      want *= 2
+    want = max(1, -(-2 * NUM_SMS // (n // bn)))
     split_k = pow2_at_most(steps, want)
   split_k = int(split_k)
   if split_k < 1 or steps % split_k:
@@ -59,57 +53,39 @@ def _plan(k: int, ns: tuple, block_n, block_k, split_k):
   return bn, bk, split_k
 
 
-def _kernel(layer_ref, x_ref, *refs, rows, m, bk, steps, firsts):
-  # refs: the weights (each all layers, the program's columns of it), then the output.
-  # firsts[i]: the first column block of weight i in the output (static).
-  *w_refs, o_ref = refs
+def _kernel(layer_ref, x_ref, w_ref, o_ref, *, rows, m, bk, steps):
   layer = layer_ref[0]
-  j = pl.program_id(0)
   s = pl.program_id(1)
   row_ok = (jnp.arange(rows, dtype=jnp.int32) < m)[:, None]
-  bn = w_refs[0].shape[-1]
+  bn = w_ref.shape[-1]
 
-  def product(w_ref):
-    def body(i, acc):
-      k0 = (s * steps + i) * bk
-      # rows >= m are read as 0 (never touched in memory) and masked out of the store
-      xb = pltriton.load(x_ref.at[pl.ds(0, rows), pl.ds(k0, bk)], mask=row_ok, other=0)
-      wb = w_ref[layer, pl.ds(k0, bk), :]
-      prec = lax.Precision.HIGHEST if xb.dtype == jnp.float32 else None
-      return acc + lax.dot_general(xb, wb, (((1,), (0,)), ((), ())), precision=prec,
-                                   preferred_element_type=jnp.float32)
+  def body(i, acc):
+    k0 = (s * steps + i) * bk
+    # rows >= m are read as 0 (never touched in memory) and masked out of the store
+    xb = pltriton.load(x_ref.at[pl.ds(0, rows), pl.ds(k0, bk)], mask=row_ok, other=0)
+    wb = w_ref[layer, pl.ds(k0, bk), :]
+    prec = lax.Precision.HIGHEST if xb.dtype == jnp.float32 else None
+    return acc + lax.dot_general(xb, wb, (((1,), (0,)), ((), ())), precision=prec,
+                                 preferred_element_type=jnp.float32)
 
-    acc = lax.fori_loop(0, steps, body, jnp.zeros((rows, bn), jnp.float32))
-    pltriton.store(o_ref.at[pl.ds(0, rows)], acc.astype(o_ref.dtype), mask=row_ok)
-
-  if len(w_refs) == 1:
-    product(w_refs[0])
-    return
-  ends = firsts[1:] + (None,)
-  for w_ref, first, end in zip(w_refs, firsts, ends):
-    # exactly one weight owns column block j: its branch is the only one that runs
-    pl.when((j >= first) & (j < end) if end is not None else j >= first)(
-        functools.partial(product, w_ref))
+  acc = lax.fori_loop(0, steps, body, jnp.zeros((rows, bn), jnp.float32))
+  pltriton.store(o_ref.at[pl.ds(0, rows)], acc.astype(o_ref.dtype), mask=row_ok)
 
 
-def layer_matmul(x: jax.Array, w, layer, *, block_n=None, block_k=None, split_k=None,
+def layer_matmul(x: jax.Array, w: jax.Array, layer, *, block_n=None, block_k=None, split_k=None,
                  num_warps: int = 4, num_stages: int = 3, sum_splits: bool = True,
                  interpret=None) -> jax.Array:
   """x [M, K] @ w[layer] for stacked w [L, K, N] -> [M, N] in x's dtype (fp32 accumulation);
   with sum_splits=False the [split_k, M, N] pieces (fp32 when split_k > 1) whose sum that is.
 
-  w may be a tuple of stacked weights [L, K, N_i] (q, k and v): one launch computes all of
-  them, the output being their products side by side ([..., sum N_i]); block_n must divide
-  every N_i. layer: integer scalar, may be traced. Reads only w[layer], in place. Meant for few
-  rows (decode); M up to a few hundred works but re-reads nothing, so it gains nothing there.
+  layer: integer scalar, may be traced. Reads only w[layer], in place. Meant for few rows
+  (decode); M up to a few hundred works but re-reads nothing, so it gains nothing there.
   """
-  ws = tuple(w) if isinstance(w, (tuple, list)) else (w,)
-  names = ("w",) if len(ws) == 1 else tuple(f"w[{i}]" for i in range(len(ws)))
-  layer = check_stacked("layer_matmul", x, dict(zip(names, ws)), layer, same_n=False)
-  bn, bk, sk = _plan(x.shape[1], tuple(wi.shape[2] for wi in ws), block_n, block_k, split_k)
+  layer = check_stacked("layer_matmul", x, {"w": w}, layer)
+  bn, bk, sk = _plan(x.shape[1], w.shape[2], block_n, block_k, split_k)
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
-  pieces = _impl(x, ws, layer, bn=bn, bk=bk, sk=sk,
+  pieces = _impl(x, w, layer, bn=bn, bk=bk, sk=sk,
                  num_warps=int(num_warps), num_stages=int(num_stages), interpret=bool(interpret))
   if not sum_splits:
     return pieces
@@ -118,34 +94,27 @@ def layer_matmul(x: jax.Array, w, layer, *, block_n=None, block_k=None, split_k=
 
 @functools.partial(jax.jit, static_argnames=("bn", "bk", "sk", "num_warps", "num_stages",
                                              "interpret"))
-def _impl(x, ws, layer, *, bn, bk, sk, num_warps, num_stages, interpret):
+def _impl(x, w, layer, *, bn, bk, sk, num_warps, num_stages, interpret):
   m, k = x.shape
-  num_layers = ws[0].shape[0]
-  blocks = [wi.shape[2] // bn for wi in ws]
-  firsts = tuple(int(sum(blocks[:i])) for i in range(len(ws)))
+  num_layers, _, n = w.shape
   rows = padded_rows(m)
   ks = k // sk
   out_dtype = x.dtype if sk == 1 else jnp.float32
-
-  def w_spec(first, nb):
-    # all layers, the program's columns: the layer is applied inside (no w[layer] copy); the
-    # programs of the other weights get a clamped block they never read
-    return pl.BlockSpec((num_layers, k, bn),
-                        lambda j, s: (0, 0, jnp.clip(j - first, 0, nb - 1)))
-
   return pl.pallas_call(
-      functools.partial(_kernel, rows=rows, m=m, bk=bk, steps=ks // bk, firsts=firsts),
-      grid=(sum(blocks), sk),
+      functools.partial(_kernel, rows=rows, m=m, bk=bk, steps=ks // bk),
+      grid=(n // bn, sk),
       in_specs=[
           pl.BlockSpec((1,), lambda j, s: (0,)),
           pl.BlockSpec((m, k), lambda j, s: (0, 0)),
-      ] + [w_spec(f, nb) for f, nb in zip(firsts, blocks)],
+          # all layers, the program's columns: the layer is applied inside (no w[layer] copy)
+          pl.BlockSpec((num_layers, k, bn), lambda j, s: (0, 0, j)),
+      ],
       out_specs=pl.BlockSpec((None, m, bn), lambda j, s: (s, 0, j)),
-      out_shape=out_struct((sk, m, bn * sum(blocks)), out_dtype, most_varying_mat(x, *ws)),
+      out_shape=out_struct((sk, m, n), out_dtype, most_varying_mat(x, w)),
       interpret=interpret,
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      name=f"layer_matmul_n{bn}_k{bk}_s{sk}" + (f"_w{len(ws)}" if len(ws) > 1 else ""),
-  )(layer, x, *ws)
+      name=f"layer_matmul_n{bn}_k{bk}_s{sk}",
+  )(layer, x, w)
 
 
 def layer_matmul_reference(x: jax.Array, w: jax.Array, layer) -> jax.Array:

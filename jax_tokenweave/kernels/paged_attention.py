@@ -86,12 +86,12 @@ __all__ = [
     "ragged_paged_attention",
     "paged_attention_reference",
     "decode_num_splits",
-    "paged_decode_attention_qkv",
 ]
 
 # H200: 132 SMs. The rule aims at ~2 programs per SM at batch 1.
 _NUM_SMS = 132
 _TARGET_PROGRAMS = 2 * _NUM_SMS
+_SPLIT_ROUNDING = "up"   # "down": never more programs than the target (profile_decode's variants)
 _MIN_SPLIT_TOKENS = 128
 # Default KV tokens per inner-loop step (``block_k // page_size`` pages loaded per step).
 _DEFAULT_BLOCK_K = 64
@@ -317,60 +317,15 @@ def _online_step(carry, q, parts, qk_scale, mask_fn):
 
 def decode_num_splits(batch: int, kv_heads: int, max_pages: int, page_size: int) -> int:
   """The static split count of ``paged_decode_attention`` (see the module docstring)."""
-  want = -(-_TARGET_PROGRAMS // max(1, batch * kv_heads))
+  rows = max(1, batch * kv_heads)
+  want = _TARGET_PROGRAMS // rows if _SPLIT_ROUNDING == "down" else -(-_TARGET_PROGRAMS // rows)
   cap = max(1, (max_pages * page_size) // _MIN_SPLIT_TOKENS)
   return int(max(1, min(want, cap)))
 
 
-def _rotate_half(x):
-  """concat(-x2, x1) of x = concat(x1, x2) along the last axis. Triton has no general
-  concatenate: the halves are stacked on a new last axis (a join), swapped to the front of it
-  and flattened, which puts them side by side."""
-  x1, x2 = jnp.split(x, 2, axis=-1)
-  st = jnp.stack([-x2, x1], axis=-1)                       # [..., h, 2]
-  swap = tuple(range(st.ndim - 2)) + (st.ndim - 1, st.ndim - 2)
-  return jnp.transpose(st, swap).reshape(x.shape)          # [..., 2, h] -> [..., 2h]
-
-
-def _project_and_rotate(q_ref, kn_ref, vn_ref, cos_ref, sin_ref, row_ok, dtype, plain):
-  """q [rows, hd], the new k and v [hd] of one (sequence, kv head) from the qkv projection's
-  pieces (q_ref [P, group, hd], kn_ref / vn_ref [P, hd]): summed in fp32, rounded to the pools'
-  dtype (what the projection stores), then rotate-half RoPE on q and k with cos / sin [hd]
-  rounded to that dtype, as models.layers.apply_rope does (products and sum in fp32, one
-  rounding)."""
-  num_pieces = q_ref.shape[0]
-  rows = row_ok.shape[0]
-  f32 = jnp.float32
-  if plain:   # interpret mode under check_vma: the block holds exactly `group` rows
-    qp = q_ref[...].astype(f32).sum(axis=0)
-    q_lin = jnp.pad(qp, ((0, rows - qp.shape[0]), (0, 0))).astype(dtype)
-  else:
-    q_lin = functools.reduce(jnp.add, [
-        pltriton.load(q_ref.at[jnp.int32(p), pl.ds(0, rows)], mask=row_ok[:, None],
-                      other=0).astype(f32)
-        for p in range(num_pieces)]).astype(dtype)
-
-  def piece_sum(ref):   # [P, hd] -> [hd]
-    return functools.reduce(jnp.add, [ref[jnp.int32(p), :].astype(f32)
-                                      for p in range(num_pieces)]).astype(dtype)
-
-  k_lin, vn = piece_sum(kn_ref), piece_sum(vn_ref)
-  cos = cos_ref[...].astype(dtype).astype(f32)
-  sin = sin_ref[...].astype(dtype).astype(f32)
-
-  def rope(x):   # x [..., hd] in dtype
-    xf = x.astype(f32)
-    return (xf * cos + _rotate_half(xf) * sin).astype(dtype)
-
-  return rope(q_lin), rope(k_lin), vn
-
-
 def _decode_kernel(layer_ref, len_ref, bt_ref, q_ref, *refs, group, rows, ppb, max_pages,
-                   num_splits, static_pps, qk_scale, plain, gather, append, fused):
-  if fused:    # q, the new k and v as projection pieces, plus RoPE (see _project_and_rotate)
-    kn_ref, vn_ref, cos_ref, sin_ref, k_ref, v_ref, *out_refs = refs
-    out_refs, (ko_ref, vo_ref) = out_refs[:-2], out_refs[-2:]
-  elif append:   # the new token's k/v [hd] come in; the pools are also outputs (aliased)
+                   num_splits, static_pps, qk_scale, plain, gather, append):
+  if append:   # the new token's k/v [hd] come in; the pools are also outputs (aliased)
     kn_ref, vn_ref, k_ref, v_ref, *out_refs = refs
     out_refs, (ko_ref, vo_ref) = out_refs[:-2], out_refs[-2:]
   else:
@@ -399,11 +354,7 @@ def _decode_kernel(layer_ref, len_ref, bt_ref, q_ref, *refs, group, rows, ppb, m
   n_all = (n_tok + bk - 1) // bk
 
   row_ok = jnp.arange(rows, dtype=jnp.int32) < group
-  if fused:
-    q, kn, vn = _project_and_rotate(q_ref, kn_ref, vn_ref, cos_ref, sin_ref, row_ok,
-                                    k_ref.dtype, plain)
-  else:
-    q = _masked_load(q_ref.at[pl.ds(0, rows)], row_ok[:, None], plain)
+  q = _masked_load(q_ref.at[pl.ds(0, rows)], row_ok[:, None], plain)
 
   def body(c, carry, masked):
     p0 = p_start + c * ppb
@@ -422,9 +373,8 @@ def _decode_kernel(layer_ref, len_ref, bt_ref, q_ref, *refs, group, rows, ppb, m
   m_i, l_i, acc = lax.fori_loop(n_full, n_all, functools.partial(body, masked=True), carry)
 
   if append:
-    if not fused:
-      kn = kn_ref[...]
-      vn = vn_ref[...]
+    kn = kn_ref[...]
+    vn = vn_ref[...]
     first = s == 0   # split 0 adds the new key to its partial softmax and writes the page slot
     s_new = jnp.sum(q.astype(jnp.float32) * kn.astype(jnp.float32)[None, :], axis=1) * qk_scale
     s_new = jnp.where(first, s_new, _NEG)
@@ -516,143 +466,65 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, layer, *, s
     ns = decode_num_splits(batch, kvh, max_pages, page_size)
 
   gather = _resolve_gather(kv_gather, page_size, fn)
-  return _decode_impl(q, k_pool, v_pool, block_tables, lengths, layer_arr, new_kv, None,
-                      group=group, rows=rows, ppb=ppb, ns=ns, static_pps=static_pps, scale=scale,
+  return _decode_impl(q, k_pool, v_pool, block_tables, lengths, layer_arr, new_kv, group=group,
+                      rows=rows, ppb=ppb, ns=ns, static_pps=static_pps, scale=scale,
                       interpret=interpret, gather=gather,
                       num_warps=int(num_warps or _DECODE_WARPS),
                       num_stages=int(num_stages or _DECODE_STAGES))
 
 
-def paged_decode_attention_qkv(qkv, rope, k_pool, v_pool, block_tables, lengths, layer, *,
-                               num_heads, scale=None, num_splits=None, interpret=None):
-  """The decode step's attention straight from the qkv projection: RoPE, the new token's K/V
-  written to its page slot, and flash-decoding, in one kernel (plus the split combine).
-
-  qkv [P, B, (H + 2 * KVH) * hd]: q's, k's and v's columns side by side, as P pieces whose sum
-  is the projection (the split-K pieces of kernels.layer_matmul(x, (wq, wk, wv), layer,
-  sum_splits=False), fp32; or P = 1 in the pools' dtype). rope = (cos, sin), each [B, hd]
-  float32: the angles of position lengths[b] - 1, the new token's (models.layers.rope_cos_sin).
-  The kernel sums the pieces and rounds them to the pools' dtype, as the projection would
-  store them, then rotates q and k (rotate-half, as models.layers.apply_rope). Otherwise as
-  ``paged_decode_attention(..., new_kv=...)``: returns (out [B, H, hd], k_pool, v_pool).
-
-  Why: fed separate q / k / v, XLA summed the projection's split-K pieces and applied RoPE in
-  three kernels of its own per layer (~4.2 us at batch 1 on the H200, ~4.9 at batch 32;
-  bench/results/profile_decode_h200.json), all of it a few KB of data.
-  """
-  fn = "paged_decode_attention_qkv"
-  num_layers, kvh, _, page_size, head_dim = k_pool.shape
-  if qkv.ndim != 3 or qkv.shape[2] != (int(num_heads) + 2 * kvh) * head_dim:
-    raise ValueError(f"{fn}: qkv must be [P, B, (num_heads + 2 * kv_heads) * head_dim] = "
-                     f"[P, B, {(int(num_heads) + 2 * kvh) * head_dim}] for {num_heads} heads, "
-                     f"{kvh} kv heads of {head_dim}; got {qkv.dtype}{list(qkv.shape)}.")
-  if qkv.dtype != k_pool.dtype and qkv.dtype != jnp.float32:
-    raise ValueError(f"{fn}: qkv pieces are {qkv.dtype}; pass float32 split-K pieces or one "
-                     f"piece in the pools' dtype {k_pool.dtype}.")
-  batch = qkv.shape[1]
-  cos, sin = rope
-  for name, x in (("cos", cos), ("sin", sin)):
-    if x.shape != (batch, head_dim) or x.dtype != jnp.float32:
-      raise ValueError(f"{fn}: rope {name} must be float32[{batch}, {head_dim}] (the new "
-                       f"token's angles), got {x.dtype}{list(x.shape)}.")
-  if head_dim % 2:
-    raise ValueError(f"{fn}: head_dim {head_dim} must be even for rotate-half RoPE.")
-  heads = int(num_heads)
-  q_shape = jax.ShapeDtypeStruct((batch, heads, head_dim), k_pool.dtype)
-  _check_pool(q_shape, k_pool, v_pool, block_tables, fn)
-  if block_tables.shape[0] != batch:
-    raise ValueError(f"{fn}: block_tables has {block_tables.shape[0]} rows for a batch of "
-                     f"{batch}; one block-table row per query.")
-  _check_int_vector(lengths, batch, "lengths", fn)
-  layer_arr = _layer_array(layer, num_layers, fn)
-  max_pages = block_tables.shape[1]
-  group = heads // kvh
-  ns = (decode_num_splits(batch, kvh, max_pages, page_size) if num_splits is None
-        else int(num_splits))
-  return _decode_impl(qkv, k_pool, v_pool, block_tables, lengths, layer_arr, None, (cos, sin),
-                      group=group, rows=max(16, _next_pow2(group)),
-                      ppb=_pages_per_block(page_size, None, max_pages), ns=ns, static_pps=None,
-                      scale=head_dim ** -0.5 if scale is None else float(scale),
-                      interpret=_resolve_interpret(interpret),
-                      gather=_resolve_gather(None, page_size, fn),
-                      num_warps=_DECODE_WARPS, num_stages=_DECODE_STAGES)
-
-
 @functools.partial(jax.jit, static_argnames=("group", "rows", "ppb", "ns", "static_pps", "scale",
                                              "interpret", "gather", "num_warps", "num_stages"))
-def _decode_impl(q, k_pool, v_pool, block_tables, lengths, layer_arr, new_kv, rope, *, group, rows,
-                 ppb, ns, static_pps, scale, interpret, gather, num_warps, num_stages):
-  """q [B, H, hd] (with new_kv: the new token's k, v [B, KVH, hd]), or with rope the qkv
-  projection's pieces [P, B, (H + 2 KVH) * hd] (paged_decode_attention_qkv)."""
+def _decode_impl(q, k_pool, v_pool, block_tables, lengths, layer_arr, new_kv, *, group, rows, ppb, ns,
+                 static_pps, scale, interpret, gather, num_warps, num_stages):
   num_layers, kvh, _, page_size, head_dim = k_pool.shape
-  fused = rope is not None
+  batch, heads, _ = q.shape
   max_pages = block_tables.shape[1]
   layer_arr = layer_arr.astype(jnp.int32).reshape(1)
   mat = most_varying_mat(q, k_pool, v_pool, block_tables, lengths)
   pad = _needs_plain(interpret, mat)
-  bt = block_tables
+  qg = q.reshape(batch, kvh, group, head_dim)
   gq = group
-  if fused:
-    num_pieces, batch, width = q.shape
-    heads = width // head_dim - 2 * kvh
-    qg = q.reshape(num_pieces, batch, heads + 2 * kvh, head_dim)
-    q_spec = pl.BlockSpec((num_pieces, None, gq, head_dim), lambda b, h, s: (0, b, h, 0))
-    kv_new_specs = [
-        pl.BlockSpec((num_pieces, None, None, head_dim), lambda b, h, s: (0, b, heads + h, 0)),
-        pl.BlockSpec((num_pieces, None, None, head_dim),
-                     lambda b, h, s: (0, b, heads + kvh + h, 0))]
-    out_dtype = k_pool.dtype
-  else:
-    batch, heads, _ = q.shape
-    qg = q.reshape(batch, kvh, group, head_dim)
-    if pad:
-      gq = rows
-      qg = _pad_axis(qg, 2, rows)
-    q_spec = pl.BlockSpec((None, None, gq, head_dim), lambda b, h, s: (b, h, 0, 0))
-    out_dtype = q.dtype
+  bt = block_tables
   if pad:
+    gq = rows
+    qg = _pad_axis(qg, 2, rows)
     bt = _pad_axis(bt, 1, -(-max_pages // ppb) * ppb)
   kernel = functools.partial(
       _decode_kernel, group=group, rows=rows, ppb=ppb, max_pages=max_pages, num_splits=ns,
       static_pps=static_pps, qk_scale=scale * _LOG2E, plain=pad, gather=gather,
-      append=new_kv is not None or fused, fused=fused)
+      append=new_kv is not None)
   pool_spec = pl.BlockSpec((num_layers, None) + k_pool.shape[2:], lambda b, h, s: (0, h, 0, 0, 0))
   in_specs = [
       pl.BlockSpec((1,), lambda b, h, s: (0,)),
       pl.BlockSpec((batch,), lambda b, h, s: (0,)),
       pl.BlockSpec(bt.shape, lambda b, h, s: (0, 0)),
-      q_spec,
+      pl.BlockSpec((None, None, gq, head_dim), lambda b, h, s: (b, h, 0, 0)),
   ]
   args = [layer_arr, lengths, bt, qg]
-  if fused:
-    in_specs += kv_new_specs + [pl.BlockSpec((None, head_dim), lambda b, h, s: (b, 0))] * 2
-    args += [qg, qg, rope[0], rope[1]]
-  elif new_kv is not None:
+  if new_kv is not None:
     in_specs += [pl.BlockSpec((None, None, head_dim), lambda b, h, s: (b, h, 0))] * 2
     args += list(new_kv)
   in_specs += [pool_spec, pool_spec]
   args += [k_pool, v_pool]
-  # the output's rows per (sequence, kv head): `group` (padded to `rows` where plain loads need it)
-  gq_out = rows if pad else group
   if ns == 1:
-    out_shape = out_struct((batch, kvh, gq_out, head_dim), out_dtype, mat)
-    out_specs = pl.BlockSpec((None, None, gq_out, head_dim), lambda b, h, s: (b, h, 0, 0))
+    out_shape = out_struct((batch, kvh, gq, head_dim), q.dtype, mat)
+    out_specs = pl.BlockSpec((None, None, gq, head_dim), lambda b, h, s: (b, h, 0, 0))
   else:
     out_shape = (
-        out_struct((batch, kvh, ns, gq_out, head_dim), jnp.float32, mat),
-        out_struct((batch, kvh, ns, gq_out), jnp.float32, mat),
-        out_struct((batch, kvh, ns, gq_out), jnp.float32, mat),
+        out_struct((batch, kvh, ns, gq, head_dim), jnp.float32, mat),
+        out_struct((batch, kvh, ns, gq), jnp.float32, mat),
+        out_struct((batch, kvh, ns, gq), jnp.float32, mat),
     )
     out_specs = (
-        pl.BlockSpec((None, None, None, gq_out, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
-        pl.BlockSpec((None, None, None, gq_out), lambda b, h, s: (b, h, s, 0)),
-        pl.BlockSpec((None, None, None, gq_out), lambda b, h, s: (b, h, s, 0)),
+        pl.BlockSpec((None, None, None, gq, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
+        pl.BlockSpec((None, None, None, gq), lambda b, h, s: (b, h, s, 0)),
+        pl.BlockSpec((None, None, None, gq), lambda b, h, s: (b, h, s, 0)),
     )
   out_shape = out_shape if isinstance(out_shape, tuple) else (out_shape,)
   out_specs = out_specs if isinstance(out_specs, tuple) else (out_specs,)
   aliases = {}
-  appends = new_kv is not None or fused
-  if appends:   # the pools come back as outputs, updated in place
+  if new_kv is not None:   # the pools come back as outputs, updated in place
     aliases = {len(args) - 2: len(out_shape), len(args) - 1: len(out_shape) + 1}
     out_shape += (out_struct(k_pool.shape, k_pool.dtype, mat),) * 2
     out_specs += (pool_spec, pool_spec)
@@ -665,11 +537,11 @@ def _decode_impl(q, k_pool, v_pool, block_tables, lengths, layer_arr, new_kv, ro
       input_output_aliases=aliases,
       interpret=interpret,
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      name=f"paged_decode_attention{'_qkv' if fused else ''}_s{ns}_bk{ppb * page_size}",
+      name=f"paged_decode_attention_s{ns}_bk{ppb * page_size}",
   )(*args)
-  pools = tuple(out[-2:]) if appends else ()
-  out = out[:-2] if appends else out
-  o = out[0] if ns == 1 else _combine_splits(*out, group=group, dtype=out_dtype, mat=mat,
+  pools = tuple(out[-2:]) if new_kv is not None else ()
+  out = out[:-2] if new_kv is not None else out
+  o = out[0] if ns == 1 else _combine_splits(*out, group=group, dtype=q.dtype, mat=mat,
                                               plain=pad, interpret=interpret)
   o = o[:, :, :group].reshape(batch, heads, head_dim)
   return (o,) + pools if pools else o

@@ -22,17 +22,15 @@ def padded_rows(m: int) -> int:
   return max(MIN_ROWS, 1 << max(0, (m - 1).bit_length()))
 
 
-def check_stacked(fn: str, x, weights: dict, layer, same_n: bool = True) -> jax.Array:
-  """x [M, K] against stacked weights {name: [L, K, N]} of one shape (with same_n=False one
-  [L, K], each its own N) and x's dtype, and an integer scalar layer -> the layer as the
-  one-element int32 array the kernels take."""
-  shapes = {w.shape if same_n else w.shape[:2] for w in weights.values()}
+def check_stacked(fn: str, x, weights: dict, layer) -> jax.Array:
+  """x [M, K] against stacked weights {name: [L, K, N]} of one shape and x's dtype, and an
+  integer scalar layer -> the layer as the one-element int32 array the kernels take."""
+  shapes = {w.shape for w in weights.values()}
   names = ", ".join(weights)
   first = next(iter(weights.values()))
-  if (x.ndim != 2 or len(shapes) != 1 or any(w.ndim != 3 for w in weights.values())
-      or x.shape[1] != first.shape[1]):
+  if x.ndim != 2 or len(shapes) != 1 or first.ndim != 3 or x.shape[1] != first.shape[1]:
     got = ", ".join(f"{n}{list(w.shape)}" for n, w in weights.items())
-    raise ValueError(f"{fn}: x must be [M, K] and {names} [L, K, N] (all one {'shape' if same_n else '[L, K]'}); got "
+    raise ValueError(f"{fn}: x must be [M, K] and {names} [L, K, N] (all one shape); got "
                      f"x{list(x.shape)}, {got}.")
   if any(w.dtype != x.dtype for w in weights.values()):
     raise ValueError(f"{fn}: x is {x.dtype} and {names} "

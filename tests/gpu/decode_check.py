@@ -5,10 +5,7 @@ shapes (32 q / 8 kv heads, hd 128, bf16), against their XLA references:
      1 / 8 / 32, pages of 16 and 64, ragged lengths incl. 1 and page boundaries: output max |err|
      and the pools (bit-exact against XLA's scatter);
      (every batch here splits the sequences, so the split-combine kernel runs too);
-     at pages of 64 also kernels.paged_decode_attention_qkv (4 fp32 projection pieces, RoPE in
-     the kernel) against XLA's sum, RoPE and the reference;
-  2. kernels.layer_matmul on the 8B o_proj (32 stacked layers) at 8 and 32 rows, and on q / k / v
-     in one launch at 1 / 8 / 32 rows, and
+  2. kernels.layer_matmul on the 8B o_proj (32 stacked layers) at 8 and 32 rows, and
      kernels.layer_swiglu on the 8B gate/up at 1, 8 and 32 rows;
   3. kernels.add_rmsnorm (the one-rank fused reduction) at 1 / 8 / 32 / 4096 rows of 4096, one
      bf16 partial or 8 fp32 split-K pieces;
@@ -79,48 +76,7 @@ for ps in (16, 64):
         pools = bool(jnp.array_equal(k2, kr)) and bool(jnp.array_equal(v2, vr))
         report(f"decode+append ps{ps} B{B}", err < 2e-2 and pools, f"max|err| {err:.4f}, pools equal {pools}")
 
-        if ps != 64:
-            continue
-        # the same step from the qkv projection's pieces (RoPE in the kernel), on fresh pools
-        # (the call above consumed its donated ones)
-        kp, vp = normal((L, KVH, num_pages, ps, HD)), normal((L, KVH, num_pages, ps, HD))
-        qkv = normal((4, B, (H + 2 * KVH) * HD), jnp.float32) * 0.5
-        ang = (lengths - 1)[:, None].astype(np.float32) * (
-            1.0 / 500000.0 ** (np.arange(0, HD, 2, dtype=np.float32) / HD))[None]
-        ang = np.concatenate([ang, ang], axis=1)
-        cos, sin = jnp.asarray(np.cos(ang)), jnp.asarray(np.sin(ang))
-        lin = qkv.sum(0).astype(jnp.bfloat16).reshape(B, 1, H + 2 * KVH, HD)
-        qr = layers.apply_rope(lin[:, :, :H], cos[:, None], sin[:, None])[:, 0]
-        knr = layers.apply_rope(lin[:, :, H:H + KVH], cos[:, None], sin[:, None])[:, 0]
-        vnr = lin[:, 0, H + KVH:]
-        kr, vr = kp.at[1, :, page, pos % ps].set(knr), vp.at[1, :, page, pos % ps].set(vnr)
-        ref = pa.paged_attention_reference(qr, kr, vr, bt, ln, 1).astype(jnp.float32)
-        out, k2, v2 = jax.jit(lambda x, kp, vp: pa.paged_decode_attention_qkv(
-            x, (cos, sin), kp, vp, bt, ln, 1, num_heads=H), donate_argnums=(1, 2))(qkv, kp, vp)
-        err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref)))
-        # k: XLA's RoPE may round its products, the kernel rounds once: a bf16 ulp or two of
-        # the operands, so bounded by 2^-6 of the largest k
-        kerr = float(jnp.max(jnp.abs(k2.astype(jnp.float32) - kr.astype(jnp.float32)))
-                     / jnp.max(jnp.abs(knr.astype(jnp.float32))))
-        # v: the kernel sums the 4 pieces in another order than XLA's reduce, so a value near a
-        # rounding boundary may land one bf16 ulp away
-        verr = float(jnp.max(jnp.abs(v2.astype(jnp.float32) - vr.astype(jnp.float32))
-                             / jnp.maximum(jnp.abs(vr.astype(jnp.float32)), 1e-3)))
-        report(f"decode from qkv pieces ps{ps} B{B}", err < 2e-2 and kerr <= 2 ** -6
-               and verr <= 2 ** -7,
-               f"max|err| {err:.4f}, k pool max|err| / max|k| {kerr:.2e}, "
-               f"v pool max rel err {verr:.2e} (<= 1 ulp)")
-
-# 2. layer_matmul on the o_proj, and on q / k / v in one launch
-wq, wk, wv = normal((4, 4096, 4096)), normal((4, 4096, 1024)), normal((4, 4096, 1024))
-for M in (1, 8, 32):
-    x = normal((M, 4096))
-    got = jax.jit(lambda x, a, b, c: layer_matmul(x, (a, b, c), jnp.int32(3)))(x, wq, wk, wv)
-    ref = jnp.concatenate([layer_matmul_reference(x, wi, 3) for wi in (wq, wk, wv)], axis=1)
-    rel = float(jnp.max(jnp.abs(got.astype(jnp.float32) - ref.astype(jnp.float32)))
-                / jnp.max(jnp.abs(ref.astype(jnp.float32))))
-    report(f"layer_matmul q/k/v M{M}", rel < 1e-2, f"max|err| / max|ref| {rel:.2e}")
-del wq, wk, wv
+# 2. layer_matmul on the o_proj
 w = normal((32, 4096, 4096))
 for M in (8, 32):
     x = normal((M, 4096))
