@@ -45,14 +45,11 @@ VARIANTS = {   # how the decode jit is built, timed against the default at each 
     "attn_stages_3": {"attn_stages": 3},
     "attn_stages_4": {"attn_stages": 4},
     "attn_stages_1": {"attn_stages": 1},
-    # the split count rounded down to one wave of programs (132 SMs) instead of up from two
-    "attn_one_wave": {"target_programs": 132, "split_rounding": "down"},
 }
 # variant key -> (module, global) read while tracing
 KERNEL_KNOBS = {"target_programs": ("jax_tokenweave.kernels.paged_attention", "_TARGET_PROGRAMS"),
                 "attn_warps": ("jax_tokenweave.kernels.paged_attention", "_DECODE_WARPS"),
-                "attn_stages": ("jax_tokenweave.kernels.paged_attention", "_DECODE_STAGES"),
-                "split_rounding": ("jax_tokenweave.kernels.paged_attention", "_SPLIT_ROUNDING")}
+                "attn_stages": ("jax_tokenweave.kernels.paged_attention", "_DECODE_STAGES")}
 
 
 def model_for(name: str):

@@ -53,7 +53,11 @@ of 560 tokens in a capacity of 8192 still spreads over several SMs). ``pages_per
 static count) overrides this with fixed boundaries ``[s * pps, (s + 1) * pps)``, and
 ``num_splits`` fixes the count. With a single split the kernel normalises and writes the output
 itself; otherwise each program writes its partial (unnormalised o, running max m, sum l, fp32)
-and a second small kernel (one program per sequence and kv head) combines the splits.
+and a second small kernel (one program per sequence and kv head) combines the splits. Splits
+past a sequence's valid pages exit at once and the combine does not read them: before that, a
+512-token sequence in a capacity of 8192 (33 splits, 8 with pages) paid a second wave of idle
+programs (batch 1 on the H200: 4.65 ms a step, against 4.46 with the split count capped at one
+wave; bench/results/profile_decode_h200.json).
 
 The ragged kernel's grid is (query block, kv head): query blocks of BQ rows of one sequence
 (BQ * G_pad >= 64 matrix rows, G_pad = G rounded up to a power of two), enumerated in XLA from
@@ -91,7 +95,6 @@ __all__ = [
 # H200: 132 SMs. The rule aims at ~2 programs per SM at batch 1.
 _NUM_SMS = 132
 _TARGET_PROGRAMS = 2 * _NUM_SMS
-_SPLIT_ROUNDING = "up"   # "down": never more programs than the target (profile_decode's variants)
 _MIN_SPLIT_TOKENS = 128
 # Default KV tokens per inner-loop step (``block_k // page_size`` pages loaded per step).
 _DEFAULT_BLOCK_K = 64
@@ -317,10 +320,23 @@ def _online_step(carry, q, parts, qk_scale, mask_fn):
 
 def decode_num_splits(batch: int, kv_heads: int, max_pages: int, page_size: int) -> int:
   """The static split count of ``paged_decode_attention`` (see the module docstring)."""
-  rows = max(1, batch * kv_heads)
-  want = _TARGET_PROGRAMS // rows if _SPLIT_ROUNDING == "down" else -(-_TARGET_PROGRAMS // rows)
+  want = -(-_TARGET_PROGRAMS // max(1, batch * kv_heads))
   cap = max(1, (max_pages * page_size) // _MIN_SPLIT_TOKENS)
   return int(max(1, min(want, cap)))
+
+
+def _split_pages(length, page_size, max_pages, num_splits, static_pps, ppb, append):
+  """(pages read from the cache, pages per split, splits holding any) of a sequence of
+  `length`; split 0 always counts: it holds the new key (append) or the first page."""
+  cached = length - 1 if append else length
+  n_pages = jnp.minimum((cached + page_size - 1) // page_size, max_pages)
+  if static_pps is None:
+    per = (n_pages + num_splits - 1) // num_splits
+    pps = ((per + ppb - 1) // ppb) * ppb
+  else:
+    pps = static_pps
+  used = jnp.maximum((n_pages + pps - 1) // jnp.maximum(pps, 1), 1)
+  return n_pages, pps, used
 
 
 def _decode_kernel(layer_ref, len_ref, bt_ref, q_ref, *refs, group, rows, ppb, max_pages,
@@ -339,71 +355,77 @@ def _decode_kernel(layer_ref, len_ref, bt_ref, q_ref, *refs, group, rows, ppb, m
   # positions read from the pages: with append the last one (length - 1) is the new token, taken
   # from kn/vn instead, so no program reads the slot that is written below
   cached = length - 1 if append else length
-  n_pages = jnp.minimum((cached + page_size - 1) // page_size, max_pages)
-  if static_pps is None:
-    per = (n_pages + num_splits - 1) // num_splits
-    pps = ((per + ppb - 1) // ppb) * ppb
-  else:
-    pps = static_pps
-  p_start = s * pps
-  p_end = jnp.minimum(p_start + pps, n_pages)
-  t_start = p_start * page_size
-  t_end = jnp.minimum(p_end * page_size, cached)
-  n_tok = jnp.maximum(t_end - t_start, 0)
-  n_full = n_tok // bk
-  n_all = (n_tok + bk - 1) // bk
+  n_pages, pps, used = _split_pages(length, page_size, max_pages, num_splits, static_pps, ppb,
+                                    append)
 
-  row_ok = jnp.arange(rows, dtype=jnp.int32) < group
-  q = _masked_load(q_ref.at[pl.ds(0, rows)], row_ok[:, None], plain)
+  def split():
+    p_start = s * pps
+    p_end = jnp.minimum(p_start + pps, n_pages)
+    t_start = p_start * page_size
+    t_end = jnp.minimum(p_end * page_size, cached)
+    n_tok = jnp.maximum(t_end - t_start, 0)
+    n_full = n_tok // bk
+    n_all = (n_tok + bk - 1) // bk
 
-  def body(c, carry, masked):
-    p0 = p_start + c * ppb
-    parts = _kv_parts(bt_ref, k_ref, v_ref, layer, b, p0, n_pages, ppb, masked, plain, gather,
-                      max_pages)
+    row_ok = jnp.arange(rows, dtype=jnp.int32) < group
+    q = _masked_load(q_ref.at[pl.ds(0, rows)], row_ok[:, None], plain)
 
-    def mask_fn(off, n):
-      ok = t_start + c * bk + off + jnp.arange(n, dtype=jnp.int32) < cached
-      return ok[None, :], ok[:, None]
+    def body(c, carry, masked):
+      p0 = p_start + c * ppb
+      parts = _kv_parts(bt_ref, k_ref, v_ref, layer, b, p0, n_pages, ppb, masked, plain, gather,
+                        max_pages)
 
-    return _online_step(carry, q, parts, qk_scale, mask_fn if masked else None)
+      def mask_fn(off, n):
+        ok = t_start + c * bk + off + jnp.arange(n, dtype=jnp.int32) < cached
+        return ok[None, :], ok[:, None]
 
-  carry = (jnp.full((rows,), _NEG, jnp.float32), jnp.zeros((rows,), jnp.float32),
-           jnp.zeros((rows, head_dim), jnp.float32))
-  carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
-  m_i, l_i, acc = lax.fori_loop(n_full, n_all, functools.partial(body, masked=True), carry)
+      return _online_step(carry, q, parts, qk_scale, mask_fn if masked else None)
 
-  if append:
-    kn = kn_ref[...]
-    vn = vn_ref[...]
-    first = s == 0   # split 0 adds the new key to its partial softmax and writes the page slot
-    s_new = jnp.sum(q.astype(jnp.float32) * kn.astype(jnp.float32)[None, :], axis=1) * qk_scale
-    s_new = jnp.where(first, s_new, _NEG)
-    m_new = jnp.maximum(m_i, s_new)
-    alpha = jnp.exp2(m_i - m_new)
-    p_new = jnp.where(first, jnp.exp2(s_new - m_new), 0.0)
-    l_i = l_i * alpha + p_new
-    acc = acc * alpha[:, None] + p_new[:, None] * vn.astype(jnp.float32)[None, :]
-    m_i = m_new
+    carry = (jnp.full((rows,), _NEG, jnp.float32), jnp.zeros((rows,), jnp.float32),
+             jnp.zeros((rows, head_dim), jnp.float32))
+    carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
+    m_i, l_i, acc = lax.fori_loop(n_full, n_all, functools.partial(body, masked=True), carry)
 
-    @pl.when(first)
-    def _write():
-      # One program per (sequence, kv head) writes; the slot is position length - 1, which no
-      # program of this call reads (they stop at length - 2). Rows of padding all hold length 1
-      # and a table of scratch pages: they write page 0, which nothing reads.
-      pos = length - 1
-      page = bt_ref[b, jnp.minimum(pos // page_size, max_pages - 1)]
-      ko_ref[layer, page, pos % page_size, :] = kn
-      vo_ref[layer, page, pos % page_size, :] = vn
+    if append:
+      kn = kn_ref[...]
+      vn = vn_ref[...]
+      first = s == 0   # split 0 adds the new key to its partial softmax and writes the page slot
+      s_new = jnp.sum(q.astype(jnp.float32) * kn.astype(jnp.float32)[None, :], axis=1) * qk_scale
+      s_new = jnp.where(first, s_new, _NEG)
+      m_new = jnp.maximum(m_i, s_new)
+      alpha = jnp.exp2(m_i - m_new)
+      p_new = jnp.where(first, jnp.exp2(s_new - m_new), 0.0)
+      l_i = l_i * alpha + p_new
+      acc = acc * alpha[:, None] + p_new[:, None] * vn.astype(jnp.float32)[None, :]
+      m_i = m_new
+
+      @pl.when(first)
+      def _write():
+        # One program per (sequence, kv head) writes; the slot is position length - 1, which no
+        # program of this call reads (they stop at length - 2). Rows of padding all hold length 1
+        # and a table of scratch pages: they write page 0, which nothing reads.
+        pos = length - 1
+        page = bt_ref[b, jnp.minimum(pos // page_size, max_pages - 1)]
+        ko_ref[layer, page, pos % page_size, :] = kn
+        vo_ref[layer, page, pos % page_size, :] = vn
+
+    if num_splits == 1:
+      (o_ref,) = out_refs
+      out = acc / jnp.where(l_i > 0, l_i, 1.0)[:, None]
+      _masked_store(o_ref.at[pl.ds(0, rows)], out.astype(o_ref.dtype), row_ok[:, None], plain)
+    else:
+      o_ref, m_ref, l_ref = out_refs
+      _masked_store(o_ref.at[pl.ds(0, rows)], acc, row_ok[:, None], plain)
+      _masked_store(m_ref.at[pl.ds(0, rows)], m_i, row_ok, plain)
+      _masked_store(l_ref.at[pl.ds(0, rows)], l_i, row_ok, plain)
 
   if num_splits == 1:
-    (o_ref,) = out_refs
-    out = acc / jnp.where(l_i > 0, l_i, 1.0)[:, None]
-    _masked_store(o_ref.at[pl.ds(0, rows)], out.astype(o_ref.dtype), row_ok[:, None], plain)
+    split()
   else:
-    o_ref, m_ref, l_ref = out_refs
-    _masked_store(o_ref.at[pl.ds(0, rows)], acc, row_ok[:, None], plain)
-    _masked_store(m_ref.at[pl.ds(0, rows)], m_i, row_ok, plain)
-    _masked_store(l_ref.at[pl.ds(0, rows)], l_i, row_ok, plain)
+    # a split past the sequence's pages does nothing (the combine stops at `used`), so a short
+    # sequence in a large capacity costs no wave of idle programs (batch 1, 512 tokens of 8192:
+    # 33 splits of which 8 hold pages)
+    pl.when(s < used)(split)
 
 
 def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, layer, *, scale=None,
@@ -541,39 +563,50 @@ def _decode_impl(q, k_pool, v_pool, block_tables, lengths, layer_arr, new_kv, *,
   )(*args)
   pools = tuple(out[-2:]) if new_kv is not None else ()
   out = out[:-2] if new_kv is not None else out
-  o = out[0] if ns == 1 else _combine_splits(*out, group=group, dtype=q.dtype, mat=mat,
-                                              plain=pad, interpret=interpret)
+  split_args = dict(page_size=page_size, max_pages=max_pages, num_splits=ns,
+                    static_pps=static_pps, ppb=ppb, append=new_kv is not None)
+  o = out[0] if ns == 1 else _combine_splits(lengths, *out, group=group, dtype=q.dtype, mat=mat,
+                                              plain=pad, interpret=interpret, split_args=split_args)
   o = o[:, :, :group].reshape(batch, heads, head_dim)
   return (o,) + pools if pools else o
 
 
-def _combine_kernel(o_ref, m_ref, l_ref, out_ref, *, group, gq, rows, num_splits, plain):
+def _combine_kernel(len_ref, o_ref, m_ref, l_ref, out_ref, *, group, gq, rows, num_splits, plain,
+                    split_args):
   # the splits' partial softmaxes rescaled to their common max: o = sum_s 2^(m_s - m) o_s / l.
-  # Split s holds rows [s * gq, s * gq + group) of the flattened refs (static offsets).
+  # Split s holds rows [s * gq, s * gq + group) of the flattened refs (static offsets). Splits
+  # from `used` on held no pages and wrote nothing: they are not read (masked loads).
+  _, _, used = _split_pages(len_ref[pl.program_id(0)], **split_args)
   row_ok = jnp.arange(rows, dtype=jnp.int32) < group
-  ms = [_masked_load(m_ref.at[pl.ds(s * gq, rows)], row_ok, plain) for s in range(num_splits)]
+  oks = [row_ok & (s < used) for s in range(num_splits)]
+  ms = [jnp.where(oks[s], _masked_load(m_ref.at[pl.ds(s * gq, rows)], oks[s], plain), _NEG)
+        for s in range(num_splits)]
   m_max = functools.reduce(jnp.maximum, ms)
   acc = jnp.zeros((rows, o_ref.shape[-1]), jnp.float32)
   l_tot = jnp.zeros((rows,), jnp.float32)
   for s in range(num_splits):
-    w = jnp.exp2(ms[s] - m_max)   # empty splits hold m = _NEG, l = 0, o = 0: weight 0
-    l_tot = l_tot + w * _masked_load(l_ref.at[pl.ds(s * gq, rows)], row_ok, plain)
-    acc = acc + w[:, None] * _masked_load(o_ref.at[pl.ds(s * gq, rows)], row_ok[:, None], plain)
+    w = jnp.where(oks[s], jnp.exp2(ms[s] - m_max), 0.0)
+    l_tot = l_tot + w * _masked_load(l_ref.at[pl.ds(s * gq, rows)], oks[s], plain)
+    acc = acc + w[:, None] * _masked_load(o_ref.at[pl.ds(s * gq, rows)], oks[s][:, None], plain)
   out = acc / jnp.where(l_tot > 0, l_tot, 1.0)[:, None]
   _masked_store(out_ref.at[pl.ds(0, rows)], out.astype(out_ref.dtype), row_ok[:, None], plain)
 
 
-def _combine_splits(o_part, m_part, l_part, *, group, dtype, mat, plain, interpret):
+def _combine_splits(lengths, o_part, m_part, l_part, *, group, dtype, mat, plain, interpret,
+                    split_args):
   """[B, KVH, ns, gq, hd] partials (+ m, l [B, KVH, ns, gq]) -> [B, KVH, gq, hd] in ``dtype``:
   one kernel for what XLA ran as three (max, weighted sum, divide; ~4.4 us per layer at batch
-  1 on the H200, bench/results/profile_decode_h200.json)."""
+  1 on the H200, bench/results/profile_decode_h200.json). ``split_args``: the decode call's
+  split rule (_split_pages), to know which splits wrote a partial."""
   batch, kvh, ns, gq, head_dim = o_part.shape
   rows = _next_pow2(gq)
   flat = ns * gq
   return pl.pallas_call(
-      functools.partial(_combine_kernel, group=group, gq=gq, rows=rows, num_splits=ns, plain=plain),
+      functools.partial(_combine_kernel, group=group, gq=gq, rows=rows, num_splits=ns, plain=plain,
+                        split_args=split_args),
       grid=(batch, kvh),
-      in_specs=[pl.BlockSpec((None, None, flat, head_dim), lambda b, h: (b, h, 0, 0)),
+      in_specs=[pl.BlockSpec((batch,), lambda b, h: (0,)),
+                pl.BlockSpec((None, None, flat, head_dim), lambda b, h: (b, h, 0, 0)),
                 pl.BlockSpec((None, None, flat), lambda b, h: (b, h, 0)),
                 pl.BlockSpec((None, None, flat), lambda b, h: (b, h, 0))],
       out_specs=pl.BlockSpec((None, None, gq, head_dim), lambda b, h: (b, h, 0, 0)),
@@ -581,7 +614,7 @@ def _combine_splits(o_part, m_part, l_part, *, group, dtype, mat, plain, interpr
       interpret=interpret,
       compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
       name=f"paged_decode_combine_s{ns}",
-  )(o_part.reshape(batch, kvh, flat, head_dim), m_part.reshape(batch, kvh, flat),
+  )(lengths, o_part.reshape(batch, kvh, flat, head_dim), m_part.reshape(batch, kvh, flat),
     l_part.reshape(batch, kvh, flat))
 
 
