@@ -56,8 +56,8 @@ itself; otherwise each program writes its partial (unnormalised o, running max m
 and a second small kernel (one program per sequence and kv head) combines the splits. Splits
 past a sequence's valid pages exit at once and the combine does not read them: before that, a
 512-token sequence in a capacity of 8192 (33 splits, 8 with pages) paid a second wave of idle
-programs (batch 1 on the H200: 4.65 ms a step, against 4.46 with the split count capped at one
-wave; bench/results/profile_decode_h200.json).
+programs. The 8B decode step at batch 1 and 512 valid on the H200 took 4.3% longer at capacity
+8192 than at 2048; now 0.5% (bench/results/decode_h200.json and its previous_run).
 
 The ragged kernel's grid is (query block, kv head): query blocks of BQ rows of one sequence
 (BQ * G_pad >= 64 matrix rows, G_pad = G rounded up to a power of two), enumerated in XLA from
