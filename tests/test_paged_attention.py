@@ -158,6 +158,26 @@ def test_decode_split_rule():
     _check(out, pa.paged_attention_reference(q, kp, vp, bt, ln, 1, scale=0.3), jnp.float32)
 
 
+@pytest.mark.parametrize("append", [False, True])
+def test_split_pages_counts_the_splits_that_hold_pages(append):
+    """The decode kernel runs and the combine reads splits 0 .. used-1 only: `used` must be
+    the number of splits whose page range is not empty (split 0 always, it holds the new key
+    or the first page), for the dynamic rule and for static pages_per_split."""
+    for page_size, ppb, max_pages in ((16, 4, 40), (64, 1, 32), (8, 8, 64)):
+        for num_splits, static_pps in ((1, None), (3, None), (16, None), (33, None), (5, 8), (4, 16)):
+            if static_pps is not None and -(-max_pages // static_pps) != num_splits:
+                continue
+            for length in range(1, max_pages * page_size + 1, 7):
+                n_pages, pps, used = (int(x) for x in pa._split_pages(
+                    jnp.int32(length), page_size, max_pages, num_splits, static_pps, ppb, append))
+                cached = length - 1 if append else length
+                assert n_pages == min(-(-cached // page_size), max_pages)
+                holding = [s for s in range(num_splits) if s * pps < n_pages]
+                assert used == max(len(holding), 1) and used <= num_splits
+                assert holding == list(range(len(holding)))   # the first `used`, no gaps
+                assert num_splits * pps >= n_pages             # every page has a split
+
+
 def test_decode_traced_layer_in_scan():
     dtype = jnp.bfloat16
     q, kp, vp, bt, ln = _decode_case(dtype, 64, 4, 16, [5, 16, 17, 33], layers=3)
