@@ -67,35 +67,33 @@ def forward(weights: dict, tokens: jax.Array, positions: jax.Array, *, spec: Lay
     D = partial.shape[-1]
     with jax.named_scope("reduce_embed"):
         first_norm = stacked["input_norm.weight"]
-        first_norm = LayerOf(first_norm, 0) if unroll else first_norm[0]
+        first_norm = LayerOf(first_norm, jnp.int32(0)) if unroll else first_norm[0]
         x, residual = reduce(partial, reduce.init(B * S, D, partial.dtype), first_norm)
     rope = layers.rope_cos_sin(positions, inv_freq)
 
+    # The unrolled (decode) step reads these from the stacked weights in place (LayerOf).
+    in_place = {k for k in IN_PLACE if k in stacked} if unroll else set()
     norms = next_norms(stacked, weights["final_norm.weight"])
 
-    def layer(carry, w, next_norm, i):
+    def body(carry, xs):
         x, residual, cache = carry
+        w, next_norm, i = xs
+        w = dict(w, **{k: LayerOf(stacked[k], i) for k in in_place})
+        if unroll:
+            next_norm = LayerOf(norms, i)
 
         def attend_layer(q, k, v):
             return attend(q, k, v, cache, i)
-        return layers.forward_layer(w, x, residual, next_norm, rope, spec=spec, reduce=reduce,
-                                    attend=attend_layer)
+        x, residual, cache = layers.forward_layer(w, x, residual, next_norm, rope, spec=spec,
+                                                  reduce=reduce, attend=attend_layer)
+        return (x, residual, cache), None
 
     L = stacked["input_norm.weight"].shape[0]
-    carry = (x.reshape(B, S, D), residual, cache)
+    sliced = {k: v for k, v in stacked.items() if k not in in_place}
+    xs = (sliced, norms, jnp.arange(L, dtype=jnp.int32))
     with jax.named_scope("layers"):
-        if unroll:
-            # One layer after another: each layer's weights that go to kernels are passed whole
-            # with a Python-int index (LayerOf), the rest as slices that XLA's GEMMs read in
-            # place. (It compiles to the same 396 kernels per 8B step as lax.scan(unroll=L) did:
-            # bench/results/profile_decode_h200.json, top level against session_8_final.)
-            for i in range(L):
-                w = {k: LayerOf(v, i) if k in IN_PLACE else v[i] for k, v in stacked.items()}
-                carry = layer(carry, w, LayerOf(norms, i), i)
-        else:
-            carry, _ = jax.lax.scan(lambda c, xs: (layer(c, *xs), None), carry,
-                                    (stacked, norms, jnp.arange(L, dtype=jnp.int32)))
-    x, _, cache = carry
+        (x, _, cache), _ = jax.lax.scan(body, (x.reshape(B, S, D), residual, cache), xs,
+                                        unroll=L if unroll else 1)
     return x, cache
 
 
