@@ -2,8 +2,8 @@
 """Where a decode step's time goes, on one GPU (random Llama-3.1-8B shape, TP1, bf16):
 
   1. the copy roofline (bench.harness.copy_bandwidth: every method, the best is the ceiling);
-  2. per batch (--batches), 512 valid positions of --capacity: TPModel.decode step time (dispatch-ahead loop, median of 3 x 20),
-     then a profile of 5 steps: GPU busy time (union of kernel intervals), idle time between
+  2. per batch (--batches), 512 valid positions of --capacity: TPModel.decode step time
+     (dispatch-ahead loop, median of 3 x 20), then a profile of 5 steps: GPU busy time (union of kernel intervals), idle time between
      kernels, kernels per step, time per category (matmul / attention / kv write / reduce /
      elementwise / memcpy) and the top kernels; one step's kernel sequence goes to the JSON;
   3. Generator.generate per token at batch 1 (64 new tokens minus 1, median of 3) and its
@@ -46,10 +46,8 @@ VARIANTS = {   # how the decode jit is built, timed against the default at each 
     "attn_stages_4": {"attn_stages": 4},
     "attn_stages_1": {"attn_stages": 1},
 }
-# variant key -> (module, global) read while tracing
-KERNEL_KNOBS = {"target_programs": ("jax_tokenweave.kernels.paged_attention", "_TARGET_PROGRAMS"),
-                "attn_warps": ("jax_tokenweave.kernels.paged_attention", "_DECODE_WARPS"),
-                "attn_stages": ("jax_tokenweave.kernels.paged_attention", "_DECODE_STAGES")}
+KERNEL_KNOBS = {"target_programs": "_TARGET_PROGRAMS", "attn_warps": "_DECODE_WARPS",
+                "attn_stages": "_DECODE_STAGES"}   # variant key -> paged_attention global
 
 
 def model_for(name: str):
@@ -149,13 +147,12 @@ def variant_probe(m, B: int, variant: dict, capacity: int = 2048) -> dict:
     (`wrapped_slice` fusions: copies of a layer's slice of a stacked weight, made for cuBLAS
     calls) and how many cuBLAS calls it makes."""
     import jax
-    import importlib
+    from jax_tokenweave.kernels import paged_attention
     options = {k: v for k, v in variant.items() if k not in KERNEL_KNOBS}
     cache, tok = decode_setup(m, B, capacity)
-    knobs = {k: (importlib.import_module(m), g) for k, (m, g) in KERNEL_KNOBS.items()}
-    saved = {k: getattr(mod, g) for k, (mod, g) in knobs.items()}
-    for k, (mod, g) in knobs.items():   # read while tracing
-        setattr(mod, g, variant.get(k, saved[k]))
+    saved = {g: getattr(paged_attention, g) for g in KERNEL_KNOBS.values()}
+    for k, g in KERNEL_KNOBS.items():   # read while tracing
+        setattr(paged_attention, g, variant.get(k, saved[g]))
     try:
         t = time.perf_counter()
         # a new function each time: jax's trace cache would otherwise reuse the default's trace
@@ -163,8 +160,8 @@ def variant_probe(m, B: int, variant: dict, capacity: int = 2048) -> dict:
                            compiler_options=options).lower(m.params, tok, cache).compile()
         compile_s = time.perf_counter() - t
     finally:
-        for k, (mod, g) in knobs.items():
-            setattr(mod, g, saved[k])
+        for g, v in saved.items():
+            setattr(paged_attention, g, v)
     txt = compiled.as_text()
     ms, warm, cache = step_ms(lambda tok, cache: compiled(m.params, tok, cache), cache, tok)
     del cache
