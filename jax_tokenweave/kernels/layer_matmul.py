@@ -29,7 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jax_tokenweave.kernels.skinny import NUM_SMS, check_stacked, padded_rows, pow2_at_most
+from jax_tokenweave.kernels.skinny import NUM_SMS, check_stacked, padded_rows, pow2_at_most, tiles
 from jax_tokenweave.kernels.vma import most_varying_mat, out_struct
 
 __all__ = ["layer_matmul", "layer_matmul_reference"]
@@ -37,12 +37,8 @@ __all__ = ["layer_matmul", "layer_matmul_reference"]
 def _plan(k: int, n: int, block_n, block_k, split_k):
   # 64 x 128 tiles: the fastest on the shape this serves, the 8B o_proj, at 8 and 32 rows (13.1 /
   # 14.6 us per call against 14.8 / 15.6 for 128 x 128; bench/results/layer_matmul_h200.json)
-  bn = pow2_at_most(n, 64) if block_n is None else int(block_n)
-  bk = pow2_at_most(k, 128) if block_k is None else int(block_k)
-  if n % bn or k % bk or bn < 16 or bk < 16:
-    raise ValueError(f"layer_matmul: block_n={bn} / block_k={bk} must be >= 16 and divide "
-                     f"N={n} / K={k}; weights whose N or K is not a multiple of 16 go through "
-                     "jnp.einsum instead.")
+  bn, bk = tiles("layer_matmul", n, k, block_n, block_k, cap_n=64, n_name="N",
+                 hint="weights whose N or K is not a multiple of 16 go through jnp.einsum instead.")
   steps = k // bk
   if split_k is None:
     want = max(1, -(-2 * NUM_SMS // (n // bn)))

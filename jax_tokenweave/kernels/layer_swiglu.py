@@ -27,7 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jax_tokenweave.kernels.skinny import NUM_SMS, check_stacked, padded_rows, pow2_at_most
+from jax_tokenweave.kernels.skinny import NUM_SMS, check_stacked, padded_rows, tiles
 from jax_tokenweave.kernels.vma import most_varying_mat, out_struct
 
 __all__ = ["layer_swiglu", "layer_swiglu_reference", "fills_the_gpu"]
@@ -70,12 +70,8 @@ def layer_swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, layer, *, blo
   [M, F] in x's dtype. layer: integer scalar, may be traced."""
   layer = check_stacked("layer_swiglu", x, {"w_gate": w_gate, "w_up": w_up}, layer)
   k, f = w_gate.shape[1:]
-  bn = pow2_at_most(f, _BLOCK_N) if block_n is None else int(block_n)
-  bk = pow2_at_most(k, 128) if block_k is None else int(block_k)
-  if f % bn or k % bk or bn < 16 or bk < 16:
-    raise ValueError(f"layer_swiglu: block_n={bn} / block_k={bk} must be >= 16 and divide "
-                     f"F={f} / K={k}; FFN widths that are not multiples of 16 go through "
-                     "jnp.einsum instead.")
+  bn, bk = tiles("layer_swiglu", f, k, block_n, block_k, cap_n=_BLOCK_N, n_name="F",
+                 hint="FFN widths that are not multiples of 16 go through jnp.einsum instead.")
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   return _impl(x, w_gate, w_up, layer, bn=bn, bk=bk,
