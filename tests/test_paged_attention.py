@@ -168,9 +168,9 @@ def test_split_pages_counts_the_splits_that_hold_pages(append):
             if static_pps is not None and -(-max_pages // static_pps) != num_splits:
                 continue
             for length in range(1, max_pages * page_size + 1, 7):
-                n_pages, pps, used = (int(x) for x in pa._split_pages(
+                cached, n_pages, pps, used = (int(x) for x in pa._split_pages(
                     jnp.int32(length), page_size, max_pages, num_splits, static_pps, ppb, append))
-                cached = length - 1 if append else length
+                assert cached == (length - 1 if append else length)
                 assert n_pages == min(-(-cached // page_size), max_pages)
                 holding = [s for s in range(num_splits) if s * pps < n_pages]
                 assert used == max(len(holding), 1) and used <= num_splits

@@ -326,8 +326,8 @@ def decode_num_splits(batch: int, kv_heads: int, max_pages: int, page_size: int)
 
 
 def _split_pages(length, page_size, max_pages, num_splits, static_pps, ppb, append):
-  """(pages read from the cache, pages per split, splits holding any) of a sequence of
-  `length`; split 0 always counts: it holds the new key (append) or the first page."""
+  """(positions read from the cache, their pages, pages per split, splits holding any) of a
+  sequence of `length`; split 0 always counts: it holds the new key (append) or the first page."""
   cached = length - 1 if append else length
   n_pages = jnp.minimum((cached + page_size - 1) // page_size, max_pages)
   if static_pps is None:
@@ -336,7 +336,7 @@ def _split_pages(length, page_size, max_pages, num_splits, static_pps, ppb, appe
   else:
     pps = static_pps
   used = jnp.maximum((n_pages + pps - 1) // jnp.maximum(pps, 1), 1)
-  return n_pages, pps, used
+  return cached, n_pages, pps, used
 
 
 def _decode_kernel(layer_ref, len_ref, bt_ref, q_ref, *refs, group, rows, ppb, max_pages,
@@ -354,9 +354,8 @@ def _decode_kernel(layer_ref, len_ref, bt_ref, q_ref, *refs, group, rows, ppb, m
   length = len_ref[b]
   # positions read from the pages: with append the last one (length - 1) is the new token, taken
   # from kn/vn instead, so no program reads the slot that is written below
-  cached = length - 1 if append else length
-  n_pages, pps, used = _split_pages(length, page_size, max_pages, num_splits, static_pps, ppb,
-                                    append)
+  cached, n_pages, pps, used = _split_pages(length, page_size, max_pages, num_splits, static_pps,
+                                            ppb, append)
 
   def split():
     p_start = s * pps
@@ -576,7 +575,7 @@ def _combine_kernel(len_ref, o_ref, m_ref, l_ref, out_ref, *, group, gq, rows, n
   # the splits' partial softmaxes rescaled to their common max: o = sum_s 2^(m_s - m) o_s / l.
   # Split s holds rows [s * gq, s * gq + group) of the flattened refs (static offsets). Splits
   # from `used` on held no pages and wrote nothing: they are not read (masked loads).
-  _, _, used = _split_pages(len_ref[pl.program_id(0)], **split_args)
+  *_, used = _split_pages(len_ref[pl.program_id(0)], **split_args)
   row_ok = jnp.arange(rows, dtype=jnp.int32) < group
   oks = [row_ok & (s < used) for s in range(num_splits)]
   ms = [jnp.where(oks[s], _masked_load(m_ref.at[pl.ds(s * gq, rows)], oks[s], plain), _NEG)
