@@ -29,7 +29,7 @@ from jax_tokenweave.models.layers import LayerSpec
 LAYER_PREFIX = "layers."
 # the layer weights the unrolled decode step hands to kernels whole (see forward's unroll)
 IN_PLACE = ("attn.o_proj.kernel", "post_attn_norm.weight", "mlp.gate_proj.kernel",
-            "mlp.up_proj.kernel")
+            "mlp.up_proj.kernel", "mlp.down_proj.kernel")
 
 
 def layer_weights(weights: dict) -> dict:
@@ -57,7 +57,7 @@ def forward(weights: dict, tokens: jax.Array, positions: jax.Array, *, spec: Lay
     inside the loop XLA on GPU copies each layer's weight slice before its GEMMs (measured on an
     H200: 6.5 of an 11.8 ms 8B decode step were those copies; unrolled, 6.2 ms). Unrolled, XLA's
     GEMMs read their slices in place, but a slice that feeds a custom call is still copied, so
-    the weights that go to kernels (o_proj, gate/up, the norms of the reductions) are handed
+    the weights that go to kernels (o_proj, gate/up, down, the norms of the reductions) are handed
     to the layer as LayerOf the stacked array (kernels/layer_of.py). Compute-bound steps
     (prefill, mixed batches) keep the loop, whose compile time does not grow with depth."""
     B, S = tokens.shape

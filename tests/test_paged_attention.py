@@ -135,6 +135,21 @@ def test_decode_appends_the_new_token(dtype, hd, group, ps, kw):
     np.testing.assert_array_equal(np.asarray(v2, np.float32), np.asarray(vr, np.float32))
 
 
+def test_decode_combines_more_splits_than_one_chunk():
+    """The combine loads the partial outputs in chunks of 16 splits (group 4): 20 splits of one
+    page, 19 of them holding pages for the long row, none past the first for the short ones."""
+    dtype, ps = jnp.float32, 8
+    lengths = [300, 1, 9, 130]
+    q, kp, vp, bt, ln = _decode_case(dtype, 64, 4, ps, lengths)
+    k_new, v_new = _normal((4, kp.shape[1], 64), dtype), _normal((4, kp.shape[1], 64), dtype)
+    kr, vr = _appended(kp, vp, bt, ln, 0, k_new, v_new)
+    out, k2, v2 = pa.paged_decode_attention(q, kp, vp, bt, ln, 0, num_splits=20, block_k=8,
+                                            new_kv=(k_new, v_new))
+    _check(out, pa.paged_attention_reference(q, kr, vr, bt, ln, 0), dtype)
+    np.testing.assert_array_equal(np.asarray(k2), np.asarray(kr))
+    np.testing.assert_array_equal(np.asarray(v2), np.asarray(vr))
+
+
 def test_decode_append_rejects_bad_new_kv():
     q, kp, vp, bt, ln = _decode_case(jnp.float32, 64, 4, 16, [3, 20])
     good = _normal((2, kp.shape[1], 64), jnp.float32)
@@ -145,11 +160,12 @@ def test_decode_append_rejects_bad_new_kv():
 
 
 def test_decode_split_rule():
-    # batch 1 on 8 kv heads fills ~2 programs per SM; capped by 128-token splits
-    assert pa.decode_num_splits(1, 8, 512, 16) == 33
+    # at most one wave of 3 x 132 programs (rounded down), at least one split; capped by
+    # 128-token splits
+    assert pa.decode_num_splits(1, 8, 512, 16) == 49
     assert pa.decode_num_splits(1, 8, 32, 16) == 4
-    assert pa.decode_num_splits(8, 8, 512, 16) == 5
-    assert pa.decode_num_splits(32, 8, 128, 16) == 2
+    assert pa.decode_num_splits(8, 8, 512, 16) == 6
+    assert pa.decode_num_splits(32, 8, 128, 16) == 1
     assert pa.decode_num_splits(64, 8, 128, 16) == 1
     # default rule with several splits at small shapes: 2 kv heads, batch 2 -> capped by capacity
     q, kp, vp, bt, ln = _decode_case(jnp.float32, 64, 2, 16, [200, 33], max_pages=16)

@@ -43,9 +43,15 @@ written (no ordering between programs is needed). This replaces two XLA scatters
 (~2.7 us each in a decode step on the H200, bench/results/profile_decode_h200.json).
 
 Split rule of ``paged_decode_attention`` (flash-decoding), static from shapes:
-``num_splits = clamp(ceil(2 * 132 / (B * KVH)), 1, max(1, max_pages * page_size // 128))`` --
-enough (batch, kv head, split) programs for about two per SM of an H200 (132 SMs) at batch 1,
-but never splits shorter than 128 tokens of capacity. The split *boundaries* are dynamic: split
+``num_splits = clamp(floor(3 * 132 / (B * KVH)), 1, max(1, max_pages * page_size // 128))`` --
+as many (batch, kv head, split) programs as fit on an H200 at once (132 SMs, 3 programs each:
+a program holds 2 stages of a 64-token K and V tile, 64 KB of the SM's 228 KB of shared
+memory), never more, and never splits shorter than 128 tokens of capacity. Rounding down
+keeps the programs in one wave: the earlier rule, ceil(2 * 132 / (B * KVH)), gave batch 32 two
+splits, 512 programs, 1.3 waves, and its step was 2.4% slower than with one split
+(bench/results/profile_decode_h200.json, session_9 variants_split_count); it gave batch 8 five
+splits (320 programs), where two (128) had made the step 1.6% slower; this rule gives six.
+The split *boundaries* are dynamic: split
 ``s`` of sequence ``b`` handles pages ``[s * pps_b, (s + 1) * pps_b)`` with
 ``pps_b = round_up(ceil(ceil(lengths[b] / page_size) / num_splits), pages_per_block)``, so the
 splits share the sequence's *valid* pages evenly whatever the block-table capacity (a sequence
@@ -92,9 +98,9 @@ __all__ = [
     "decode_num_splits",
 ]
 
-# H200: 132 SMs. The rule aims at ~2 programs per SM at batch 1.
+# H200: 132 SMs; 3 decode programs fit on one at a time (see the split rule in the docstring).
 _NUM_SMS = 132
-_TARGET_PROGRAMS = 2 * _NUM_SMS
+_WAVE_PROGRAMS = 3 * _NUM_SMS
 _MIN_SPLIT_TOKENS = 128
 # Default KV tokens per inner-loop step (``block_k // page_size`` pages loaded per step).
 _DEFAULT_BLOCK_K = 64
@@ -320,7 +326,7 @@ def _online_step(carry, q, parts, qk_scale, mask_fn):
 
 def decode_num_splits(batch: int, kv_heads: int, max_pages: int, page_size: int) -> int:
   """The static split count of ``paged_decode_attention`` (see the module docstring)."""
-  want = -(-_TARGET_PROGRAMS // max(1, batch * kv_heads))
+  want = _WAVE_PROGRAMS // max(1, batch * kv_heads)
   cap = max(1, (max_pages * page_size) // _MIN_SPLIT_TOKENS)
   return int(max(1, min(want, cap)))
 
@@ -504,12 +510,10 @@ def _decode_impl(q, k_pool, v_pool, block_tables, lengths, layer_arr, new_kv, *,
   layer_arr = layer_arr.astype(jnp.int32).reshape(1)
   mat = most_varying_mat(q, k_pool, v_pool, block_tables, lengths)
   pad = _needs_plain(interpret, mat)
-  qg = q.reshape(batch, kvh, group, head_dim)
   gq = group
   bt = block_tables
   if pad:
     gq = rows
-    qg = _pad_axis(qg, 2, rows)
     bt = _pad_axis(bt, 1, -(-max_pages // ppb) * ppb)
   kernel = functools.partial(
       _decode_kernel, group=group, rows=rows, ppb=ppb, max_pages=max_pages, num_splits=ns,
@@ -520,22 +524,37 @@ def _decode_impl(q, k_pool, v_pool, block_tables, lengths, layer_arr, new_kv, *,
       pl.BlockSpec((1,), lambda b, h, s: (0,)),
       pl.BlockSpec((batch,), lambda b, h, s: (0,)),
       pl.BlockSpec(bt.shape, lambda b, h, s: (0, 0)),
-      pl.BlockSpec((None, None, gq, head_dim), lambda b, h, s: (b, h, 0, 0)),
   ]
-  args = [layer_arr, lengths, bt, qg]
-  if new_kv is not None:
-    in_specs += [pl.BlockSpec((None, None, head_dim), lambda b, h, s: (b, h, 0))] * 2
-    args += list(new_kv)
+  args = [layer_arr, lengths, bt]
+  if new_kv is not None and not pad:
+    # q, k_new, v_new as one [B, H + 2 KVH, hd] buffer, read at three head offsets: XLA forms it
+    # in one fusion (the split-K sum of the q/k/v projection, RoPE of q and k), where a separate
+    # q, k and v each took a kernel of their own (1.2-1.7 us each at batch 1 on the H200).
+    qkv = jnp.concatenate([q, *new_kv], axis=1)
+    in_specs += [pl.BlockSpec((None, gq, head_dim), lambda b, h, s: (b, h, 0)),
+                 pl.BlockSpec((None, None, head_dim), lambda b, h, s: (b, heads + h, 0)),
+                 pl.BlockSpec((None, None, head_dim), lambda b, h, s: (b, heads + kvh + h, 0))]
+    args += [qkv] * 3
+  else:
+    in_specs.append(pl.BlockSpec((None, None, gq, head_dim), lambda b, h, s: (b, h, 0, 0)))
+    qg = q.reshape(batch, kvh, group, head_dim)
+    args.append(_pad_axis(qg, 2, rows) if pad else qg)
+    if new_kv is not None:
+      in_specs += [pl.BlockSpec((None, None, head_dim), lambda b, h, s: (b, h, 0))] * 2
+      args += list(new_kv)
   in_specs += [pool_spec, pool_spec]
   args += [k_pool, v_pool]
   if ns == 1:
     out_shape = out_struct((batch, kvh, gq, head_dim), q.dtype, mat)
     out_specs = pl.BlockSpec((None, None, gq, head_dim), lambda b, h, s: (b, h, 0, 0))
   else:
+    # the split axis rounded up to a power of two, so that the combine's tiles over it are in
+    # bounds; the entries past ns are never written nor read
+    ns_p = _next_pow2(ns)
     out_shape = (
-        out_struct((batch, kvh, ns, gq, head_dim), jnp.float32, mat),
-        out_struct((batch, kvh, ns, gq), jnp.float32, mat),
-        out_struct((batch, kvh, ns, gq), jnp.float32, mat),
+        out_struct((batch, kvh, ns_p, gq, head_dim), jnp.float32, mat),
+        out_struct((batch, kvh, ns_p, gq), jnp.float32, mat),
+        out_struct((batch, kvh, ns_p, gq), jnp.float32, mat),
     )
     out_specs = (
         pl.BlockSpec((None, None, None, gq, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
@@ -570,51 +589,61 @@ def _decode_impl(q, k_pool, v_pool, block_tables, lengths, layer_arr, new_kv, *,
   return (o,) + pools if pools else o
 
 
-def _combine_kernel(len_ref, o_ref, m_ref, l_ref, out_ref, *, group, gq, rows, num_splits, plain,
+def _combine_kernel(len_ref, o_ref, m_ref, l_ref, out_ref, *, group, rows, splits, chunk, plain,
                     split_args):
   # the splits' partial softmaxes rescaled to their common max: o = sum_s 2^(m_s - m) o_s / l.
-  # Split s holds rows [s * gq, s * gq + group) of the flattened refs (static offsets). Splits
-  # from `used` on held no pages and wrote nothing: they are not read (masked loads).
+  # Splits from `used` on held no pages and wrote nothing: they are not read (masked loads).
+  # Every split's m and l come in one load, the partial outputs in chunks of `chunk` splits: a
+  # load per split, each used before the next was issued, made this kernel 3.5 us at batch 1
+  # on the H200 (16 splits; bench/results/profile_decode_h200.json).
   *_, used = _split_pages(len_ref[pl.program_id(0)], **split_args)
-  row_ok = jnp.arange(rows, dtype=jnp.int32) < group
-  oks = [row_ok & (s < used) for s in range(num_splits)]
-  ms = [jnp.where(oks[s], _masked_load(m_ref.at[pl.ds(s * gq, rows)], oks[s], plain), _NEG)
-        for s in range(num_splits)]
-  m_max = functools.reduce(jnp.maximum, ms)
+  head_ok = jnp.arange(rows, dtype=jnp.int32)[None, :] < group
+
+  def ok(s0, n):
+    return (s0 + jnp.arange(n, dtype=jnp.int32)[:, None] < used) & head_ok
+
+  def tile(ref, s0, n):
+    return ref.at[pl.ds(s0, n), pl.ds(0, rows)]
+
+  ok_all = ok(0, splits)
+  m = jnp.where(ok_all, _masked_load(tile(m_ref, 0, splits), ok_all, plain), _NEG)
+  m_max = jnp.max(m, axis=0)
+  w = jnp.where(ok_all, jnp.exp2(m - m_max[None, :]), 0.0)
+  l_tot = jnp.sum(w * _masked_load(tile(l_ref, 0, splits), ok_all, plain), axis=0)
   acc = jnp.zeros((rows, o_ref.shape[-1]), jnp.float32)
-  l_tot = jnp.zeros((rows,), jnp.float32)
-  for s in range(num_splits):
-    w = jnp.where(oks[s], jnp.exp2(ms[s] - m_max), 0.0)
-    l_tot = l_tot + w * _masked_load(l_ref.at[pl.ds(s * gq, rows)], oks[s], plain)
-    acc = acc + w[:, None] * _masked_load(o_ref.at[pl.ds(s * gq, rows)], oks[s][:, None], plain)
+  for s0 in range(0, splits, chunk):
+    okc = ok(s0, chunk)
+    wc = jnp.where(okc, jnp.exp2(_masked_load(tile(m_ref, s0, chunk), okc, plain) - m_max[None, :]),
+                   0.0)
+    oc = _masked_load(tile(o_ref, s0, chunk), okc[:, :, None], plain)
+    acc = acc + jnp.sum(wc[:, :, None] * oc, axis=0)
   out = acc / jnp.where(l_tot > 0, l_tot, 1.0)[:, None]
-  _masked_store(out_ref.at[pl.ds(0, rows)], out.astype(out_ref.dtype), row_ok[:, None], plain)
+  _masked_store(out_ref.at[pl.ds(0, rows)], out.astype(out_ref.dtype), head_ok[0][:, None], plain)
 
 
 def _combine_splits(lengths, o_part, m_part, l_part, *, group, dtype, mat, plain, interpret,
                     split_args):
-  """[B, KVH, ns, gq, hd] partials (+ m, l [B, KVH, ns, gq]) -> [B, KVH, gq, hd] in ``dtype``:
+  """[B, KVH, ns_p, gq, hd] partials (+ m, l [B, KVH, ns_p, gq]) -> [B, KVH, gq, hd] in ``dtype``:
   one kernel for what XLA ran as three (max, weighted sum, divide; ~4.4 us per layer at batch
   1 on the H200, bench/results/profile_decode_h200.json). ``split_args``: the decode call's
   split rule (_split_pages), to know which splits wrote a partial."""
-  batch, kvh, ns, gq, head_dim = o_part.shape
+  batch, kvh, splits, gq, head_dim = o_part.shape   # splits: a power of two >= the split count
   rows = _next_pow2(gq)
-  flat = ns * gq
+  chunk = min(splits, max(1, 64 // rows))   # 64 partial rows of head_dim fp32 loaded at a time
   return pl.pallas_call(
-      functools.partial(_combine_kernel, group=group, gq=gq, rows=rows, num_splits=ns, plain=plain,
-                        split_args=split_args),
+      functools.partial(_combine_kernel, group=group, rows=rows, splits=splits, chunk=chunk,
+                        plain=plain, split_args=split_args),
       grid=(batch, kvh),
       in_specs=[pl.BlockSpec((batch,), lambda b, h: (0,)),
-                pl.BlockSpec((None, None, flat, head_dim), lambda b, h: (b, h, 0, 0)),
-                pl.BlockSpec((None, None, flat), lambda b, h: (b, h, 0)),
-                pl.BlockSpec((None, None, flat), lambda b, h: (b, h, 0))],
+                pl.BlockSpec((None, None, splits, gq, head_dim), lambda b, h: (b, h, 0, 0, 0)),
+                pl.BlockSpec((None, None, splits, gq), lambda b, h: (b, h, 0, 0)),
+                pl.BlockSpec((None, None, splits, gq), lambda b, h: (b, h, 0, 0))],
       out_specs=pl.BlockSpec((None, None, gq, head_dim), lambda b, h: (b, h, 0, 0)),
       out_shape=out_struct((batch, kvh, gq, head_dim), dtype, mat),
       interpret=interpret,
       compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
-      name=f"paged_decode_combine_s{ns}",
-  )(lengths, o_part.reshape(batch, kvh, flat, head_dim), m_part.reshape(batch, kvh, flat),
-    l_part.reshape(batch, kvh, flat))
+      name=f"paged_decode_combine_s{split_args['num_splits']}",
+  )(lengths, o_part, m_part, l_part)
 
 
 # ----------------------------------------------------------------------------------------------
