@@ -195,22 +195,17 @@ def attention_block(w, x: jax.Array, rope, spec: LayerSpec, attend: Callable):
 
 def dense_ffn(w, x: jax.Array) -> jax.Array:
     """SwiGLU, x [T, D] normed -> down_proj partial [T, D] (column- then row-parallel).
-    The weights as ``LayerOf`` the stacked arrays (the unrolled decode step), on GPU: one kernel,
-    kernels.layer_swiglu, computes gate, up and their product where the FFN width fills the GPU,
-    and kernels.layer_matmul the down projection as split-K pieces [S, T, D] that the reduction
-    adds itself (as out_projection's), which saves the kernel XLA ran to sum its own split-K
-    GEMM's pieces (1.4-2.4 us a layer on the H200, bench/results/profile_decode_h200.json).
-    Otherwise the einsums on the slices."""
-    wg, wu, wd = w["mlp.gate_proj.kernel"], w["mlp.up_proj.kernel"], w["mlp.down_proj.kernel"]
+    Gate and up as ``LayerOf`` the stacked weights (the unrolled decode step): on GPU one kernel,
+    kernels.layer_swiglu, computes both and their product where the FFN width fills the GPU;
+    otherwise the einsums on the slices."""
+    wg, wu = w["mlp.gate_proj.kernel"], w["mlp.up_proj.kernel"]
     if isinstance(wg, LayerOf) and use_kernels() and fills_the_gpu(wg.shape[-1]):
         h = layer_swiglu(x, wg.stacked, wu.stacked, wg.layer)
     else:
         gate = jnp.einsum("td,df->tf", x, resolve(wg))
         up = jnp.einsum("td,df->tf", x, resolve(wu))
         h = jax.nn.silu(gate) * up
-    if isinstance(wd, LayerOf) and use_kernels():
-        return layer_matmul(h, wd.stacked, wd.layer, sum_splits=False)
-    return jnp.einsum("tf,fd->td", h, resolve(wd))
+    return jnp.einsum("tf,fd->td", h, w["mlp.down_proj.kernel"])
 
 
 def ffn_block(w, x: jax.Array, spec: LayerSpec) -> jax.Array:

@@ -39,22 +39,17 @@ VARIANTS = {   # how the decode jit is built, timed against the default at each 
     # down (default 3 x 132: one wave on the H200)
     "attn_programs_264": {"target_programs": 264},
     "attn_programs_528": {"target_programs": 528},
-    "attn_programs_1056": {"target_programs": 1056},
+    # the decode kernel's KV tokens per inner step (default 64)
+    "attn_block_k_128": {"attn_block_k": 128},
     # the decode kernel's Triton launch parameters (default 4 warps, 2 stages)
     "attn_warps_8": {"attn_warps": 8},
     "attn_warps_2": {"attn_warps": 2},
     "attn_stages_3": {"attn_stages": 3},
     "attn_stages_4": {"attn_stages": 4},
     "attn_stages_1": {"attn_stages": 1},
-    # the down projection as XLA's dot on the layer's slice (its own split-K sum), not
-    # kernels.layer_matmul's pieces into the reduction
-    "down_xla": {"down_in_place": False},
-    # sequence b owning the contiguous pages 1 + b * pages_per_seq ... (the default interleaves)
-    "tables_contiguous": {"contiguous_tables": True},
 }
-NON_XLA_KEYS = ("down_in_place", "contiguous_tables")
 KERNEL_KNOBS = {"target_programs": "_WAVE_PROGRAMS", "attn_warps": "_DECODE_WARPS",
-                "attn_stages": "_DECODE_STAGES"}   # variant key -> paged_attention global
+                "attn_stages": "_DECODE_STAGES", "attn_block_k": "_DEFAULT_BLOCK_K"}   # variant key -> paged_attention global
 
 
 def model_for(name: str):
@@ -155,20 +150,11 @@ def variant_probe(m, B: int, variant: dict, capacity: int = 2048) -> dict:
     calls) and how many cuBLAS calls it makes."""
     import jax
     from jax_tokenweave.kernels import paged_attention
-    from jax_tokenweave.models import transformer
-    import numpy as np
-    options = {k: v for k, v in variant.items() if k not in KERNEL_KNOBS and k not in NON_XLA_KEYS}
+    options = {k: v for k, v in variant.items() if k not in KERNEL_KNOBS}
     cache, tok = decode_setup(m, B, capacity)
-    if variant.get("contiguous_tables"):
-        per = cache.block_tables.shape[1]
-        tables = (1 + np.arange(B * per, dtype=np.int32)).reshape(B, per)
-        cache = cache.replace(block_tables=jax.device_put(tables, cache.block_tables.sharding))
     saved = {g: getattr(paged_attention, g) for g in KERNEL_KNOBS.values()}
     for k, g in KERNEL_KNOBS.items():   # read while tracing
         setattr(paged_attention, g, variant.get(k, saved[g]))
-    in_place = transformer.IN_PLACE
-    if not variant.get("down_in_place", True):
-        transformer.IN_PLACE = tuple(k for k in in_place if k != "mlp.down_proj.kernel")
     try:
         t = time.perf_counter()
         # a new function each time: jax's trace cache would otherwise reuse the default's trace
@@ -178,7 +164,6 @@ def variant_probe(m, B: int, variant: dict, capacity: int = 2048) -> dict:
     finally:
         for g, v in saved.items():
             setattr(paged_attention, g, v)
-        transformer.IN_PLACE = in_place
     txt = compiled.as_text()
     ms, warm, cache = step_ms(lambda tok, cache: compiled(m.params, tok, cache), cache, tok)
     del cache

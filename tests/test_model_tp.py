@@ -105,8 +105,7 @@ def test_cache_layout_and_weight_sharding():
     # KV heads replicated at tp=8 > 2: the cache holds one KV head per rank.
     assert cache.pages.k.shape == (L, 8, 1 + 2 * 3, 16, cfg.head_dim)
     assert cache.pages.k.addressable_shards[0].data.shape == (L, 1, 7, 16, cfg.head_dim)
-    # the sequences' pages interleave: page j of sequence b is 1 + j * batch + b
-    np.testing.assert_array_equal(to_host(cache.block_tables), [[1, 3, 5], [2, 4, 6]])
+    np.testing.assert_array_equal(to_host(cache.block_tables), [[1, 2, 3], [4, 5, 6]])
     assert cache.max_len == 40
     # Weights in the runtime layout: layers stacked on a leading axis.
     shard = lambda p: m.params[p].addressable_shards[0].data.shape  # noqa: E731

@@ -78,11 +78,8 @@ def init_pages(cfg: ModelConfig, mesh: Mesh, num_pages: int, page_size: int, dty
 
 
 def static_block_tables(batch: int, pages_per_seq: int) -> np.ndarray:
-    """Page j of sequence b is page 1 + j*batch + b (page 0 stays scratch): the sequences' pages
-    interleave, so the first pages of every sequence, where short contexts live, are one
-    compact stretch of each pool rather than one stretch per sequence spread over the whole pool
-    (fewer address-translation misses in a large cache)."""
-    return (1 + np.arange(pages_per_seq * batch, dtype=np.int32)).reshape(pages_per_seq, batch).T.copy()
+    """Sequence b owns pages 1 + b*pages_per_seq ... (page 0 stays scratch)."""
+    return (1 + np.arange(batch * pages_per_seq, dtype=np.int32)).reshape(batch, pages_per_seq)
 
 
 def slots(block_tables: jax.Array, positions: jax.Array, valid: jax.Array, page_size: int):

@@ -5,10 +5,9 @@ takes its weight as a buffer of its own, so each layer's slice of the stacked o_
 copied first (bench/results/profile_decode_h200.json: 32 memcpys, 0.51 ms of a 5.4 ms 8B step).
 A Pallas call receives the whole stacked array and the layer index (a one-element int32 array,
 as the paged attention kernels take theirs) and offsets its loads itself, so nothing is copied.
-Gate and up have their own kernel (layer_swiglu.py); the down projection comes here, its pieces
-going to the reduction. (A SwiGLU prologue here, silu(gate) * up formed on the loaded tiles,
-made the down projection 101 us per layer against XLA's ~30 on the H200, 8B, batch 1-8; it was
-removed, and layer_swiglu forms the product instead.)
+Gate and up have their own kernel (layer_swiglu.py). Not used for the down projection: a SwiGLU
+prologue (silu(gate) * up formed on the loaded tiles, to drop XLA's product kernel of 2.3-4.9 us)
+made it 101 us per layer against XLA's ~30 on the H200 (8B, batch 1-8), so it was removed.
 
 Shape of the kernel (decode GEMV: a few rows, a weight streamed once): grid (N / block_n,
 split_k). Program (n, s) accumulates ``x[:, ks] @ w[layer, ks, n-block]`` over its share ks of
