@@ -35,6 +35,9 @@ VARIANTS = {   # how the decode jit is built, timed against the default at each 
     # XLA compiler options (measured before: triton_gemm_any, cublas_fallback=false, the dot-merger
     # threshold and dynamic-slice fusion changed nothing; bench/results/profile_decode_h200.json)
     "default": {},
+    # programmatic dependent launch (a kernel starts while the one before drains; Hopper+)
+    "xla_pdl_on": {"xla_gpu_enable_pdl": True},
+    "xla_pdl_off": {"xla_gpu_enable_pdl": False},
     # the decode kernel's split rule fits at most this many (row, kv head, split) programs, rounded
     # down (default 3 x 132: one wave on the H200)
     "attn_programs_264": {"target_programs": 264},
@@ -47,9 +50,16 @@ VARIANTS = {   # how the decode jit is built, timed against the default at each 
     "attn_stages_3": {"attn_stages": 3},
     "attn_stages_4": {"attn_stages": 4},
     "attn_stages_1": {"attn_stages": 1},
+    # kernels.layer_matmul (o_proj): split-K chosen for this many programs (default 2 x 132)
+    "matmul_programs_528": {"matmul_programs": 528},
 }
-KERNEL_KNOBS = {"target_programs": "_WAVE_PROGRAMS", "attn_warps": "_DECODE_WARPS",
-                "attn_stages": "_DECODE_STAGES", "attn_block_k": "_DEFAULT_BLOCK_K"}   # variant key -> paged_attention global
+KERNEL_KNOBS = {   # variant key -> (kernel module, the global read while tracing)
+    "target_programs": ("paged_attention", "_WAVE_PROGRAMS"),
+    "attn_warps": ("paged_attention", "_DECODE_WARPS"),
+    "attn_stages": ("paged_attention", "_DECODE_STAGES"),
+    "attn_block_k": ("paged_attention", "_DEFAULT_BLOCK_K"),
+    "matmul_programs": ("layer_matmul", "_TARGET_PROGRAMS"),
+}
 
 
 def model_for(name: str):
@@ -149,12 +159,14 @@ def variant_probe(m, B: int, variant: dict, capacity: int = 2048) -> dict:
     (`wrapped_slice` fusions: copies of a layer's slice of a stacked weight, made for cuBLAS
     calls) and how many cuBLAS calls it makes."""
     import jax
-    from jax_tokenweave.kernels import paged_attention
+    import importlib
     options = {k: v for k, v in variant.items() if k not in KERNEL_KNOBS}
     cache, tok = decode_setup(m, B, capacity)
-    saved = {g: getattr(paged_attention, g) for g in KERNEL_KNOBS.values()}
-    for k, g in KERNEL_KNOBS.items():   # read while tracing
-        setattr(paged_attention, g, variant.get(k, saved[g]))
+    knobs = {k: (importlib.import_module(f"jax_tokenweave.kernels.{mod}"), g)
+             for k, (mod, g) in KERNEL_KNOBS.items()}
+    saved = {k: getattr(mod, g) for k, (mod, g) in knobs.items()}
+    for k, (mod, g) in knobs.items():   # read while tracing
+        setattr(mod, g, variant.get(k, saved[k]))
     try:
         t = time.perf_counter()
         # a new function each time: jax's trace cache would otherwise reuse the default's trace
@@ -162,8 +174,8 @@ def variant_probe(m, B: int, variant: dict, capacity: int = 2048) -> dict:
                            compiler_options=options).lower(m.params, tok, cache).compile()
         compile_s = time.perf_counter() - t
     finally:
-        for g, v in saved.items():
-            setattr(paged_attention, g, v)
+        for k, (mod, g) in knobs.items():
+            setattr(mod, g, saved[k])
     txt = compiled.as_text()
     ms, warm, cache = step_ms(lambda tok, cache: compiled(m.params, tok, cache), cache, tok)
     del cache

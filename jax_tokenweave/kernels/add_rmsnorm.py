@@ -28,6 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jax_tokenweave.kernels.layer_of import LayerOf
+from jax_tokenweave.kernels.skinny import NUM_SMS
 from jax_tokenweave.kernels.vma import most_varying_mat, out_struct
 
 __all__ = ["add_rmsnorm", "add_rmsnorm_reference"]
@@ -81,16 +82,21 @@ def add_rmsnorm(partials: jax.Array, residual: jax.Array, gamma: jax.Array, *, e
     stacked, layer = gamma[None], jnp.zeros((1,), jnp.int32)
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
-  return _impl(layer, partials, residual, stacked, eps=float(eps), interpret=bool(interpret))
+  pieces, t, d = partials.shape
+  # Fewer rows than SMs (decode): each row's program gets 16 warps, the most loads in flight (the
+  # 8B decode step on the H200 was 0.5% faster at batch 1 and 32 than with 4 / 8 warps,
+  # bench/results/profile_decode_h200.json). Many rows: more warps as the row data grows, 4 for
+  # one 4096-wide partial, 8 for 4 pieces, at most 16.
+  warps = 16 if t < NUM_SMS else min(16, max(4, (pieces * d) // 4096 * 2))
+  return _impl(layer, partials, residual, stacked, eps=float(eps), warps=warps,
+               interpret=bool(interpret))
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "interpret"))
-def _impl(layer, partials, residual, gamma, *, eps, interpret):
+@functools.partial(jax.jit, static_argnames=("eps", "warps", "interpret"))
+def _impl(layer, partials, residual, gamma, *, eps, warps, interpret):
   pieces, t, d = partials.shape
   row = lambda i: (i, 0)
   out = out_struct((t, d), residual.dtype, most_varying_mat(partials, residual, gamma))
-  # more warps as the row data grows: 4 for one 4096-wide partial, 8 for 4 pieces, at most 16
-  warps = min(16, max(4, (pieces * d) // 4096 * 2))
   return pl.pallas_call(
       functools.partial(_kernel, pieces=pieces, dim=d, eps=eps),
       grid=(t,),

@@ -34,6 +34,10 @@ from jax_tokenweave.kernels.vma import most_varying_mat, out_struct
 
 __all__ = ["layer_matmul", "layer_matmul_reference"]
 
+# split_k is chosen so that about this many programs stream the weight (2 per SM)
+_TARGET_PROGRAMS = 2 * NUM_SMS
+
+
 def _plan(k: int, n: int, block_n, block_k, split_k):
   # 64 x 128 tiles: the fastest on the shape this serves, the 8B o_proj, at 8 and 32 rows (13.1 /
   # 14.6 us per call against 14.8 / 15.6 for 128 x 128; bench/results/layer_matmul_h200.json)
@@ -41,7 +45,7 @@ def _plan(k: int, n: int, block_n, block_k, split_k):
                  hint="weights whose N or K is not a multiple of 16 go through jnp.einsum instead.")
   steps = k // bk
   if split_k is None:
-    want = max(1, -(-2 * NUM_SMS // (n // bn)))
+    want = max(1, -(-_TARGET_PROGRAMS // (n // bn)))
     split_k = pow2_at_most(steps, want)
   split_k = int(split_k)
   if split_k < 1 or steps % split_k:
