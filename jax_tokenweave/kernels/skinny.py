@@ -1,5 +1,6 @@
-"""What the decode step's skinny-matmul kernels share (layer_matmul.py, layer_swiglu.py; add_rmsnorm.py takes the SM count): the
-GPU's size, Triton's smallest dot, tile arithmetic and the checks of the stacked operands."""
+"""What the decode step's skinny-matmul kernels share (layer_matmul.py, layer_swiglu.py;
+add_rmsnorm.py takes the SM count): the GPU's size, Triton's smallest dot, tile arithmetic and the
+checks of the stacked operands."""
 from __future__ import annotations
 
 import jax
