@@ -8,8 +8,8 @@
      elementwise / memcpy) and the top kernels; one step's kernel sequence goes to the JSON;
   3. Generator.generate per token at batch 1 (64 new tokens minus 1, median of 3) and its
      profile's idle time (does the host loop starve the GPU?);
-  4. variants (--variants): the decode jit compiled with other XLA options or another split
-     target of the decode kernel, its step time at each of --variant-batches.
+  4. variants (--variants): the decode jit compiled with other XLA options or other settings of
+     the kernels (KERNEL_KNOBS), its step time at each of --variant-batches.
 
 Prints a short table; writes <out>/profile_decode.json (with device, jax, date, command).
 

@@ -36,7 +36,8 @@ a 512-token chunk on 1024 tokens of context plus 31 decode rows (83 TFLOP/s).
 
 Appending (``paged_decode_attention(..., new_kv=(k_new, v_new))``, what the engine's decode
 steps use): the token at position ``lengths[b] - 1`` is this step's. Its K/V come in as
-arguments; split 0 of each (sequence, kv head) adds that key to its partial softmax from
+arguments (with q, one [B, H + 2 KVH, hd] buffer read at three head offsets, which XLA forms in
+a single fusion); split 0 of each (sequence, kv head) adds that key to its partial softmax from
 registers and stores K/V into the page slot, the pools being aliased outputs. The splits read
 only positions ``< lengths[b] - 1`` from the pages, so nothing in the call reads the slot being
 written (no ordering between programs is needed). This replaces two XLA scatters per layer
@@ -593,9 +594,9 @@ def _combine_kernel(len_ref, o_ref, m_ref, l_ref, out_ref, *, group, rows, split
                     split_args):
   # the splits' partial softmaxes rescaled to their common max: o = sum_s 2^(m_s - m) o_s / l.
   # Splits from `used` on held no pages and wrote nothing: they are not read (masked loads).
-  # Every split's m and l come in one load, the partial outputs in chunks of `chunk` splits: a
-  # load per split, each used before the next was issued, made this kernel 3.5 us at batch 1
-  # on the H200 (16 splits; bench/results/profile_decode_h200.json).
+  # Every split's m and l come in one load, the partial outputs in chunks of `chunk` splits: one
+  # load per split, each used before the next was issued, made this kernel 3.5 us a layer at
+  # batch 1 on the H200 (16 splits), 3.1 us now (bench/results/profile_decode_h200.json).
   *_, used = _split_pages(len_ref[pl.program_id(0)], **split_args)
   head_ok = jnp.arange(rows, dtype=jnp.int32)[None, :] < group
 
