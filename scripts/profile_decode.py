@@ -38,6 +38,10 @@ VARIANTS = {   # how the decode jit is built, timed against the default at each 
     # programmatic dependent launch (a kernel starts while the one before drains; Hopper+)
     "xla_pdl_on": {"xla_gpu_enable_pdl": True},
     "xla_pdl_off": {"xla_gpu_enable_pdl": False},
+    # no HLO rematerialization: at batch 32 x capacity 8192 it recomputes the RoPE and next-norm
+    # tables in every layer (388 kernels a step against 297 at 2048; profile_decode_h200.json
+    # session_10 profile_8192_b32). Not yet measured; run with --capacity 8192.
+    "xla_no_remat": {"xla_disable_hlo_passes": "rematerialization"},
     # the decode kernel's split rule fits at most this many (row, kv head, split) programs, rounded
     # down (default 3 x 132: one wave on the H200)
     "attn_programs_264": {"target_programs": 264},
