@@ -49,10 +49,9 @@ as many (batch, kv head, split) programs as fit on an H200 at once (132 SMs, 3 p
 a program holds 2 stages of a 64-token K and V tile, 64 KB of the SM's 228 KB of shared
 memory), never more, and never splits shorter than 128 tokens of capacity. Rounding down
 keeps the programs in one wave: the earlier rule, ceil(2 * 132 / (B * KVH)), gave batch 32 two
-splits, 512 programs, 1.3 waves, and its step was 2.4% slower than with one split
-(bench/results/profile_decode_h200.json, session_9 variants_split_count); it gave batch 8 five
-splits (320 programs), where two (128) had made the step 1.6% slower; this rule gives six.
-The split *boundaries* are dynamic: split
+splits, 512 programs, 1.3 waves; this one gives it one split, and its 8B decode step went from
+5.31 to 5.14 ms in the same run (bench/results/profile_decode_h200.json, session_10
+first_run); batch 8 gets six splits (five before). The split *boundaries* are dynamic: split
 ``s`` of sequence ``b`` handles pages ``[s * pps_b, (s + 1) * pps_b)`` with
 ``pps_b = round_up(ceil(ceil(lengths[b] / page_size) / num_splits), pages_per_block)``, so the
 splits share the sequence's *valid* pages evenly whatever the block-table capacity (a sequence
@@ -75,7 +74,7 @@ causal limit; KV blocks that every row of the block sees in full skip the maskin
 kernel does not split along the KV axis: pure-decode batches with long contexts belong to
 ``paged_decode_attention``.
 
-Imports: jax, numpy, the standard library and kernels.vma.
+Imports: jax, numpy, the standard library, kernels.vma and kernels.skinny (the SM count).
 """
 
 from __future__ import annotations
@@ -90,6 +89,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from jax_tokenweave.kernels.skinny import NUM_SMS
 from jax_tokenweave.kernels.vma import most_varying_mat, out_struct
 
 __all__ = [
@@ -99,9 +99,8 @@ __all__ = [
     "decode_num_splits",
 ]
 
-# H200: 132 SMs; 3 decode programs fit on one at a time (see the split rule in the docstring).
-_NUM_SMS = 132
-_WAVE_PROGRAMS = 3 * _NUM_SMS
+# 3 decode programs fit on an SM at a time (see the split rule in the docstring)
+_WAVE_PROGRAMS = 3 * NUM_SMS
 _MIN_SPLIT_TOKENS = 128
 # Default KV tokens per inner-loop step (``block_k // page_size`` pages loaded per step).
 _DEFAULT_BLOCK_K = 64
@@ -613,6 +612,7 @@ def _combine_kernel(len_ref, o_ref, m_ref, l_ref, out_ref, *, group, rows, split
   l_tot = jnp.sum(w * _masked_load(tile(l_ref, 0, splits), ok_all, plain), axis=0)
   acc = jnp.zeros((rows, o_ref.shape[-1]), jnp.float32)
   for s0 in range(0, splits, chunk):
+    # m is loaded again per chunk (from L2): Triton cannot slice the register tile loaded above
     okc = ok(s0, chunk)
     wc = jnp.where(okc, jnp.exp2(_masked_load(tile(m_ref, s0, chunk), okc, plain) - m_max[None, :]),
                    0.0)

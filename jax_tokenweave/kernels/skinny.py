@@ -1,6 +1,6 @@
-"""What the decode step's skinny-matmul kernels share (layer_matmul.py, layer_swiglu.py;
-add_rmsnorm.py takes the SM count): the GPU's size, Triton's smallest dot, tile arithmetic and the
-checks of the stacked operands."""
+"""What the decode step's skinny-matmul kernels share (layer_matmul.py, layer_swiglu.py): the
+GPU's size, Triton's smallest dot, tile arithmetic and the checks of the stacked operands. The SM
+count is also the one add_rmsnorm.py and paged_attention.py size their grids by."""
 from __future__ import annotations
 
 import jax
