@@ -15,11 +15,6 @@ Two things vary between callers and are passed in:
                                          the fused AllReduce + residual + RMSNorm for the model;
                                          psum or none in the benchmark variants
 
-In the unrolled decode step (weights as LayerOf, on GPU) both also get ``warm=`` a
-kernels.l2_warm.WarmTarget: the weights of the GEMM that follows them (o_proj after attention,
-gate/up after the first reduction, the next layer's q/k/v after the second), which their
-latency-bound kernels read into L2 while the HBM would otherwise be idle.
-
 One layer (TokenWeave's order; each reduction also applies the next norm):
     h = attention_block(x)      -> o_proj partial [T, D]
     x, res = reduce(h, res, post_attn_norm)
@@ -38,7 +33,6 @@ import numpy as np
 
 from jax_tokenweave.compat import axis_size
 from jax_tokenweave.kernels.layer_matmul import layer_matmul
-from jax_tokenweave.kernels.l2_warm import WarmTarget
 from jax_tokenweave.kernels.layer_of import LayerOf, resolve
 from jax_tokenweave.kernels.layer_swiglu import fills_the_gpu, layer_swiglu
 from jax_tokenweave.models.config import ModelConfig
@@ -190,21 +184,11 @@ def out_projection(out: jax.Array, wo) -> jax.Array:
     return jnp.einsum("bshk,hkd->bsd", out, wo).reshape(B * S, -1)
 
 
-def warm_target(*weights) -> WarmTarget | None:
-    """What a kernel before the GEMM over ``weights`` (LayerOf one layer of stacked arrays) reads
-    into L2 for it: only in the unrolled decode step on GPU (see the module doc)."""
-    if not (use_kernels() and weights and all(isinstance(w, LayerOf) for w in weights)):
-        return None
-    return WarmTarget(tuple(w.stacked for w in weights), weights[0].layer)
-
-
 def attention_block(w, x: jax.Array, rope, spec: LayerSpec, attend: Callable):
     """x [B, S, D] normed -> (o_proj partial [B*S, D], attend's aux)."""
     q, k, v = qkv(w, x, rope, spec)
-    wo = w["attn.o_proj.kernel"]
-    warm = warm_target(wo)
-    out, aux = attend(q, k, v) if warm is None else attend(q, k, v, warm=warm)
-    return out_projection(out.astype(x.dtype), wo), aux
+    out, aux = attend(q, k, v)
+    return out_projection(out.astype(x.dtype), w["attn.o_proj.kernel"]), aux
 
 
 # ---------------------------------------------------------------------------------------- FFN
@@ -236,19 +220,16 @@ def ffn_block(w, x: jax.Array, spec: LayerSpec) -> jax.Array:
 # -------------------------------------------------------------------------------------- layer
 
 def forward_layer(w, x: jax.Array, residual, next_norm, rope, *, spec: LayerSpec,
-                  reduce: Callable, attend: Callable, warm_next: WarmTarget | None = None):
+                  reduce: Callable, attend: Callable):
     """One layer: x [B, S, D] normed input (replicated), residual (the reducer's layout) ->
-    (next normed input [B, S, D], residual, attend's aux). warm_next: the next GEMM after this
-    layer (the next layer's q/k/v), for the last reduction to read into L2 (module doc)."""
+    (next normed input [B, S, D], residual, attend's aux)."""
     B, S, D = x.shape
     with jax.named_scope("attention"):
         h, aux = attention_block(w, x, rope, spec, attend)
     with jax.named_scope("reduce_post_attn"):
-        warm = None if spec.experts_per_token else warm_target(w["mlp.gate_proj.kernel"],
-                                                               w["mlp.up_proj.kernel"])
-        xf, residual = reduce(h, residual, w["post_attn_norm.weight"], warm=warm)
+        xf, residual = reduce(h, residual, w["post_attn_norm.weight"])
     with jax.named_scope("ffn"):
         m = ffn_block(w, xf, spec)
     with jax.named_scope("reduce_post_ffn"):
-        xf, residual = reduce(m, residual, next_norm, warm=warm_next)
+        xf, residual = reduce(m, residual, next_norm)
     return xf.reshape(B, S, D), residual, aux

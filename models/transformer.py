@@ -31,7 +31,6 @@ LAYER_PREFIX = "layers."
 # the layer weights the unrolled decode step hands to kernels whole (see forward's unroll)
 IN_PLACE = ("attn.o_proj.kernel", "post_attn_norm.weight", "mlp.gate_proj.kernel",
             "mlp.up_proj.kernel")
-QKV = ("attn.q_proj.kernel", "attn.k_proj.kernel", "attn.v_proj.kernel")
 
 
 def layer_weights(weights: dict) -> dict:
@@ -67,18 +66,10 @@ def forward(weights: dict, tokens: jax.Array, positions: jax.Array, *, spec: Lay
     with jax.named_scope("embed"):
         partial = layers.embed(weights["embed_tokens.embedding"], tokens.reshape(B * S), spec.axis_name)
     D = partial.shape[-1]
-    L = stacked["input_norm.weight"].shape[0]
-
-    def qkv_of(layer):
-        """The q/k/v weights of `layer` for a reduction before them to read into L2 (unrolled)."""
-        names = [k for k in QKV if k in stacked] if unroll else []
-        return layers.warm_target(*(LayerOf(stacked[k], layer) for k in names))
-
     with jax.named_scope("reduce_embed"):
         first_norm = stacked["input_norm.weight"]
         first_norm = LayerOf(first_norm, jnp.int32(0)) if unroll else first_norm[0]
-        x, residual = reduce(partial, reduce.init(B * S, D, partial.dtype), first_norm,
-                             warm=qkv_of(0))
+        x, residual = reduce(partial, reduce.init(B * S, D, partial.dtype), first_norm)
     rope = layers.rope_cos_sin(positions, inv_freq)
 
     # The unrolled (decode) step reads these from the stacked weights in place (LayerOf).
@@ -92,14 +83,13 @@ def forward(weights: dict, tokens: jax.Array, positions: jax.Array, *, spec: Lay
         if unroll:
             next_norm = LayerOf(norms, i)
 
-        def attend_layer(q, k, v, **warm):
-            return attend(q, k, v, cache, i, **warm)
-        # after the last layer the LM head follows; its reduction re-reads the last q/k/v instead
+        def attend_layer(q, k, v):
+            return attend(q, k, v, cache, i)
         x, residual, cache = layers.forward_layer(w, x, residual, next_norm, rope, spec=spec,
-                                                  reduce=reduce, attend=attend_layer,
-                                                  warm_next=qkv_of(jnp.minimum(i + 1, L - 1)))
+                                                  reduce=reduce, attend=attend_layer)
         return (x, residual, cache), None
 
+    L = stacked["input_norm.weight"].shape[0]
     sliced = {k: v for k, v in stacked.items() if k not in in_place}
     # the layer indices as a constant, not an iota: XLA folds a constant's slices, but each
     # layer's slice of an iota was a kernel of its own in the unrolled step (0.8 us on the H200)

@@ -56,15 +56,6 @@ VARIANTS = {   # how the decode jit is built, timed against the default at each 
     "attn_stages_1": {"attn_stages": 1},
     # kernels.layer_matmul (o_proj): split-K chosen for this many programs (default 2 x 132)
     "matmul_programs_528": {"matmul_programs": 528},
-    # L2 warming (kernels/l2_warm.py): bytes of the next GEMM's weights the norms (default 8 MB)
-    # and the attention combine (default 12 MB) read ahead; 0 turns it off
-    "warm_off": {"norm_warm_bytes": 0, "attn_warm_bytes": 0},
-    "warm_norms_only": {"attn_warm_bytes": 0},
-    "warm_attn_only": {"norm_warm_bytes": 0},
-    "warm_norms_4mb": {"norm_warm_bytes": 4 << 20},
-    "warm_norms_16mb": {"norm_warm_bytes": 16 << 20},
-    "warm_attn_6mb": {"attn_warm_bytes": 6 << 20},
-    "warm_attn_24mb": {"attn_warm_bytes": 24 << 20},
 }
 KERNEL_KNOBS = {   # variant key -> (kernel module, the global read while tracing)
     "target_programs": ("paged_attention", "_WAVE_PROGRAMS"),
@@ -72,8 +63,6 @@ KERNEL_KNOBS = {   # variant key -> (kernel module, the global read while tracin
     "attn_stages": ("paged_attention", "_DECODE_STAGES"),
     "attn_block_k": ("paged_attention", "_DEFAULT_BLOCK_K"),
     "matmul_programs": ("layer_matmul", "_TARGET_PROGRAMS"),
-    "norm_warm_bytes": ("add_rmsnorm", "_WARM_BYTES"),
-    "attn_warm_bytes": ("paged_attention", "_WARM_BYTES"),
 }
 
 

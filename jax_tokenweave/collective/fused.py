@@ -137,17 +137,15 @@ def sum_pieces(partial: jax.Array, dtype) -> jax.Array:
 
 def fused_allreduce_rmsnorm(partial: jax.Array, residual: jax.Array, gamma: jax.Array, *,
                             axis_name: str = "tp", eps: float = 1e-5, impl: str = "xla",
-                            comm=None, warm=None) -> tuple[jax.Array, jax.Array]:
+                            comm=None) -> tuple[jax.Array, jax.Array]:
     """All-reduce ``partial`` over ``axis_name``, add it to this rank's residual rows and
-    RMSNorm every row. Returns ``(normed [T, D], residual_out [R, D])``; see the module doc.
-    ``warm`` (kernels.l2_warm.WarmTarget): the next GEMM's weights, read into L2 by the
-    one-rank kernel while it runs; the all-reducing implementations ignore it."""
+    RMSNorm every row. Returns ``(normed [T, D], residual_out [R, D])``; see the module doc."""
     if impl not in IMPLS:
         raise ValueError(f"fused_allreduce_rmsnorm: impl={impl!r} is unknown; choose one of {IMPLS}")
     n = axis_size(axis_name)
     check_args(partial, residual, gamma, n)
     if _one_rank(impl, n):
-        return add_rmsnorm(partial, residual, gamma, eps=eps, warm=warm)
+        return add_rmsnorm(partial, residual, gamma, eps=eps)
     partial, gamma = sum_pieces(partial, residual.dtype), resolve(gamma)
     impl = _resolve_impl(impl, partial, n)
     if impl == "xla":

@@ -45,12 +45,10 @@ class Reducer:
                 else num_tokens)
         return jnp.zeros((rows, dim), dtype)
 
-    def __call__(self, partial, residual, gamma, warm=None):
-        """warm: the next GEMM's weights (kernels/l2_warm.py), which the one-rank kernel reads into
-        L2 while it runs; the other implementations ignore it."""
+    def __call__(self, partial, residual, gamma):
         if self.kind == "fused":
             return fused_allreduce_rmsnorm(partial, residual, gamma, axis_name=self.axis_name,
-                                           eps=self.eps, impl=self.impl, comm=self.comm, warm=warm)
+                                           eps=self.eps, impl=self.impl, comm=self.comm)
         partial, gamma = sum_pieces(partial, residual.dtype), resolve(gamma)
         s = jax.lax.psum(partial, self.axis_name) if self.kind == "psum" else partial
         h = residual + s

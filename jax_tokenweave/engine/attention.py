@@ -32,15 +32,13 @@ def use_kernels() -> bool:
     return jax.default_backend() == "gpu"
 
 
-def decode_attention(q, k_new, v_new, cache, block_tables, lengths, layer, busy_rows=None,
-                     warm=None):
+def decode_attention(q, k_new, v_new, cache, block_tables, lengths, layer, busy_rows=None):
     """One query per sequence: the token at position lengths[b]-1, whose k_new/v_new [B, KVH, hd]
     are written to its page slot, then attention over positions 0 .. lengths[b]-1.
     -> (out [B, H, hd], cache). On GPU the Pallas decode kernel does both (no scatter kernels);
     elsewhere a scatter and the XLA reference.
     busy_rows: rows that hold real sequences (the rest are padding of length 1); the kernel's
-    split count follows them, so one long sequence padded to 8 rows still spreads over the SMs.
-    warm: the o_proj weights, which the kernel reads into L2 (kernels/l2_warm.py; GPU only)."""
+    split count follows them, so one long sequence padded to 8 rows still spreads over the SMs."""
     k_new, v_new = k_new.astype(cache.k.dtype), v_new.astype(cache.v.dtype)
     if use_kernels():
         splits = None
@@ -48,8 +46,7 @@ def decode_attention(q, k_new, v_new, cache, block_tables, lengths, layer, busy_
             splits = kernels.decode_num_splits(busy_rows, cache.k.shape[1], block_tables.shape[1],
                                                cache.page_size)
         out, k, v = kernels.paged_decode_attention(q, cache.k, cache.v, block_tables, lengths, layer,
-                                                   num_splits=splits, new_kv=(k_new, v_new),
-                                                   warm=warm)
+                                                   num_splits=splits, new_kv=(k_new, v_new))
         return out, kv_cache.KVPages(k, v)
     B = q.shape[0]
     page, off = kv_cache.slots(block_tables, (lengths - 1)[:, None], jnp.ones((B, 1), bool), cache.page_size)
@@ -87,9 +84,9 @@ def prefill(impl: str, block_tables, lengths, prefix_len: int = 0):
 def decode(block_tables, lengths, busy_rows=None):
     """q/k/v [B, 1, ...]: the token at position lengths[b] of each sequence (rows from
     `busy_rows` on are padding, see decode_attention)."""
-    def attend(q, k, v, cache, layer, warm=None):
+    def attend(q, k, v, cache, layer):
         out, cache = decode_attention(q[:, 0], k[:, 0], v[:, 0], cache, block_tables, lengths + 1, layer,
-                                      busy_rows=busy_rows, warm=warm)
+                                      busy_rows=busy_rows)
         return out[:, None], cache
     return attend
 

@@ -16,9 +16,6 @@ The rounding is fused.py's contract: the norm is computed from the stored residu
 
 Shape of the kernel: one program per token row, the whole row (D padded to a power of two by
 masked loads) in registers. No program reads what another writes, so nothing is synchronised.
-With fewer rows than SMs the kernel leaves the HBM idle; given ``warm`` (the next GEMM's
-weights, kernels/l2_warm.py) it adds a program per SM that reads their first ``_WARM_BYTES``
-into L2 meanwhile.
 Lowering: Pallas' Triton backend on GPU, interpret mode elsewhere (how CI tests it).
 """
 from __future__ import annotations
@@ -30,31 +27,14 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jax_tokenweave.kernels import l2_warm
 from jax_tokenweave.kernels.layer_of import LayerOf
 from jax_tokenweave.kernels.skinny import NUM_SMS
 from jax_tokenweave.kernels.vma import most_varying_mat, out_struct
 
 __all__ = ["add_rmsnorm", "add_rmsnorm_reference"]
 
-# Bytes of the next GEMM's weights the warming programs read (read at trace time:
-# scripts/profile_decode.py's variants change it).
-_WARM_BYTES = 8 << 20
 
-
-def _kernel(layer_ref, p_ref, r_ref, g_ref, *refs, pieces, dim, eps, rows, plan):
-  if plan is None:
-    _row(layer_ref, p_ref, r_ref, g_ref, *refs, pieces=pieces, dim=dim, eps=eps)
-    return
-  n = len(plan.views)
-  wl_ref, w_refs, (normed_ref, res_ref, sink_ref) = refs[0], refs[1:1 + n], refs[1 + n:]
-  i = pl.program_id(0)
-  pl.when(i < rows)(lambda: _row(layer_ref, p_ref, r_ref, g_ref, normed_ref, res_ref,
-                                 pieces=pieces, dim=dim, eps=eps))
-  pl.when(i >= rows)(lambda: l2_warm.warm(plan, wl_ref, w_refs, sink_ref, i - rows))
-
-
-def _row(layer_ref, p_ref, r_ref, g_ref, normed_ref, res_ref, *, pieces, dim, eps):
+def _kernel(layer_ref, p_ref, r_ref, g_ref, normed_ref, res_ref, *, pieces, dim, eps):
   width = 1 << (dim - 1).bit_length()
   cols = pl.ds(0, width)
   ok = jnp.arange(width, dtype=jnp.int32) < dim
@@ -85,10 +65,8 @@ def _row(layer_ref, p_ref, r_ref, g_ref, normed_ref, res_ref, *, pieces, dim, ep
 
 
 def add_rmsnorm(partials: jax.Array, residual: jax.Array, gamma: jax.Array, *, eps: float,
-                warm: l2_warm.WarmTarget | None = None,
                 interpret=None) -> tuple[jax.Array, jax.Array]:
-  """-> (normed [T, D], residual_out [T, D]), both in residual's dtype (see the module doc).
-  warm: the weights the next GEMM streams, read into L2 by extra programs when T < NUM_SMS."""
+  """-> (normed [T, D], residual_out [T, D]), both in residual's dtype (see the module doc)."""
   if partials.ndim == 2:
     partials = partials[None]
   if partials.ndim != 3 or residual.ndim != 2 or partials.shape[1:] != residual.shape:
@@ -110,40 +88,28 @@ def add_rmsnorm(partials: jax.Array, residual: jax.Array, gamma: jax.Array, *, e
   # bench/results/profile_decode_h200.json). Many rows: more warps as the row data grows, 4 for
   # one 4096-wide partial, 8 for 4 pieces, at most 16.
   warps = 16 if t < NUM_SMS else min(16, max(4, (pieces * d) // 4096 * 2))
-  planned = l2_warm.warm_plan(warm, _WARM_BYTES) if t < NUM_SMS else None
-  plan, views, warm_layer = planned if planned else (None, (), None)
-  normed, res = _impl(layer, partials, residual, stacked, warm_layer, tuple(views), eps=float(eps),
-                      warps=warps, plan=plan, interpret=bool(interpret))[:2]
-  return normed, res
+  return _impl(layer, partials, residual, stacked, eps=float(eps), warps=warps,
+               interpret=bool(interpret))
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "warps", "plan", "interpret"))
-def _impl(layer, partials, residual, gamma, warm_layer, warm_views, *, eps, warps, plan, interpret):
+@functools.partial(jax.jit, static_argnames=("eps", "warps", "interpret"))
+def _impl(layer, partials, residual, gamma, *, eps, warps, interpret):
   pieces, t, d = partials.shape
-  row = lambda i: (jnp.minimum(i, t - 1), 0)   # the warming programs (i >= t) touch no row
+  row = lambda i: (i, 0)
   out = out_struct((t, d), residual.dtype, most_varying_mat(partials, residual, gamma))
-  in_specs = [pl.BlockSpec((1,), lambda i: (0,)),
-              pl.BlockSpec((pieces, None, d), lambda i: (0, jnp.minimum(i, t - 1), 0)),
-              pl.BlockSpec((1, d), row),
-              pl.BlockSpec(gamma.shape, lambda i: (0, 0))]   # all layers: the row is picked inside
-  args = [layer, partials, residual, gamma]
-  out_specs, out_shape = [pl.BlockSpec((1, d), row)] * 2, [out, out]
-  if plan is not None:
-    in_specs += [pl.BlockSpec((1,), lambda i: (0,))]
-    in_specs += [pl.BlockSpec(v.shape, lambda i: (0, 0, 0, 0)) for v in warm_views]
-    args += [warm_layer, *warm_views]
-    out_specs.append(pl.BlockSpec((plan.programs,), lambda i: (0,)))
-    out_shape.append(l2_warm.sink_shape(plan, most_varying_mat(partials, residual, gamma)))
   return pl.pallas_call(
-      functools.partial(_kernel, pieces=pieces, dim=d, eps=eps, rows=t, plan=plan),
-      grid=(t + (plan.programs if plan else 0),),
-      in_specs=in_specs,
-      out_specs=tuple(out_specs),
-      out_shape=tuple(out_shape),
+      functools.partial(_kernel, pieces=pieces, dim=d, eps=eps),
+      grid=(t,),
+      in_specs=[pl.BlockSpec((1,), lambda i: (0,)),
+                pl.BlockSpec((pieces, None, d), lambda i: (0, i, 0)),
+                pl.BlockSpec((1, d), row),
+                pl.BlockSpec(gamma.shape, lambda i: (0, 0))],   # all layers: the row is picked inside
+      out_specs=(pl.BlockSpec((1, d), row), pl.BlockSpec((1, d), row)),
+      out_shape=(out, out),
       interpret=interpret,
       compiler_params=pltriton.CompilerParams(num_warps=warps, num_stages=1),
-      name=f"add_rmsnorm_s{pieces}" + ("_warm" if plan else ""),
-  )(*args)
+      name=f"add_rmsnorm_s{pieces}",
+  )(layer, partials, residual, gamma)
 
 
 def add_rmsnorm_reference(partials, residual, gamma, *, eps: float):

@@ -89,7 +89,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jax_tokenweave.kernels import l2_warm
 from jax_tokenweave.kernels.skinny import NUM_SMS
 from jax_tokenweave.kernels.vma import most_varying_mat, out_struct
 
@@ -109,9 +108,6 @@ _DEFAULT_BLOCK_K = 64
 # variants change them).
 _DECODE_WARPS = 4
 _DECODE_STAGES = 2
-# Bytes of the next GEMM's weights (o_proj's) the combine kernel's warming programs read into L2
-# (kernels/l2_warm.py; read at trace time like the knobs above)
-_WARM_BYTES = 12 << 20
 # Default number of matrix rows (query rows x padded q heads of a group) of a ragged query block.
 _DEFAULT_RAGGED_ROWS = 64
 _NEG = -1e30  # finite "minus infinity": exp2(_NEG - m) == 0 and _NEG - _NEG is no NaN
@@ -439,8 +435,7 @@ def _decode_kernel(layer_ref, len_ref, bt_ref, q_ref, *refs, group, rows, ppb, m
 
 def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, layer, *, scale=None,
                            pages_per_split=None, interpret=None, num_splits=None, block_k=None,
-                           kv_gather=None, num_warps=None, num_stages=None, new_kv=None,
-                           warm=None):
+                           kv_gather=None, num_warps=None, num_stages=None, new_kv=None):
   """Flash-decoding attention of one query per sequence over its pages of layer ``layer``.
 
   q [B, H, hd]; k_pool, v_pool [L, KVH, num_pages, page_size, hd]; block_tables int32
@@ -455,10 +450,6 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, layer, *, s
   at position lengths[b]-1 (this step's). The kernel writes them to their page slot in place (the
   pools are aliased outputs: pass them donated, or XLA copies them) and attends to them from
   registers, so no separate scatter runs. Returns (out, k_pool, v_pool) then.
-
-  ``warm``: a kernels.l2_warm.WarmTarget, the weights the next GEMM streams (o_proj's); with
-  several splits the combine kernel, a few programs, gets a program per SM more that read their
-  first ``_WARM_BYTES`` into L2.
   """
   fn = "paged_decode_attention"
   _check_pool(q, k_pool, v_pool, block_tables, fn)
@@ -502,22 +493,17 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, layer, *, s
     ns = decode_num_splits(batch, kvh, max_pages, page_size)
 
   gather = _resolve_gather(kv_gather, page_size, fn)
-  extra = -(-l2_warm.PROGRAMS // batch)   # warming programs per sequence in the combine's grid
-  planned = l2_warm.warm_plan(warm, _WARM_BYTES, batch * extra) if ns > 1 else None
-  plan, views, warm_layer = planned if planned else (None, (), None)
-  return _decode_impl(q, k_pool, v_pool, block_tables, lengths, layer_arr, new_kv, warm_layer,
-                      tuple(views), group=group, rows=rows, ppb=ppb, ns=ns, static_pps=static_pps,
-                      scale=scale, interpret=interpret, gather=gather, warm_plan=plan,
+  return _decode_impl(q, k_pool, v_pool, block_tables, lengths, layer_arr, new_kv, group=group,
+                      rows=rows, ppb=ppb, ns=ns, static_pps=static_pps, scale=scale,
+                      interpret=interpret, gather=gather,
                       num_warps=int(num_warps or _DECODE_WARPS),
                       num_stages=int(num_stages or _DECODE_STAGES))
 
 
 @functools.partial(jax.jit, static_argnames=("group", "rows", "ppb", "ns", "static_pps", "scale",
-                                             "interpret", "gather", "warm_plan", "num_warps",
-                                             "num_stages"))
-def _decode_impl(q, k_pool, v_pool, block_tables, lengths, layer_arr, new_kv, warm_layer, warm_views,
-                 *, group, rows, ppb, ns, static_pps, scale, interpret, gather, warm_plan, num_warps,
-                 num_stages):
+                                             "interpret", "gather", "num_warps", "num_stages"))
+def _decode_impl(q, k_pool, v_pool, block_tables, lengths, layer_arr, new_kv, *, group, rows, ppb, ns,
+                 static_pps, scale, interpret, gather, num_warps, num_stages):
   num_layers, kvh, _, page_size, head_dim = k_pool.shape
   batch, heads, _ = q.shape
   max_pages = block_tables.shape[1]
@@ -597,38 +583,20 @@ def _decode_impl(q, k_pool, v_pool, block_tables, lengths, layer_arr, new_kv, wa
   out = out[:-2] if new_kv is not None else out
   split_args = dict(page_size=page_size, max_pages=max_pages, num_splits=ns,
                     static_pps=static_pps, ppb=ppb, append=new_kv is not None)
-  o = out[0] if ns == 1 else _combine_splits(
-      lengths, *out, group=group, dtype=q.dtype, mat=mat, plain=pad, interpret=interpret,
-      split_args=split_args, warm=(warm_plan, warm_layer, warm_views))
+  o = out[0] if ns == 1 else _combine_splits(lengths, *out, group=group, dtype=q.dtype, mat=mat,
+                                              plain=pad, interpret=interpret, split_args=split_args)
   o = o[:, :, :group].reshape(batch, heads, head_dim)
   return (o,) + pools if pools else o
 
 
-def _combine_kernel(len_ref, o_ref, m_ref, l_ref, *refs, group, rows, splits, chunk, plain,
-                    split_args, kvh, plan):
-  # program ids are read here, outside the branches (interpret mode substitutes them only here)
-  b, h = pl.program_id(0), pl.program_id(1)
-  if plan is None:
-    _combine(b, len_ref, o_ref, m_ref, l_ref, *refs, group=group, rows=rows, splits=splits,
-             chunk=chunk, plain=plain, split_args=split_args)
-    return
-  n = len(plan.views)
-  wl_ref, w_refs, (out_ref, sink_ref) = refs[0], refs[1:1 + n], refs[1 + n:]
-  extra = plan.programs // pl.num_programs(0)
-  pl.when(h < kvh)(lambda: _combine(b, len_ref, o_ref, m_ref, l_ref, out_ref, group=group, rows=rows,
-                                    splits=splits, chunk=chunk, plain=plain,
-                                    split_args=split_args))
-  pl.when(h >= kvh)(lambda: l2_warm.warm(plan, wl_ref, w_refs, sink_ref, b * extra + h - kvh))
-
-
-def _combine(b, len_ref, o_ref, m_ref, l_ref, out_ref, *, group, rows, splits, chunk, plain,
-             split_args):
+def _combine_kernel(len_ref, o_ref, m_ref, l_ref, out_ref, *, group, rows, splits, chunk, plain,
+                    split_args):
   # the splits' partial softmaxes rescaled to their common max: o = sum_s 2^(m_s - m) o_s / l.
   # Splits from `used` on held no pages and wrote nothing: they are not read (masked loads).
   # Every split's m and l come in one load, the partial outputs in chunks of `chunk` splits: one
   # load per split, each used before the next was issued, made this kernel 3.5 us a layer at
   # batch 1 on the H200 (16 splits), 3.1 us now (bench/results/profile_decode_h200.json).
-  *_, used = _split_pages(len_ref[b], **split_args)
+  *_, used = _split_pages(len_ref[pl.program_id(0)], **split_args)
   head_ok = jnp.arange(rows, dtype=jnp.int32)[None, :] < group
 
   def ok(s0, n):
@@ -655,7 +623,7 @@ def _combine(b, len_ref, o_ref, m_ref, l_ref, out_ref, *, group, rows, splits, c
 
 
 def _combine_splits(lengths, o_part, m_part, l_part, *, group, dtype, mat, plain, interpret,
-                    split_args, warm):
+                    split_args):
   """[B, KVH, ns_p, gq, hd] partials (+ m, l [B, KVH, ns_p, gq]) -> [B, KVH, gq, hd] in ``dtype``:
   one kernel for what XLA ran as three (max, weighted sum, divide; ~4.4 us per layer at batch
   1 on the H200, bench/results/profile_decode_h200.json). ``split_args``: the decode call's
@@ -663,36 +631,20 @@ def _combine_splits(lengths, o_part, m_part, l_part, *, group, dtype, mat, plain
   batch, kvh, splits, gq, head_dim = o_part.shape   # splits: a power of two >= the split count
   rows = _next_pow2(gq)
   chunk = min(splits, max(1, 64 // rows))   # 64 partial rows of head_dim fp32 loaded at a time
-  plan, warm_layer, warm_views = warm
-  # programs (b, h >= kvh) are the warming ones (kernels/l2_warm.py): they touch no partial
-  hc = lambda h: jnp.minimum(h, kvh - 1)
-  in_specs = [pl.BlockSpec((batch,), lambda b, h: (0,)),
-              pl.BlockSpec((None, None, splits, gq, head_dim), lambda b, h: (b, hc(h), 0, 0, 0)),
-              pl.BlockSpec((None, None, splits, gq), lambda b, h: (b, hc(h), 0, 0)),
-              pl.BlockSpec((None, None, splits, gq), lambda b, h: (b, hc(h), 0, 0))]
-  args = [lengths, o_part, m_part, l_part]
-  out_specs = [pl.BlockSpec((None, None, gq, head_dim), lambda b, h: (b, hc(h), 0, 0))]
-  out_shape = [out_struct((batch, kvh, gq, head_dim), dtype, mat)]
-  heads = kvh
-  if plan is not None:
-    in_specs += [pl.BlockSpec((1,), lambda b, h: (0,))]
-    in_specs += [pl.BlockSpec(v.shape, lambda b, h: (0, 0, 0, 0)) for v in warm_views]
-    args += [warm_layer, *warm_views]
-    out_specs.append(pl.BlockSpec((plan.programs,), lambda b, h: (0,)))
-    out_shape.append(l2_warm.sink_shape(plan, mat))
-    heads += plan.programs // batch
-  out = pl.pallas_call(
+  return pl.pallas_call(
       functools.partial(_combine_kernel, group=group, rows=rows, splits=splits, chunk=chunk,
-                        plain=plain, split_args=split_args, kvh=kvh, plan=plan),
-      grid=(batch, heads),
-      in_specs=in_specs,
-      out_specs=tuple(out_specs),
-      out_shape=tuple(out_shape),
+                        plain=plain, split_args=split_args),
+      grid=(batch, kvh),
+      in_specs=[pl.BlockSpec((batch,), lambda b, h: (0,)),
+                pl.BlockSpec((None, None, splits, gq, head_dim), lambda b, h: (b, h, 0, 0, 0)),
+                pl.BlockSpec((None, None, splits, gq), lambda b, h: (b, h, 0, 0)),
+                pl.BlockSpec((None, None, splits, gq), lambda b, h: (b, h, 0, 0))],
+      out_specs=pl.BlockSpec((None, None, gq, head_dim), lambda b, h: (b, h, 0, 0)),
+      out_shape=out_struct((batch, kvh, gq, head_dim), dtype, mat),
       interpret=interpret,
       compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
-      name=f"paged_decode_combine_s{split_args['num_splits']}" + ("_warm" if plan else ""),
-  )(*args)
-  return out[0]
+      name=f"paged_decode_combine_s{split_args['num_splits']}",
+  )(lengths, o_part, m_part, l_part)
 
 
 # ----------------------------------------------------------------------------------------------
