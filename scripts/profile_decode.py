@@ -38,10 +38,9 @@ VARIANTS = {   # how the decode jit is built, timed against the default at each 
     # programmatic dependent launch (a kernel starts while the one before drains; Hopper+)
     "xla_pdl_on": {"xla_gpu_enable_pdl": True},
     "xla_pdl_off": {"xla_gpu_enable_pdl": False},
-    # no HLO rematerialization: at batch 32 x capacity 8192 it recomputes the RoPE and next-norm
-    # tables in every layer (388 kernels a step against 297 at 2048; profile_decode_h200.json
-    # session_10 profile_8192_b32). Not yet measured; run with --capacity 8192.
-    "xla_no_remat": {"xla_disable_hlo_passes": "rematerialization"},
+    # HLO rematerialization back on (the decode jits turn it off: runner.DECODE_COMPILER_OPTIONS;
+    # on, batch 32 at capacity 8192 recomputes the RoPE and next-norm tables in every layer)
+    "xla_remat": {"xla_disable_hlo_passes": ""},
     # the decode kernel's split rule fits at most this many (row, kv head, split) programs, rounded
     # down (default 3 x 132: one wave on the H200)
     "attn_programs_264": {"target_programs": 264},
@@ -56,6 +55,18 @@ VARIANTS = {   # how the decode jit is built, timed against the default at each 
     "attn_stages_1": {"attn_stages": 1},
     # kernels.layer_matmul (o_proj): split-K chosen for this many programs (default 2 x 132)
     "matmul_programs_528": {"matmul_programs": 528},
+    # its tiles and launch parameters (default N tile 64, 4 warps, 3 stages)
+    "matmul_n32": {"matmul_block_n": 32},
+    "matmul_stages_4": {"matmul_stages": 4},
+    "matmul_warps_8": {"matmul_warps": 8},
+    # kernels.layer_swiglu (gate/up): default N tile 64 (224 programs for the 8B), K tile 128,
+    # 4 warps, 3 stages
+    "swiglu_n32": {"swiglu_block_n": 32},
+    "swiglu_k64": {"swiglu_block_k": 64},
+    "swiglu_k256": {"swiglu_block_k": 256},
+    "swiglu_stages_4": {"swiglu_stages": 4},
+    "swiglu_stages_5": {"swiglu_stages": 5},
+    "swiglu_warps_8": {"swiglu_warps": 8},
 }
 KERNEL_KNOBS = {   # variant key -> (kernel module, the global read while tracing)
     "target_programs": ("paged_attention", "_WAVE_PROGRAMS"),
@@ -63,6 +74,13 @@ KERNEL_KNOBS = {   # variant key -> (kernel module, the global read while tracin
     "attn_stages": ("paged_attention", "_DECODE_STAGES"),
     "attn_block_k": ("paged_attention", "_DEFAULT_BLOCK_K"),
     "matmul_programs": ("layer_matmul", "_TARGET_PROGRAMS"),
+    "matmul_block_n": ("layer_matmul", "_BLOCK_N"),
+    "matmul_warps": ("layer_matmul", "_WARPS"),
+    "matmul_stages": ("layer_matmul", "_STAGES"),
+    "swiglu_block_n": ("layer_swiglu", "_BLOCK_N"),
+    "swiglu_block_k": ("layer_swiglu", "_BLOCK_K"),
+    "swiglu_warps": ("layer_swiglu", "_WARPS"),
+    "swiglu_stages": ("layer_swiglu", "_STAGES"),
 }
 
 
@@ -113,7 +131,9 @@ def hlo_copies(m, cache, tok, out: str, B: int) -> list[str]:
     which buffers XLA copies every step."""
     import jax
     from jax_tokenweave.bench.harness import hlo_copy_lines
-    txt = jax.jit(m.decode_fn, donate_argnums=(2,)).lower(m.params, tok, cache).compile().as_text()
+    from jax_tokenweave.engine.runner import DECODE_COMPILER_OPTIONS
+    txt = jax.jit(m.decode_fn, donate_argnums=(2,),
+                  compiler_options=DECODE_COMPILER_OPTIONS).lower(m.params, tok, cache).compile().as_text()
     with open(os.path.join(out, f"decode_b{B}_hlo.txt"), "w") as f:
         f.write(txt)
     return [ln[:240] for ln in hlo_copy_lines(txt)][:40]
@@ -164,7 +184,9 @@ def variant_probe(m, B: int, variant: dict, capacity: int = 2048) -> dict:
     calls) and how many cuBLAS calls it makes."""
     import jax
     import importlib
-    options = {k: v for k, v in variant.items() if k not in KERNEL_KNOBS}
+    from jax_tokenweave.engine.runner import DECODE_COMPILER_OPTIONS
+    options = dict(DECODE_COMPILER_OPTIONS,
+                   **{k: v for k, v in variant.items() if k not in KERNEL_KNOBS})
     cache, tok = decode_setup(m, B, capacity)
     knobs = {k: (importlib.import_module(f"jax_tokenweave.kernels.{mod}"), g)
              for k, (mod, g) in KERNEL_KNOBS.items()}

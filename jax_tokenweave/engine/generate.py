@@ -35,6 +35,7 @@ import jax
 import numpy as np
 
 from jax_tokenweave.parallel import distributed as dist
+from jax_tokenweave.engine.runner import DECODE_COMPILER_OPTIONS
 from jax_tokenweave.engine.sampler import (SamplingParams, all_greedy, as_arrays, request_keys, sample,
                                            step_keys)
 
@@ -193,7 +194,8 @@ class Generator:
             logits, cache = model.decode_fn(params, tok, cache)
             return sample(logits, step_keys(keys, step), temp, top_k, top_p, greedy=greedy), step + 1, cache
         self._prefill_sample = jax.jit(prefill_sample, donate_argnums=(3,), static_argnames="greedy")
-        self._decode_sample = jax.jit(decode_sample, donate_argnums=(2,), static_argnames="greedy")
+        self._decode_sample = jax.jit(decode_sample, donate_argnums=(2,), static_argnames="greedy",
+                                      compiler_options=DECODE_COMPILER_OPTIONS)
 
     # ---------------------------------------------------------------- prompts
     def encode_prompt(self, prompt: str | Sequence[int], *, chat: bool = False,

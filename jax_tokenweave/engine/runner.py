@@ -38,6 +38,14 @@ from jax_tokenweave.weave.split import SplitConfig, config_for, plan_split
 __all__ = ["TPModel", "KVCache", "to_host"]
 
 DECODE_MIN_ROWS = 8   # a decode step runs at least this many rows (see TPModel.decode_fn)
+# XLA options of every jit that runs a decode step (this runner's, the Generator's, the profile's).
+# No HLO rematerialization: it counts the donated cache, updated in place, twice, so at large caches
+# it believes the step is over the memory limit (8B, batch 32, capacity 8192 on the H200: "Can't
+# reduce memory use below 87 GiB ... only to 96.04 GiB") and recomputes the RoPE and next-norm
+# tables in every layer, 91 more kernels a step; it saves nothing (96.04 GiB before and after).
+# Off, that step went 5.27 -> 5.17 ms, the same as at capacity 2048; other shapes unchanged
+# (bench/results/profile_decode_h200.json, session_11 no_remat).
+DECODE_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "rematerialization"}
 
 
 def to_host(x: jax.Array) -> np.ndarray:
@@ -224,7 +232,8 @@ class TPModel:
         # jax.jit caches one executable per input shape; the cache pools are updated in place.
         self._logits_fn = jax.jit(self._smap(logits_local, (self._pspecs, P()), P()))
         self._prefill_fn = jax.jit(self.prefill_fn, donate_argnums=(3,))
-        self._decode_fn = jax.jit(self.decode_fn, donate_argnums=(2,))
+        self._decode_fn = jax.jit(self.decode_fn, donate_argnums=(2,),
+                                  compiler_options=DECODE_COMPILER_OPTIONS)
         self._step_fn = jax.jit(self.step_fn, donate_argnums=(2,), static_argnames="greedy")
 
     # ---------------------------------------------------------------------------- inputs

@@ -36,12 +36,17 @@ __all__ = ["layer_matmul", "layer_matmul_reference"]
 
 # split_k is chosen so that about this many programs stream the weight (2 per SM)
 _TARGET_PROGRAMS = 2 * NUM_SMS
+# the N tile's cap and the Triton launch parameters, read at call time (scripts/profile_decode.py's
+# variants change them)
+_BLOCK_N = 64
+_WARPS = 4
+_STAGES = 3
 
 
 def _plan(k: int, n: int, block_n, block_k, split_k):
   # 64 x 128 tiles: the fastest on the shape this serves, the 8B o_proj, at 8 and 32 rows (13.1 /
   # 14.6 us per call against 14.8 / 15.6 for 128 x 128; bench/results/layer_matmul_h200.json)
-  bn, bk = tiles("layer_matmul", n, k, block_n, block_k, cap_n=64, n_name="N",
+  bn, bk = tiles("layer_matmul", n, k, block_n, block_k, cap_n=_BLOCK_N, n_name="N",
                  hint="weights whose N or K is not a multiple of 16 go through jnp.einsum instead.")
   steps = k // bk
   if split_k is None:
@@ -73,7 +78,7 @@ def _kernel(layer_ref, x_ref, w_ref, o_ref, *, rows, m, bk, steps):
 
 
 def layer_matmul(x: jax.Array, w: jax.Array, layer, *, block_n=None, block_k=None, split_k=None,
-                 num_warps: int = 4, num_stages: int = 3, sum_splits: bool = True,
+                 num_warps=None, num_stages=None, sum_splits: bool = True,
                  interpret=None) -> jax.Array:
   """x [M, K] @ w[layer] for stacked w [L, K, N] -> [M, N] in x's dtype (fp32 accumulation);
   with sum_splits=False the [split_k, M, N] pieces (fp32 when split_k > 1) whose sum that is.
@@ -85,8 +90,8 @@ def layer_matmul(x: jax.Array, w: jax.Array, layer, *, block_n=None, block_k=Non
   bn, bk, sk = _plan(x.shape[1], w.shape[2], block_n, block_k, split_k)
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
-  pieces = _impl(x, w, layer, bn=bn, bk=bk, sk=sk,
-                 num_warps=int(num_warps), num_stages=int(num_stages), interpret=bool(interpret))
+  pieces = _impl(x, w, layer, bn=bn, bk=bk, sk=sk, num_warps=int(num_warps or _WARPS),
+                 num_stages=int(num_stages or _STAGES), interpret=bool(interpret))
   if not sum_splits:
     return pieces
   return pieces[0] if sk == 1 else pieces.sum(axis=0).astype(x.dtype)

@@ -33,6 +33,11 @@ from jax_tokenweave.kernels.vma import most_varying_mat, out_struct
 __all__ = ["layer_swiglu", "layer_swiglu_reference", "fills_the_gpu"]
 
 _BLOCK_N = 64
+# Triton launch parameters and the K tile (None: 128), read at call time (scripts/profile_decode.py's
+# variants change them)
+_BLOCK_K = None
+_WARPS = 4
+_STAGES = 3
 
 
 def fills_the_gpu(ffn_width: int) -> bool:
@@ -65,17 +70,18 @@ def _kernel(layer_ref, x_ref, g_ref, u_ref, o_ref, *, rows, m, bk, steps):
 
 
 def layer_swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, layer, *, block_n=None,
-                 block_k=None, num_warps: int = 4, num_stages: int = 3, interpret=None) -> jax.Array:
+                 block_k=None, num_warps=None, num_stages=None, interpret=None) -> jax.Array:
   """x [M, K], stacked w_gate / w_up [L, K, F] -> silu(x @ w_gate[layer]) * (x @ w_up[layer])
   [M, F] in x's dtype. layer: integer scalar, may be traced."""
   layer = check_stacked("layer_swiglu", x, {"w_gate": w_gate, "w_up": w_up}, layer)
   k, f = w_gate.shape[1:]
-  bn, bk = tiles("layer_swiglu", f, k, block_n, block_k, cap_n=_BLOCK_N, n_name="F",
+  bn, bk = tiles("layer_swiglu", f, k, block_n, _BLOCK_K if block_k is None else block_k,
+                 cap_n=_BLOCK_N, n_name="F",
                  hint="FFN widths that are not multiples of 16 go through jnp.einsum instead.")
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
-  return _impl(x, w_gate, w_up, layer, bn=bn, bk=bk,
-               num_warps=int(num_warps), num_stages=int(num_stages), interpret=bool(interpret))
+  return _impl(x, w_gate, w_up, layer, bn=bn, bk=bk, num_warps=int(num_warps or _WARPS),
+               num_stages=int(num_stages or _STAGES), interpret=bool(interpret))
 
 
 @functools.partial(jax.jit, static_argnames=("bn", "bk", "num_warps", "num_stages", "interpret"))
