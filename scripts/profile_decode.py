@@ -67,6 +67,14 @@ VARIANTS = {   # how the decode jit is built, timed against the default at each 
     "swiglu_stages_4": {"swiglu_stages": 4},
     "swiglu_stages_5": {"swiglu_stages": 5},
     "swiglu_warps_8": {"swiglu_warps": 8},
+    "swiglu_k64_stages_4": {"swiglu_block_k": 64, "swiglu_stages": 4},
+    "swiglu_k64_stages_5": {"swiglu_block_k": 64, "swiglu_stages": 5},
+    "swiglu_k32": {"swiglu_block_k": 32},
+    "swiglu_k32_stages_6": {"swiglu_block_k": 32, "swiglu_stages": 6},
+    "swiglu_k64_warps_2": {"swiglu_block_k": 64, "swiglu_warps": 2},
+    "matmul_k64": {"matmul_block_k": 64},
+    "matmul_k64_stages_4": {"matmul_block_k": 64, "matmul_stages": 4},
+    "swiglu_k64_matmul_k64": {"swiglu_block_k": 64, "matmul_block_k": 64},
 }
 KERNEL_KNOBS = {   # variant key -> (kernel module, the global read while tracing)
     "target_programs": ("paged_attention", "_WAVE_PROGRAMS"),
@@ -75,6 +83,7 @@ KERNEL_KNOBS = {   # variant key -> (kernel module, the global read while tracin
     "attn_block_k": ("paged_attention", "_DEFAULT_BLOCK_K"),
     "matmul_programs": ("layer_matmul", "_TARGET_PROGRAMS"),
     "matmul_block_n": ("layer_matmul", "_BLOCK_N"),
+    "matmul_block_k": ("layer_matmul", "_BLOCK_K"),
     "matmul_warps": ("layer_matmul", "_WARPS"),
     "matmul_stages": ("layer_matmul", "_STAGES"),
     "swiglu_block_n": ("layer_swiglu", "_BLOCK_N"),
