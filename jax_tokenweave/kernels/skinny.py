@@ -23,11 +23,12 @@ def padded_rows(m: int) -> int:
   return max(MIN_ROWS, 1 << max(0, (m - 1).bit_length()))
 
 
-def tiles(fn: str, n: int, k: int, block_n, block_k, *, cap_n: int, n_name: str, hint: str):
-  """(block_n, block_k): the given ones, or the largest powers of two <= cap_n / 128 dividing
+def tiles(fn: str, n: int, k: int, block_n, block_k, *, cap_n: int, n_name: str, hint: str,
+          cap_k: int = 128):
+  """(block_n, block_k): the given ones, or the largest powers of two <= cap_n / cap_k dividing
   N / K; both must be >= 16 (Triton's dot) and divide N and K."""
   bn = pow2_at_most(n, cap_n) if block_n is None else int(block_n)
-  bk = pow2_at_most(k, 128) if block_k is None else int(block_k)
+  bk = pow2_at_most(k, cap_k) if block_k is None else int(block_k)
   if n % bn or k % bk or bn < 16 or bk < 16:
     raise ValueError(f"{fn}: block_n={bn} / block_k={bk} must be >= 16 and divide "
                      f"{n_name}={n} / K={k}; {hint}")
