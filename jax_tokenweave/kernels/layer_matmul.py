@@ -36,10 +36,10 @@ __all__ = ["layer_matmul", "layer_matmul_reference"]
 
 # split_k is chosen so that about this many programs stream the weight (2 per SM)
 _TARGET_PROGRAMS = 2 * NUM_SMS
-# the N tile's cap, the K tile and the Triton launch parameters, read at call time (scripts/profile_decode.py's
-# variants change them)
+# Tile caps (each tile: the largest power of two <= its cap dividing N / K) and the Triton launch
+# parameters, read at call time (scripts/profile_decode.py's variants change them)
 _BLOCK_N = 64
-_BLOCK_K = None   # None: 128
+_BLOCK_K = 128
 _WARPS = 4
 _STAGES = 3
 
@@ -47,9 +47,8 @@ _STAGES = 3
 def _plan(k: int, n: int, block_n, block_k, split_k):
   # 64 x 128 tiles: the fastest on the shape this serves, the 8B o_proj, at 8 and 32 rows (13.1 /
   # 14.6 us per call against 14.8 / 15.6 for 128 x 128; bench/results/layer_matmul_h200.json)
-  bn, bk = tiles("layer_matmul", n, k, block_n, _BLOCK_K if block_k is None else block_k,
-                 cap_n=_BLOCK_N, n_name="N",
-                 hint="weights whose N or K is not a multiple of 16 go through jnp.einsum instead.")
+  bn, bk = tiles("layer_matmul", n, k, block_n, block_k, cap_n=_BLOCK_N, cap_k=_BLOCK_K,
+                 n_name="N", hint="weights whose N or K is not a multiple of 16 go through jnp.einsum instead.")
   steps = k // bk
   if split_k is None:
     want = max(1, -(-_TARGET_PROGRAMS // (n // bn)))

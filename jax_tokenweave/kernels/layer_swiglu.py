@@ -32,15 +32,14 @@ from jax_tokenweave.kernels.vma import most_varying_mat, out_struct
 
 __all__ = ["layer_swiglu", "layer_swiglu_reference", "fills_the_gpu"]
 
+# Tile caps (each tile: the largest power of two <= its cap dividing N / K) and the Triton launch
+# parameters, read at call time (scripts/profile_decode.py's variants change them).
+# K tiles of 64: 128 (the other skinny kernels') made the 8B decode step on the H200 0.9% slower
+# at batch 1 and 1.6% at batch 32 (4.346 / 5.139 ms against 4.309 / 5.055, same process); 32:
+# 7.7% slower, 32 with 6 stages 0.4% faster at batch 1 and 1.3% slower at 32; 4 or 5 stages, 2 or
+# 8 warps no better (bench/results/profile_decode_h200.json session_11 swiglu_tiles).
 _BLOCK_N = 64
-# K tile: at most 64. 128 (the other skinny kernels') made the 8B decode step on the H200 0.9%
-# slower at batch 1 and 1.6% at batch 32 (4.346 / 5.139 ms against 4.309 / 5.055, same process;
-# 32: 7.7% slower, 32 with 6 stages 0.4% faster at batch 1 and 1.3% slower at 32; 4 or 5 stages,
-# 2 or 8 warps no better; bench/results/profile_decode_h200.json session_11 swiglu_tiles).
-_BLOCK_K_CAP = 64
-# Triton launch parameters, read at call time (scripts/profile_decode.py's variants change them
-# and the K tile: _BLOCK_K, None for the cap's)
-_BLOCK_K = None
+_BLOCK_K = 64
 _WARPS = 4
 _STAGES = 3
 
@@ -80,9 +79,8 @@ def layer_swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, layer, *, blo
   [M, F] in x's dtype. layer: integer scalar, may be traced."""
   layer = check_stacked("layer_swiglu", x, {"w_gate": w_gate, "w_up": w_up}, layer)
   k, f = w_gate.shape[1:]
-  bn, bk = tiles("layer_swiglu", f, k, block_n, _BLOCK_K if block_k is None else block_k,
-                 cap_n=_BLOCK_N, cap_k=_BLOCK_K_CAP, n_name="F",
-                 hint="FFN widths that are not multiples of 16 go through jnp.einsum instead.")
+  bn, bk = tiles("layer_swiglu", f, k, block_n, block_k, cap_n=_BLOCK_N, cap_k=_BLOCK_K,
+                 n_name="F", hint="FFN widths that are not multiples of 16 go through jnp.einsum instead.")
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   return _impl(x, w_gate, w_up, layer, bn=bn, bk=bk, num_warps=int(num_warps or _WARPS),

@@ -23,8 +23,8 @@ def padded_rows(m: int) -> int:
   return max(MIN_ROWS, 1 << max(0, (m - 1).bit_length()))
 
 
-def tiles(fn: str, n: int, k: int, block_n, block_k, *, cap_n: int, n_name: str, hint: str,
-          cap_k: int = 128):
+def tiles(fn: str, n: int, k: int, block_n, block_k, *, cap_n: int, cap_k: int, n_name: str,
+          hint: str):
   """(block_n, block_k): the given ones, or the largest powers of two <= cap_n / cap_k dividing
   N / K; both must be >= 16 (Triton's dot) and divide N and K."""
   bn = pow2_at_most(n, cap_n) if block_n is None else int(block_n)
