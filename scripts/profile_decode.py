@@ -130,11 +130,9 @@ def step_ms(decode, cache, tok, steps=20, reps=3):
 def hlo_copies(m, cache, tok, out: str, B: int) -> list[str]:
     """The copy instructions of the compiled decode step (the optimized HLO goes to a file):
     which buffers XLA copies every step."""
-    import jax
     from jax_tokenweave.bench.harness import hlo_copy_lines
-    from jax_tokenweave.engine.runner import DECODE_COMPILER_OPTIONS
-    txt = jax.jit(m.decode_fn, donate_argnums=(2,),
-                  compiler_options=DECODE_COMPILER_OPTIONS).lower(m.params, tok, cache).compile().as_text()
+    # the runner's own decode jit (its compiler options included), the one step_ms timed
+    txt = m._decode_fn.lower(m.params, tok, cache).compile().as_text()
     with open(os.path.join(out, f"decode_b{B}_hlo.txt"), "w") as f:
         f.write(txt)
     return [ln[:240] for ln in hlo_copy_lines(txt)][:40]
