@@ -205,22 +205,7 @@ def dense_ffn(w, x: jax.Array) -> jax.Array:
         gate = jnp.einsum("td,df->tf", x, resolve(wg))
         up = jnp.einsum("td,df->tf", x, resolve(wu))
         h = jax.nn.silu(gate) * up
-    return down_projection(h, w["mlp.down_proj.kernel"])
-
-
-# Whether the unrolled decode step's down projection goes to kernels.layer_matmul (read at trace
-# time: scripts/profile_decode.py's variant "down_xla" turns it off to time XLA's GEMM against it)
-DOWN_KERNEL = True
-
-
-def down_projection(h: jax.Array, wd) -> jax.Array:
-    """down_proj: h [T, F] -> partial [T, D]. ``wd`` as ``LayerOf`` the stacked [L, F, D] (the
-    unrolled decode step): on GPU kernels.layer_matmul's split-K pieces [S, T, D], which the
-    reduction adds to the residual itself, as for o_proj (XLA's GEMM took a split-K sum kernel
-    of its own, 1.6 us a layer in the 8B decode step on the H200); elsewhere the einsum."""
-    if isinstance(wd, LayerOf) and use_kernels() and DOWN_KERNEL:
-        return layer_matmul(h, wd.stacked, wd.layer, sum_splits=False)
-    return jnp.einsum("tf,fd->td", h, resolve(wd))
+    return jnp.einsum("tf,fd->td", h, w["mlp.down_proj.kernel"])
 
 
 def ffn_block(w, x: jax.Array, spec: LayerSpec) -> jax.Array:

@@ -30,7 +30,7 @@ from jax_tokenweave.models.layers import LayerSpec
 LAYER_PREFIX = "layers."
 # the layer weights the unrolled decode step hands to kernels whole (see forward's unroll)
 IN_PLACE = ("attn.o_proj.kernel", "post_attn_norm.weight", "mlp.gate_proj.kernel",
-            "mlp.up_proj.kernel", "mlp.down_proj.kernel")
+            "mlp.up_proj.kernel")
 
 
 def layer_weights(weights: dict) -> dict:

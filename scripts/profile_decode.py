@@ -67,8 +67,6 @@ VARIANTS = {   # how the decode jit is built, timed against the default at each 
     "swiglu_n32": {"swiglu_block_n": 32},
     "swiglu_stages_4": {"swiglu_stages": 4},
     "swiglu_warps_2": {"swiglu_warps": 2},
-    # the down projection through XLA's GEMM (+ its split-K sum) instead of kernels.layer_matmul
-    "down_xla": {"down_kernel": False},
 }
 KERNEL_KNOBS = {   # variant key -> (kernel module, the global read while tracing)
     "target_programs": ("paged_attention", "_WAVE_PROGRAMS"),
@@ -84,7 +82,6 @@ KERNEL_KNOBS = {   # variant key -> (kernel module, the global read while tracin
     "swiglu_block_k": ("layer_swiglu", "_BLOCK_K"),
     "swiglu_warps": ("layer_swiglu", "_WARPS"),
     "swiglu_stages": ("layer_swiglu", "_STAGES"),
-    "down_kernel": ("jax_tokenweave.models.layers", "DOWN_KERNEL"),
 }
 
 
@@ -190,7 +187,7 @@ def variant_probe(m, B: int, variant: dict, capacity: int = 2048) -> dict:
     options = dict(DECODE_COMPILER_OPTIONS,
                    **{k: v for k, v in variant.items() if k not in KERNEL_KNOBS})
     cache, tok = decode_setup(m, B, capacity)
-    knobs = {k: (importlib.import_module(mod if "." in mod else f"jax_tokenweave.kernels.{mod}"), g)
+    knobs = {k: (importlib.import_module(f"jax_tokenweave.kernels.{mod}"), g)
              for k, (mod, g) in KERNEL_KNOBS.items()}
     saved = {k: getattr(mod, g) for k, (mod, g) in knobs.items()}
     for k, (mod, g) in knobs.items():   # read while tracing
