@@ -7,7 +7,10 @@ A Pallas call receives the whole stacked array and the layer index (a one-elemen
 as the paged attention kernels take theirs) and offsets its loads itself, so nothing is copied.
 Gate and up have their own kernel (layer_swiglu.py). Not used for the down projection: a SwiGLU
 prologue (silu(gate) * up formed on the loaded tiles, to drop XLA's product kernel of 2.3-4.9 us)
-made it 101 us per layer against XLA's ~30 on the H200 (8B, batch 1-8), so it was removed.
+made it 101 us per layer against XLA's ~30 on the H200 (8B, batch 1-8), so it was removed; without
+the prologue, its split-K pieces handed to the reduction (dropping XLA's split-K sum kernel, 1.6
+us a layer), the 8B step was 4.268 against 4.256 ms at batch 1 and equal at batch 32 (same
+process, 2026-12-02), so the down projection stays XLA's.
 
 Shape of the kernel (decode GEMV: a few rows, a weight streamed once): grid (N / block_n,
 split_k). Program (n, s) accumulates ``x[:, ks] @ w[layer, ks, n-block]`` over its share ks of
