@@ -67,6 +67,8 @@ VARIANTS = {   # how the decode jit is built, timed against the default at each 
     "swiglu_n32": {"swiglu_block_n": 32},
     "swiglu_stages_4": {"swiglu_stages": 4},
     "swiglu_warps_2": {"swiglu_warps": 2},
+    # the decode kernel's splits combined by a second kernel instead of by the last split
+    "attn_combine_kernel": {"attn_fused_combine": False},
 }
 KERNEL_KNOBS = {   # variant key -> (kernel module, the global read while tracing)
     "target_programs": ("paged_attention", "_WAVE_PROGRAMS"),
@@ -82,6 +84,7 @@ KERNEL_KNOBS = {   # variant key -> (kernel module, the global read while tracin
     "swiglu_block_k": ("layer_swiglu", "_BLOCK_K"),
     "swiglu_warps": ("layer_swiglu", "_WARPS"),
     "swiglu_stages": ("layer_swiglu", "_STAGES"),
+    "attn_fused_combine": ("paged_attention", "_FUSED_COMBINE"),
 }
 
 

@@ -108,6 +108,10 @@ _DEFAULT_BLOCK_K = 64
 # variants change them).
 _DECODE_WARPS = 4
 _DECODE_STAGES = 2
+# With several splits, the last split of each (sequence, kv head) combines them (an arrival
+# counter) instead of a second kernel (read at trace time; profile_decode's variant
+# "attn_combine_kernel" turns it off)
+_FUSED_COMBINE = True
 # Default number of matrix rows (query rows x padded q heads of a group) of a ragged query block.
 _DEFAULT_RAGGED_ROWS = 64
 _NEG = -1e30  # finite "minus infinity": exp2(_NEG - m) == 0 and _NEG - _NEG is no NaN
@@ -239,16 +243,17 @@ def _dot_nn(a, b):
                          preferred_element_type=jnp.float32)
 
 
-def _masked_load(view, mask, plain):
+def _masked_load(view, mask, plain, cache_modifier=None):
   """Masked load (masked-off elements read as 0, never touched in memory on GPU).
 
   ``plain``: the view is known to be in bounds (interpret mode under check_vma, see
-  ``_needs_plain``): read it whole and select.
+  ``_needs_plain``): read it whole and select. ``cache_modifier`` (GPU): e.g. ".cg", from L2,
+  past the SM's L1 (for data other programs of the same call wrote).
   """
   if plain:
     x = view[...]
     return jnp.where(mask, x, jnp.zeros_like(x))
-  return pltriton.load(view, mask=mask, other=0)
+  return pltriton.load(view, mask=mask, other=0, cache_modifier=cache_modifier)
 
 
 def _masked_store(view, val, mask, plain):
@@ -346,13 +351,17 @@ def _split_pages(length, page_size, max_pages, num_splits, static_pps, ppb, appe
 
 
 def _decode_kernel(layer_ref, len_ref, bt_ref, q_ref, *refs, group, rows, ppb, max_pages,
-                   num_splits, static_pps, qk_scale, plain, gather, append):
+                   num_splits, static_pps, qk_scale, plain, gather, append, fused_combine,
+                   interpret):
   if append:   # the new token's k/v [hd] come in; the pools are also outputs (aliased)
     kn_ref, vn_ref, k_ref, v_ref, *out_refs = refs
     out_refs, (ko_ref, vo_ref) = out_refs[:-2], out_refs[-2:]
   else:
     k_ref, v_ref, *out_refs = refs
+  if num_splits > 1 and fused_combine:   # the per-(sequence, kv head) arrival counters
+    cnt_in_ref, *out_refs = out_refs
   b = pl.program_id(0)
+  h = pl.program_id(1)
   s = pl.program_id(2)
   page_size, head_dim = k_ref.shape[-2:]
   bk = ppb * page_size
@@ -419,10 +428,27 @@ def _decode_kernel(layer_ref, len_ref, bt_ref, q_ref, *refs, group, rows, ppb, m
       out = acc / jnp.where(l_i > 0, l_i, 1.0)[:, None]
       _masked_store(o_ref.at[pl.ds(0, rows)], out.astype(o_ref.dtype), row_ok[:, None], plain)
     else:
-      o_ref, m_ref, l_ref = out_refs
-      _masked_store(o_ref.at[pl.ds(0, rows)], acc, row_ok[:, None], plain)
-      _masked_store(m_ref.at[pl.ds(0, rows)], m_i, row_ok, plain)
-      _masked_store(l_ref.at[pl.ds(0, rows)], l_i, row_ok, plain)
+      o_ref, m_ref, l_ref = out_refs[:3]
+      _masked_store(o_ref.at[s, pl.ds(0, rows)], acc, row_ok[:, None], plain)
+      _masked_store(m_ref.at[s, pl.ds(0, rows)], m_i, row_ok, plain)
+      _masked_store(l_ref.at[s, pl.ds(0, rows)], l_i, row_ok, plain)
+      if fused_combine:
+        out_ref, cnt_ref = out_refs[3:5]
+        # The last of the `used` splits of (b, h) to finish combines them, so no second kernel
+        # runs. Why it sees every partial: the barrier orders all of this CTA's stores above
+        # before the increment; the increment is acq_rel at GPU scope (Pallas' Triton
+        # lowering), so it releases them, and the last program's increment, which reads the
+        # value every earlier one left, acquires them all; its loads then go to L2 (".cg"),
+        # never to a line its own L1 may hold. No interpret-mode barrier exists (programs run
+        # one after another there, so none is needed).
+        if not interpret:
+          pltriton.debug_barrier()
+        arrived = pltriton.atomic_add(cnt_ref, (b, h), jnp.int32(1))
+
+        @pl.when(arrived == used - 1)
+        def _combine():
+          _combine_into(o_ref, m_ref, l_ref, out_ref, used, group=group, rows=rows,
+                        plain=plain, cache_modifier=None if interpret else ".cg")
 
   if num_splits == 1:
     split()
@@ -497,13 +523,15 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, layer, *, s
                       rows=rows, ppb=ppb, ns=ns, static_pps=static_pps, scale=scale,
                       interpret=interpret, gather=gather,
                       num_warps=int(num_warps or _DECODE_WARPS),
-                      num_stages=int(num_stages or _DECODE_STAGES))
+                      num_stages=int(num_stages or _DECODE_STAGES),
+                      fused_combine=bool(_FUSED_COMBINE))
 
 
 @functools.partial(jax.jit, static_argnames=("group", "rows", "ppb", "ns", "static_pps", "scale",
-                                             "interpret", "gather", "num_warps", "num_stages"))
+                                             "interpret", "gather", "num_warps", "num_stages",
+                                             "fused_combine"))
 def _decode_impl(q, k_pool, v_pool, block_tables, lengths, layer_arr, new_kv, *, group, rows, ppb, ns,
-                 static_pps, scale, interpret, gather, num_warps, num_stages):
+                 static_pps, scale, interpret, gather, num_warps, num_stages, fused_combine):
   num_layers, kvh, _, page_size, head_dim = k_pool.shape
   batch, heads, _ = q.shape
   max_pages = block_tables.shape[1]
@@ -515,10 +543,11 @@ def _decode_impl(q, k_pool, v_pool, block_tables, lengths, layer_arr, new_kv, *,
   if pad:
     gq = rows
     bt = _pad_axis(bt, 1, -(-max_pages // ppb) * ppb)
+  fused = ns > 1 and fused_combine
   kernel = functools.partial(
       _decode_kernel, group=group, rows=rows, ppb=ppb, max_pages=max_pages, num_splits=ns,
       static_pps=static_pps, qk_scale=scale * _LOG2E, plain=pad, gather=gather,
-      append=new_kv is not None)
+      append=new_kv is not None, fused_combine=fused, interpret=interpret)
   pool_spec = pl.BlockSpec((num_layers, None) + k_pool.shape[2:], lambda b, h, s: (0, h, 0, 0, 0))
   in_specs = [
       pl.BlockSpec((1,), lambda b, h, s: (0,)),
@@ -544,6 +573,10 @@ def _decode_impl(q, k_pool, v_pool, block_tables, lengths, layer_arr, new_kv, *,
       args += list(new_kv)
   in_specs += [pool_spec, pool_spec]
   args += [k_pool, v_pool]
+  if fused:   # arrival counters, zero on entry (aliased to an output: the kernel adds to them)
+    counters = jnp.zeros((batch, kvh), jnp.int32)
+    in_specs.append(pl.BlockSpec(counters.shape, lambda b, h, s: (0, 0)))
+    args.append(counters)
   if ns == 1:
     out_shape = out_struct((batch, kvh, gq, head_dim), q.dtype, mat)
     out_specs = pl.BlockSpec((None, None, gq, head_dim), lambda b, h, s: (b, h, 0, 0))
@@ -556,16 +589,23 @@ def _decode_impl(q, k_pool, v_pool, block_tables, lengths, layer_arr, new_kv, *,
         out_struct((batch, kvh, ns_p, gq), jnp.float32, mat),
         out_struct((batch, kvh, ns_p, gq), jnp.float32, mat),
     )
+    # every split of (b, h) in one block: program s writes its row s, the combine reads them all
     out_specs = (
-        pl.BlockSpec((None, None, None, gq, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
-        pl.BlockSpec((None, None, None, gq), lambda b, h, s: (b, h, s, 0)),
-        pl.BlockSpec((None, None, None, gq), lambda b, h, s: (b, h, s, 0)),
+        pl.BlockSpec((None, None, ns_p, gq, head_dim), lambda b, h, s: (b, h, 0, 0, 0)),
+        pl.BlockSpec((None, None, ns_p, gq), lambda b, h, s: (b, h, 0, 0)),
+        pl.BlockSpec((None, None, ns_p, gq), lambda b, h, s: (b, h, 0, 0)),
     )
+    if fused:
+      out_shape += (out_struct((batch, kvh, gq, head_dim), q.dtype, mat),
+                    out_struct(counters.shape, jnp.int32, mat))
+      out_specs += (pl.BlockSpec((None, None, gq, head_dim), lambda b, h, s: (b, h, 0, 0)),
+                    pl.BlockSpec(counters.shape, lambda b, h, s: (0, 0)))
   out_shape = out_shape if isinstance(out_shape, tuple) else (out_shape,)
   out_specs = out_specs if isinstance(out_specs, tuple) else (out_specs,)
-  aliases = {}
+  aliases = {len(args) - 1: len(out_shape) - 1} if fused else {}
   if new_kv is not None:   # the pools come back as outputs, updated in place
-    aliases = {len(args) - 2: len(out_shape), len(args) - 1: len(out_shape) + 1}
+    pools_at = len(args) - (3 if fused else 2)
+    aliases.update({pools_at: len(out_shape), pools_at + 1: len(out_shape) + 1})
     out_shape += (out_struct(k_pool.shape, k_pool.dtype, mat),) * 2
     out_specs += (pool_spec, pool_spec)
   out = pl.pallas_call(
@@ -583,21 +623,28 @@ def _decode_impl(q, k_pool, v_pool, block_tables, lengths, layer_arr, new_kv, *,
   out = out[:-2] if new_kv is not None else out
   split_args = dict(page_size=page_size, max_pages=max_pages, num_splits=ns,
                     static_pps=static_pps, ppb=ppb, append=new_kv is not None)
-  o = out[0] if ns == 1 else _combine_splits(lengths, *out, group=group, dtype=q.dtype, mat=mat,
-                                              plain=pad, interpret=interpret, split_args=split_args)
+  if ns == 1:
+    o = out[0]
+  elif fused:
+    o = out[3]
+  else:
+    o = _combine_splits(lengths, *out, group=group, dtype=q.dtype, mat=mat, plain=pad,
+                        interpret=interpret, split_args=split_args)
   o = o[:, :, :group].reshape(batch, heads, head_dim)
   return (o,) + pools if pools else o
 
 
-def _combine_kernel(len_ref, o_ref, m_ref, l_ref, out_ref, *, group, rows, splits, chunk, plain,
-                    split_args):
-  # the splits' partial softmaxes rescaled to their common max: o = sum_s 2^(m_s - m) o_s / l.
-  # Splits from `used` on held no pages and wrote nothing: they are not read (masked loads).
-  # Every split's m and l come in one load, the partial outputs in chunks of `chunk` splits: one
-  # load per split, each used before the next was issued, made this kernel 3.5 us a layer at
-  # batch 1 on the H200 (16 splits), 3.1 us now (bench/results/profile_decode_h200.json).
-  *_, used = _split_pages(len_ref[pl.program_id(0)], **split_args)
+def _combine_into(o_ref, m_ref, l_ref, out_ref, used, *, group, rows, plain, cache_modifier=None):
+  """The splits' partial softmaxes of one (sequence, kv head) rescaled to their common max:
+  o = sum_s 2^(m_s - m) o_s / l. o_ref [splits, gq, hd], m_ref / l_ref [splits, gq] (splits: a
+  power of two); splits from ``used`` on held no pages and wrote nothing: they are not read
+  (masked loads). Every split's m and l come in one load, the partial outputs in chunks of
+  64 / rows splits: one load per split, each used before the next was issued, made the
+  combine 3.5 us a layer at batch 1 on the H200 (16 splits) against 3.1 us chunked."""
+  splits = o_ref.shape[0]
+  chunk = min(splits, max(1, 64 // rows))
   head_ok = jnp.arange(rows, dtype=jnp.int32)[None, :] < group
+  load = functools.partial(_masked_load, plain=plain, cache_modifier=cache_modifier)
 
   def ok(s0, n):
     return (s0 + jnp.arange(n, dtype=jnp.int32)[:, None] < used) & head_ok
@@ -606,20 +653,24 @@ def _combine_kernel(len_ref, o_ref, m_ref, l_ref, out_ref, *, group, rows, split
     return ref.at[pl.ds(s0, n), pl.ds(0, rows)]
 
   ok_all = ok(0, splits)
-  m = jnp.where(ok_all, _masked_load(tile(m_ref, 0, splits), ok_all, plain), _NEG)
+  m = jnp.where(ok_all, load(tile(m_ref, 0, splits), ok_all), _NEG)
   m_max = jnp.max(m, axis=0)
   w = jnp.where(ok_all, jnp.exp2(m - m_max[None, :]), 0.0)
-  l_tot = jnp.sum(w * _masked_load(tile(l_ref, 0, splits), ok_all, plain), axis=0)
+  l_tot = jnp.sum(w * load(tile(l_ref, 0, splits), ok_all), axis=0)
   acc = jnp.zeros((rows, o_ref.shape[-1]), jnp.float32)
   for s0 in range(0, splits, chunk):
     # m is loaded again per chunk (from L2): Triton cannot slice the register tile loaded above
     okc = ok(s0, chunk)
-    wc = jnp.where(okc, jnp.exp2(_masked_load(tile(m_ref, s0, chunk), okc, plain) - m_max[None, :]),
-                   0.0)
-    oc = _masked_load(tile(o_ref, s0, chunk), okc[:, :, None], plain)
+    wc = jnp.where(okc, jnp.exp2(load(tile(m_ref, s0, chunk), okc) - m_max[None, :]), 0.0)
+    oc = load(tile(o_ref, s0, chunk), okc[:, :, None])
     acc = acc + jnp.sum(wc[:, :, None] * oc, axis=0)
   out = acc / jnp.where(l_tot > 0, l_tot, 1.0)[:, None]
   _masked_store(out_ref.at[pl.ds(0, rows)], out.astype(out_ref.dtype), head_ok[0][:, None], plain)
+
+
+def _combine_kernel(len_ref, o_ref, m_ref, l_ref, out_ref, *, group, rows, plain, split_args):
+  *_, used = _split_pages(len_ref[pl.program_id(0)], **split_args)
+  _combine_into(o_ref, m_ref, l_ref, out_ref, used, group=group, rows=rows, plain=plain)
 
 
 def _combine_splits(lengths, o_part, m_part, l_part, *, group, dtype, mat, plain, interpret,
@@ -630,10 +681,9 @@ def _combine_splits(lengths, o_part, m_part, l_part, *, group, dtype, mat, plain
   split rule (_split_pages), to know which splits wrote a partial."""
   batch, kvh, splits, gq, head_dim = o_part.shape   # splits: a power of two >= the split count
   rows = _next_pow2(gq)
-  chunk = min(splits, max(1, 64 // rows))   # 64 partial rows of head_dim fp32 loaded at a time
   return pl.pallas_call(
-      functools.partial(_combine_kernel, group=group, rows=rows, splits=splits, chunk=chunk,
-                        plain=plain, split_args=split_args),
+      functools.partial(_combine_kernel, group=group, rows=rows, plain=plain,
+                        split_args=split_args),
       grid=(batch, kvh),
       in_specs=[pl.BlockSpec((batch,), lambda b, h: (0,)),
                 pl.BlockSpec((None, None, splits, gq, head_dim), lambda b, h: (b, h, 0, 0, 0)),
