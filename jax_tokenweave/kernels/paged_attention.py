@@ -247,7 +247,7 @@ def _masked_load(view, mask, plain, cache_modifier=None):
   """Masked load (masked-off elements read as 0, never touched in memory on GPU).
 
   ``plain``: the view is known to be in bounds (interpret mode under check_vma, see
-  ``_needs_plain``): read it whole and select. ``cache_modifier`` (GPU): e.g. ".cg", from L2,
+  ``_needs_plain``): read it whole and select. ``cache_modifier`` (GPU): e.g. "cg", from L2,
   past the SM's L1 (for data other programs of the same call wrote).
   """
   if plain:
@@ -438,7 +438,7 @@ def _decode_kernel(layer_ref, len_ref, bt_ref, q_ref, *refs, group, rows, ppb, m
         # runs. Why it sees every partial: the barrier orders all of this CTA's stores above
         # before the increment; the increment is acq_rel at GPU scope (Pallas' Triton
         # lowering), so it releases them, and the last program's increment, which reads the
-        # value every earlier one left, acquires them all; its loads then go to L2 (".cg"),
+        # value every earlier one left, acquires them all; its loads then go to L2 ("cg"),
         # never to a line its own L1 may hold. No interpret-mode barrier exists (programs run
         # one after another there, so none is needed).
         if not interpret:
@@ -448,7 +448,7 @@ def _decode_kernel(layer_ref, len_ref, bt_ref, q_ref, *refs, group, rows, ppb, m
         @pl.when(arrived == used - 1)
         def _combine():
           _combine_into(o_ref, m_ref, l_ref, out_ref, used, group=group, rows=rows,
-                        plain=plain, cache_modifier=None if interpret else ".cg")
+                        plain=plain, cache_modifier=None if interpret else "cg")
 
   if num_splits == 1:
     split()
