@@ -243,17 +243,16 @@ def _dot_nn(a, b):
                          preferred_element_type=jnp.float32)
 
 
-def _masked_load(view, mask, plain, cache_modifier=None):
+def _masked_load(view, mask, plain):
   """Masked load (masked-off elements read as 0, never touched in memory on GPU).
 
   ``plain``: the view is known to be in bounds (interpret mode under check_vma, see
-  ``_needs_plain``): read it whole and select. ``cache_modifier`` (GPU): e.g. "cg", from L2,
-  past the SM's L1 (for data other programs of the same call wrote).
+  ``_needs_plain``): read it whole and select.
   """
   if plain:
     x = view[...]
     return jnp.where(mask, x, jnp.zeros_like(x))
-  return pltriton.load(view, mask=mask, other=0, cache_modifier=cache_modifier)
+  return pltriton.load(view, mask=mask, other=0)
 
 
 def _masked_store(view, val, mask, plain):
@@ -438,17 +437,16 @@ def _decode_kernel(layer_ref, len_ref, bt_ref, q_ref, *refs, group, rows, ppb, m
         # runs. Why it sees every partial: the barrier orders all of this CTA's stores above
         # before the increment; the increment is acq_rel at GPU scope (Pallas' Triton
         # lowering), so it releases them, and the last program's increment, which reads the
-        # value every earlier one left, acquires them all; its loads then go to L2 ("cg"),
-        # never to a line its own L1 may hold. No interpret-mode barrier exists (programs run
-        # one after another there, so none is needed).
+        # value every earlier one left, acquires them all (an acquire at GPU scope also
+        # invalidates the SM's L1, so its loads cannot hit stale lines). No interpret-mode
+        # barrier exists (programs run one after another there, so none is needed).
         if not interpret:
           pltriton.debug_barrier()
         arrived = pltriton.atomic_add(cnt_ref, (b, h), jnp.int32(1))
 
         @pl.when(arrived == used - 1)
         def _combine():
-          _combine_into(o_ref, m_ref, l_ref, out_ref, used, group=group, rows=rows,
-                        plain=plain, cache_modifier=None if interpret else "cg")
+          _combine_into(o_ref, m_ref, l_ref, out_ref, used, group=group, rows=rows, plain=plain)
 
   if num_splits == 1:
     split()
@@ -634,7 +632,7 @@ def _decode_impl(q, k_pool, v_pool, block_tables, lengths, layer_arr, new_kv, *,
   return (o,) + pools if pools else o
 
 
-def _combine_into(o_ref, m_ref, l_ref, out_ref, used, *, group, rows, plain, cache_modifier=None):
+def _combine_into(o_ref, m_ref, l_ref, out_ref, used, *, group, rows, plain):
   """The splits' partial softmaxes of one (sequence, kv head) rescaled to their common max:
   o = sum_s 2^(m_s - m) o_s / l. o_ref [splits, gq, hd], m_ref / l_ref [splits, gq] (splits: a
   power of two); splits from ``used`` on held no pages and wrote nothing: they are not read
@@ -644,7 +642,7 @@ def _combine_into(o_ref, m_ref, l_ref, out_ref, used, *, group, rows, plain, cac
   splits = o_ref.shape[0]
   chunk = min(splits, max(1, 64 // rows))
   head_ok = jnp.arange(rows, dtype=jnp.int32)[None, :] < group
-  load = functools.partial(_masked_load, plain=plain, cache_modifier=cache_modifier)
+  load = functools.partial(_masked_load, plain=plain)
 
   def ok(s0, n):
     return (s0 + jnp.arange(n, dtype=jnp.int32)[:, None] < used) & head_ok
