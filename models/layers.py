@@ -34,6 +34,7 @@ import numpy as np
 from jax_tokenweave.compat import axis_size
 from jax_tokenweave.kernels.layer_matmul import layer_matmul
 from jax_tokenweave.kernels.layer_of import LayerOf, resolve
+from jax_tokenweave.kernels.layer_qkv import fits as layer_qkv_fits, layer_qkv
 from jax_tokenweave.kernels.layer_swiglu import fills_the_gpu, layer_swiglu
 from jax_tokenweave.models.config import ModelConfig
 from jax_tokenweave.models.moe import moe_ffn
@@ -111,7 +112,11 @@ def lm_head(x: jax.Array, w_out: jax.Array, axis_name: str) -> jax.Array:
 # ---------------------------------------------------------------------------------- attention
 
 def qkv(w, x: jax.Array, rope, spec: LayerSpec):
-    """x [B, S, D] -> q [B, S, Hl, hd], k, v [B, S, KVHl, hd] (RoPE applied to q and k)."""
+    """x [B, S, D] -> q [B, S, Hl, hd], k, v [B, S, KVHl, hd] (RoPE applied to q and k).
+
+    The weights as ``LayerOf`` the stacked arrays (the unrolled decode step): on GPU one kernel,
+    kernels.layer_qkv, projects all three and rotates q and k where its tiles fit; otherwise the
+    einsums on the slices."""
     cos, sin = rope
     kv_slice = None
     tp = axis_size(spec.axis_name)
@@ -120,8 +125,22 @@ def qkv(w, x: jax.Array, rope, spec: LayerSpec):
         # heads read, instead of all of them.
         kv_slice = jax.lax.axis_index(spec.axis_name) * spec.num_kv_heads // tp
 
+    names = ("q_proj", "k_proj", "v_proj")
+    wq = w["attn.q_proj.kernel"]
+    if isinstance(wq, LayerOf) and use_kernels() and layer_qkv_fits(*wq.shape[::2]):
+        B, S, D = x.shape
+        stacked = [w[f"attn.{n}.kernel"].stacked for n in names]
+        biases = [w.get(f"attn.{n}.bias") for n in names]
+        biases = None if biases[0] is None else [b.stacked for b in biases]
+        flat = lambda a: a.reshape(B * S, a.shape[-1])
+        q, k, v = layer_qkv(x.reshape(B * S, D), *stacked, wq.layer, flat(cos), flat(sin), biases=biases,
+                            kv_head0=0 if kv_slice is None else kv_slice,
+                            kv_heads=None if kv_slice is None else 1)
+        return tuple(a.reshape(B, S, *a.shape[1:]) for a in (q, k, v))
+
     def project(name, sl):
-        wt, b = w[f"attn.{name}.kernel"], w.get(f"attn.{name}.bias")
+        wt, b = resolve(w[f"attn.{name}.kernel"]), w.get(f"attn.{name}.bias")
+        b = None if b is None else resolve(b)
         if sl is not None:
             wt = jax.lax.dynamic_slice_in_dim(wt, sl, 1, axis=1)
             b = None if b is None else jax.lax.dynamic_slice_in_dim(b, sl, 1, axis=0)

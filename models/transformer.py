@@ -29,8 +29,9 @@ from jax_tokenweave.models.layers import LayerSpec
 
 LAYER_PREFIX = "layers."
 # the layer weights the unrolled decode step hands to kernels whole (see forward's unroll)
-IN_PLACE = ("attn.o_proj.kernel", "post_attn_norm.weight", "mlp.gate_proj.kernel",
-            "mlp.up_proj.kernel")
+IN_PLACE = ("attn.q_proj.kernel", "attn.k_proj.kernel", "attn.v_proj.kernel", "attn.q_proj.bias",
+            "attn.k_proj.bias", "attn.v_proj.bias", "attn.o_proj.kernel", "post_attn_norm.weight",
+            "mlp.gate_proj.kernel", "mlp.up_proj.kernel")
 
 
 def layer_weights(weights: dict) -> dict:

@@ -69,6 +69,14 @@ VARIANTS = {   # how the decode jit is built, timed against the default at each 
     "swiglu_warps_2": {"swiglu_warps": 2},
     # the decode kernel's splits combined by a second kernel instead of by the last split
     "attn_combine_kernel": {"attn_fused_combine": False},
+    # kernels.layer_qkv (q/k/v + RoPE): off (XLA's GEMM and a RoPE fusion), its column tile per
+    # half of the head dim (default 32: 96 programs for the 8B), K tile (default 128), stages (3)
+    "qkv_xla": {"qkv_kernel": False},
+    "qkv_h16": {"qkv_block_h": 16},
+    "qkv_h64": {"qkv_block_h": 64},
+    "qkv_k64": {"qkv_block_k": 64},
+    "qkv_k256": {"qkv_block_k": 256},
+    "qkv_stages_4": {"qkv_stages": 4},
 }
 KERNEL_KNOBS = {   # variant key -> (kernel module, the global read while tracing)
     "target_programs": ("paged_attention", "_WAVE_PROGRAMS"),
@@ -85,6 +93,10 @@ KERNEL_KNOBS = {   # variant key -> (kernel module, the global read while tracin
     "swiglu_warps": ("layer_swiglu", "_WARPS"),
     "swiglu_stages": ("layer_swiglu", "_STAGES"),
     "attn_fused_combine": ("paged_attention", "_FUSED_COMBINE"),
+    "qkv_kernel": ("layer_qkv", "_ENABLED"),
+    "qkv_block_h": ("layer_qkv", "_BLOCK_H"),
+    "qkv_block_k": ("layer_qkv", "_BLOCK_K"),
+    "qkv_stages": ("layer_qkv", "_STAGES"),
 }
 
 

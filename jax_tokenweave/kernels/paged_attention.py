@@ -553,22 +553,13 @@ def _decode_impl(q, k_pool, v_pool, block_tables, lengths, layer_arr, new_kv, *,
       pl.BlockSpec(bt.shape, lambda b, h, s: (0, 0)),
   ]
   args = [layer_arr, lengths, bt]
-  if new_kv is not None and not pad:
-    # q, k_new, v_new as one [B, H + 2 KVH, hd] buffer, read at three head offsets: XLA forms it
-    # in one fusion (the split-K sum of the q/k/v projection, RoPE of q and k), where a separate
-    # q, k and v each took a kernel of their own (1.2-1.7 us each at batch 1 on the H200).
-    qkv = jnp.concatenate([q, *new_kv], axis=1)
-    in_specs += [pl.BlockSpec((None, gq, head_dim), lambda b, h, s: (b, h, 0)),
-                 pl.BlockSpec((None, None, head_dim), lambda b, h, s: (b, heads + h, 0)),
-                 pl.BlockSpec((None, None, head_dim), lambda b, h, s: (b, heads + kvh + h, 0))]
-    args += [qkv] * 3
-  else:
-    in_specs.append(pl.BlockSpec((None, None, gq, head_dim), lambda b, h, s: (b, h, 0, 0)))
-    qg = q.reshape(batch, kvh, group, head_dim)
-    args.append(_pad_axis(qg, 2, rows) if pad else qg)
-    if new_kv is not None:
-      in_specs += [pl.BlockSpec((None, None, head_dim), lambda b, h, s: (b, h, 0))] * 2
-      args += list(new_kv)
+  # q, k_new and v_new as separate operands: kernels.layer_qkv writes them as three buffers
+  in_specs.append(pl.BlockSpec((None, None, gq, head_dim), lambda b, h, s: (b, h, 0, 0)))
+  qg = q.reshape(batch, kvh, group, head_dim)
+  args.append(_pad_axis(qg, 2, rows) if pad else qg)
+  if new_kv is not None:
+    in_specs += [pl.BlockSpec((None, None, head_dim), lambda b, h, s: (b, h, 0))] * 2
+    args += list(new_kv)
   in_specs += [pool_spec, pool_spec]
   args += [k_pool, v_pool]
   if fused:   # arrival counters, zero on entry (aliased to an output: the kernel adds to them)

@@ -6,7 +6,8 @@ shapes (32 q / 8 kv heads, hd 128, bf16), against their XLA references:
      and the pools (bit-exact against XLA's scatter);
      (every batch here splits the sequences, so the split-combine kernel runs too);
   2. kernels.layer_matmul on the 8B o_proj (32 stacked layers) at 8 and 32 rows, and
-     kernels.layer_swiglu on the 8B gate/up at 1, 8 and 32 rows;
+     kernels.layer_swiglu on the 8B gate/up at 1, 8 and 32 rows, kernels.layer_qkv on the 8B
+     q/k/v (+ RoPE) at 1, 8 and 32 rows;
   3. kernels.add_rmsnorm (the one-rank fused reduction) at 1 / 8 / 32 / 4096 rows of 4096, one
      bf16 partial or 8 fp32 split-K pieces;
   4. TPModel.decode of a 4-layer 8B-width random model for 6 steps with the kernels against the
@@ -37,6 +38,7 @@ from jax_tokenweave.engine.runner import TPModel, to_host  # noqa: E402
 from jax_tokenweave.kernels import paged_attention as pa  # noqa: E402
 from jax_tokenweave.kernels.layer_matmul import layer_matmul, layer_matmul_reference  # noqa: E402
 from jax_tokenweave.kernels.layer_swiglu import layer_swiglu, layer_swiglu_reference  # noqa: E402
+from jax_tokenweave.kernels.layer_qkv import layer_qkv  # noqa: E402
 from jax_tokenweave.models import get_preset, layers  # noqa: E402
 from jax_tokenweave.parallel.mesh import make_mesh  # noqa: E402
 
@@ -94,6 +96,19 @@ for M in (1, 8, 32):
     rel = float(jnp.max(jnp.abs(got - ref)) / jnp.max(jnp.abs(ref)))
     report(f"layer_swiglu M{M}", rel < 2e-2, f"max|err| / max|ref| {rel:.2e}")
 del wg, wu
+wq, wk, wv = normal((4, 4096, 32, 128)) * 0.02, normal((4, 4096, 8, 128)) * 0.02, normal((4, 4096, 8, 128)) * 0.02
+inv_freq = layers.rope_inv_freq(get_preset("llama-3.1-8b"))
+for M in (1, 8, 32):
+    x = normal((M, 4096))
+    cos, sin = layers.rope_cos_sin(jnp.asarray(rng.integers(0, 30000, (M, 1)), jnp.int32), inv_freq)
+    got = jax.jit(layer_qkv)(x, wq, wk, wv, jnp.int32(3), cos[:, 0], sin[:, 0])
+    ein = lambda w: jnp.einsum("md,dhk->mhk", x, w[3])
+    rope = lambda y: layers.apply_rope(y[:, None], cos, sin)[:, 0]
+    want = (rope(ein(wq)), rope(ein(wk)), ein(wv))
+    rel = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
+                    / jnp.max(jnp.abs(b.astype(jnp.float32)))) for a, b in zip(got, want))
+    report(f"layer_qkv M{M}", rel < 2e-2, f"max|err| / max|ref| over q, k, v {rel:.2e}")
+del wq, wk, wv
 
 # 3. add_rmsnorm
 for T in (1, 8, 32, 4096):
