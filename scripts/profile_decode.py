@@ -77,6 +77,11 @@ VARIANTS = {   # how the decode jit is built, timed against the default at each 
     "qkv_k64": {"qkv_block_k": 64},
     "qkv_k256": {"qkv_block_k": 256},
     "qkv_stages_4": {"qkv_stages": 4},
+    "qkv_stages_5": {"qkv_stages": 5},
+    "qkv_stages_6": {"qkv_stages": 6},
+    "qkv_k256_stages_4": {"qkv_block_k": 256, "qkv_stages": 4},
+    "qkv_h16_k256_stages_4": {"qkv_block_h": 16, "qkv_block_k": 256, "qkv_stages": 4},
+    "qkv_stages_4_warps_8": {"qkv_stages": 4, "qkv_warps": 8},
 }
 KERNEL_KNOBS = {   # variant key -> (kernel module, the global read while tracing)
     "target_programs": ("paged_attention", "_WAVE_PROGRAMS"),
@@ -97,6 +102,7 @@ KERNEL_KNOBS = {   # variant key -> (kernel module, the global read while tracin
     "qkv_block_h": ("layer_qkv", "_BLOCK_H"),
     "qkv_block_k": ("layer_qkv", "_BLOCK_K"),
     "qkv_stages": ("layer_qkv", "_STAGES"),
+    "qkv_warps": ("layer_qkv", "_WARPS"),
 }
 
 
