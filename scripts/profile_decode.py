@@ -67,8 +67,9 @@ VARIANTS = {   # how the decode jit is built, timed against the default at each 
     "swiglu_n32": {"swiglu_block_n": 32},
     "swiglu_stages_4": {"swiglu_stages": 4},
     "swiglu_warps_2": {"swiglu_warps": 2},
-    # the decode kernel's splits combined by a second kernel instead of by the last split
-    "attn_combine_kernel": {"attn_fused_combine": False},
+    # the decode kernel's shortest split (default 128 tokens of capacity: 16 splits at 2048)
+    "attn_min_split_256": {"attn_min_split": 256},
+    "attn_min_split_512": {"attn_min_split": 512},
     # kernels.layer_qkv (q/k/v + RoPE): off (XLA's GEMM and a RoPE fusion), its column tile per
     # half of the head dim (default 32: 96 programs for the 8B), K tile (default 128), stages (3)
     "qkv_xla": {"qkv_kernel": False},
@@ -97,7 +98,7 @@ KERNEL_KNOBS = {   # variant key -> (kernel module, the global read while tracin
     "swiglu_block_k": ("layer_swiglu", "_BLOCK_K"),
     "swiglu_warps": ("layer_swiglu", "_WARPS"),
     "swiglu_stages": ("layer_swiglu", "_STAGES"),
-    "attn_fused_combine": ("paged_attention", "_FUSED_COMBINE"),
+    "attn_min_split": ("paged_attention", "_MIN_SPLIT_TOKENS"),
     "qkv_kernel": ("layer_qkv", "_ENABLED"),
     "qkv_block_h": ("layer_qkv", "_BLOCK_H"),
     "qkv_block_k": ("layer_qkv", "_BLOCK_K"),

@@ -150,6 +150,27 @@ def test_decode_combines_more_splits_than_one_chunk():
     np.testing.assert_array_equal(np.asarray(v2), np.asarray(vr))
 
 
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_decode_busy_rows_only(num_splits):
+    """busy_rows: the first rows are the batch's sequences, the rest padding. The busy rows'
+    outputs and slots match the reference; the padding rows' outputs are zeros and their slots
+    are not written (the pools equal the reference with only the busy rows appended)."""
+    dtype, ps = jnp.float32, 16
+    lengths = [70, 33, 1, 1, 1]
+    q, kp, vp, bt, ln = _decode_case(dtype, 64, 4, ps, lengths)
+    kvh = kp.shape[1]
+    k_new, v_new = _normal((5, kvh, 64), dtype), _normal((5, kvh, 64), dtype)
+    kr, vr = _appended(kp, vp, bt[:2], ln[:2], 1, k_new[:2], v_new[:2])
+    out, k2, v2 = pa.paged_decode_attention(q, kp, vp, bt, ln, 1, new_kv=(k_new, v_new),
+                                            num_splits=num_splits, busy_rows=2)
+    _check(out[:2], pa.paged_attention_reference(q[:2], kr, vr, bt[:2], ln[:2], 1), dtype)
+    np.testing.assert_array_equal(np.asarray(out[2:]), 0)
+    np.testing.assert_array_equal(np.asarray(k2), np.asarray(kr))
+    np.testing.assert_array_equal(np.asarray(v2), np.asarray(vr))
+    with pytest.raises(ValueError, match=r"busy_rows=6 must be in \[1, batch=5\]"):
+        pa.paged_decode_attention(q, kp, vp, bt, ln, 1, new_kv=(k_new, v_new), busy_rows=6)
+
+
 def test_decode_append_rejects_bad_new_kv():
     q, kp, vp, bt, ln = _decode_case(jnp.float32, 64, 4, 16, [3, 20])
     good = _normal((2, kp.shape[1], 64), jnp.float32)

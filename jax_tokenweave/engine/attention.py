@@ -38,7 +38,8 @@ def decode_attention(q, k_new, v_new, cache, block_tables, lengths, layer, busy_
     -> (out [B, H, hd], cache). On GPU the Pallas decode kernel does both (no scatter kernels);
     elsewhere a scatter and the XLA reference.
     busy_rows: rows that hold real sequences (the rest are padding of length 1); the kernel's
-    split count follows them, so one long sequence padded to 8 rows still spreads over the SMs."""
+    split count follows them, so one long sequence padded to 8 rows still spreads over the SMs,
+    and only they run (the padding rows' output is zeros, their K/V are not written)."""
     k_new, v_new = k_new.astype(cache.k.dtype), v_new.astype(cache.v.dtype)
     if use_kernels():
         splits = None
@@ -46,7 +47,8 @@ def decode_attention(q, k_new, v_new, cache, block_tables, lengths, layer, busy_
             splits = kernels.decode_num_splits(busy_rows, cache.k.shape[1], block_tables.shape[1],
                                                cache.page_size)
         out, k, v = kernels.paged_decode_attention(q, cache.k, cache.v, block_tables, lengths, layer,
-                                                   num_splits=splits, new_kv=(k_new, v_new))
+                                                   num_splits=splits, new_kv=(k_new, v_new),
+                                                   busy_rows=busy_rows)
         return out, kv_cache.KVPages(k, v)
     B = q.shape[0]
     page, off = kv_cache.slots(block_tables, (lengths - 1)[:, None], jnp.ones((B, 1), bool), cache.page_size)

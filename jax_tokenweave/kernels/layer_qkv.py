@@ -41,9 +41,9 @@ __all__ = ["layer_qkv", "fits"]
 # Column tile per half of the head dim, K tile, Triton launch parameters (read at call time:
 # scripts/profile_decode.py's variants change them)
 _BLOCK_H = 32
-_BLOCK_K = 128
+_BLOCK_K = 256
 _WARPS = 4
-_STAGES = 3
+_STAGES = 4
 # scripts/profile_decode.py's variant "qkv_xla" turns the kernel off (the einsums instead)
 _ENABLED = True
 

@@ -36,8 +36,7 @@ a 512-token chunk on 1024 tokens of context plus 31 decode rows (83 TFLOP/s).
 
 Appending (``paged_decode_attention(..., new_kv=(k_new, v_new))``, what the engine's decode
 steps use): the token at position ``lengths[b] - 1`` is this step's. Its K/V come in as
-arguments (with q, one [B, H + 2 KVH, hd] buffer read at three head offsets, which XLA forms in
-a single fusion); split 0 of each (sequence, kv head) adds that key to its partial softmax from
+arguments (as kernels.layer_qkv writes them, next to q); split 0 of each (sequence, kv head) adds that key to its partial softmax from
 registers and stores K/V into the page slot, the pools being aliased outputs. The splits read
 only positions ``< lengths[b] - 1`` from the pages, so nothing in the call reads the slot being
 written (no ordering between programs is needed). This replaces two XLA scatters per layer
@@ -59,7 +58,10 @@ of 560 tokens in a capacity of 8192 still spreads over several SMs). ``pages_per
 static count) overrides this with fixed boundaries ``[s * pps, (s + 1) * pps)``, and
 ``num_splits`` fixes the count. With a single split the kernel normalises and writes the output
 itself; otherwise each program writes its partial (unnormalised o, running max m, sum l, fp32)
-and a second small kernel (one program per sequence and kv head) combines the splits. Splits
+and the last split of each (sequence, kv head) to finish, found by an arrival counter, combines
+them (as a second kernel it cost 3.1 us a layer at batch 1 on the H200; fused, the 8B step was
+0.1-0.4% faster at batch 1 / 8 / 32 in the same process, bench/results/profile_decode_h200.json
+session_12). Splits
 past a sequence's valid pages exit at once and the combine does not read them: before that, a
 512-token sequence in a capacity of 8192 (33 splits, 8 with pages) paid a second wave of idle
 programs. The 8B decode step at batch 1 and 512 valid on the H200 took 4.3% longer at capacity
@@ -108,10 +110,6 @@ _DEFAULT_BLOCK_K = 64
 # variants change them).
 _DECODE_WARPS = 4
 _DECODE_STAGES = 2
-# With several splits, the last split of each (sequence, kv head) combines them (an arrival
-# counter) instead of a second kernel (read at trace time; profile_decode's variant
-# "attn_combine_kernel" turns it off)
-_FUSED_COMBINE = True
 # Default number of matrix rows (query rows x padded q heads of a group) of a ragged query block.
 _DEFAULT_RAGGED_ROWS = 64
 _NEG = -1e30  # finite "minus infinity": exp2(_NEG - m) == 0 and _NEG - _NEG is no NaN
@@ -350,14 +348,15 @@ def _split_pages(length, page_size, max_pages, num_splits, static_pps, ppb, appe
 
 
 def _decode_kernel(layer_ref, len_ref, bt_ref, q_ref, *refs, group, rows, ppb, max_pages,
-                   num_splits, static_pps, qk_scale, plain, gather, append, fused_combine,
-                   interpret):
+                   num_splits, static_pps, qk_scale, plain, gather, append, zero_init, interpret):
   if append:   # the new token's k/v [hd] come in; the pools are also outputs (aliased)
     kn_ref, vn_ref, k_ref, v_ref, *out_refs = refs
     out_refs, (ko_ref, vo_ref) = out_refs[:-2], out_refs[-2:]
   else:
     k_ref, v_ref, *out_refs = refs
-  if num_splits > 1 and fused_combine:   # the per-(sequence, kv head) arrival counters
+  if zero_init:   # zeros for the output rows no program writes (aliased to the output)
+    o_init_ref, *out_refs = out_refs
+  if num_splits > 1:   # the per-(sequence, kv head) arrival counters
     cnt_in_ref, *out_refs = out_refs
   b = pl.program_id(0)
   h = pl.program_id(1)
@@ -431,22 +430,21 @@ def _decode_kernel(layer_ref, len_ref, bt_ref, q_ref, *refs, group, rows, ppb, m
       _masked_store(o_ref.at[s, pl.ds(0, rows)], acc, row_ok[:, None], plain)
       _masked_store(m_ref.at[s, pl.ds(0, rows)], m_i, row_ok, plain)
       _masked_store(l_ref.at[s, pl.ds(0, rows)], l_i, row_ok, plain)
-      if fused_combine:
-        out_ref, cnt_ref = out_refs[3:5]
-        # The last of the `used` splits of (b, h) to finish combines them, so no second kernel
-        # runs. Why it sees every partial: the barrier orders all of this CTA's stores above
-        # before the increment; the increment is acq_rel at GPU scope (Pallas' Triton
-        # lowering), so it releases them, and the last program's increment, which reads the
-        # value every earlier one left, acquires them all (an acquire at GPU scope also
-        # invalidates the SM's L1, so its loads cannot hit stale lines). No interpret-mode
-        # barrier exists (programs run one after another there, so none is needed).
-        if not interpret:
-          pltriton.debug_barrier()
-        arrived = pltriton.atomic_add(cnt_ref, (b, h), jnp.int32(1))
+      out_ref, cnt_ref = out_refs[3:5]
+      # The last of the `used` splits of (b, h) to finish combines them, so no second kernel
+      # runs. Why it sees every partial: the barrier orders all of this CTA's stores above
+      # before the increment; the increment is acq_rel at GPU scope (Pallas' Triton
+      # lowering), so it releases them, and the last program's increment, which reads the
+      # value every earlier one left, acquires them all (an acquire at GPU scope also
+      # invalidates the SM's L1, so its loads cannot hit stale lines). No interpret-mode
+      # barrier exists (programs run one after another there, so none is needed).
+      if not interpret:
+        pltriton.debug_barrier()
+      arrived = pltriton.atomic_add(cnt_ref, (b, h), jnp.int32(1))
 
-        @pl.when(arrived == used - 1)
-        def _combine():
-          _combine_into(o_ref, m_ref, l_ref, out_ref, used, group=group, rows=rows, plain=plain)
+      @pl.when(arrived == used - 1)
+      def _combine():
+        _combine_into(o_ref, m_ref, l_ref, out_ref, used, group=group, rows=rows, plain=plain)
 
   if num_splits == 1:
     split()
@@ -459,7 +457,8 @@ def _decode_kernel(layer_ref, len_ref, bt_ref, q_ref, *refs, group, rows, ppb, m
 
 def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, layer, *, scale=None,
                            pages_per_split=None, interpret=None, num_splits=None, block_k=None,
-                           kv_gather=None, num_warps=None, num_stages=None, new_kv=None):
+                           kv_gather=None, num_warps=None, num_stages=None, new_kv=None,
+                           busy_rows=None):
   """Flash-decoding attention of one query per sequence over its pages of layer ``layer``.
 
   q [B, H, hd]; k_pool, v_pool [L, KVH, num_pages, page_size, hd]; block_tables int32
@@ -474,6 +473,9 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, layer, *, s
   at position lengths[b]-1 (this step's). The kernel writes them to their page slot in place (the
   pools are aliased outputs: pass them donated, or XLA copies them) and attends to them from
   registers, so no separate scatter runs. Returns (out, k_pool, v_pool) then.
+
+  ``busy_rows`` (static): only rows 0 .. busy_rows-1 hold sequences (the rest pad the batch);
+  no program runs for the others, whose output is zeros and whose new K/V are not written.
   """
   fn = "paged_decode_attention"
   _check_pool(q, k_pool, v_pool, block_tables, fn)
@@ -517,19 +519,21 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, layer, *, s
     ns = decode_num_splits(batch, kvh, max_pages, page_size)
 
   gather = _resolve_gather(kv_gather, page_size, fn)
+  busy = batch if busy_rows is None else int(busy_rows)
+  if not 1 <= busy <= batch:
+    raise ValueError(f"{fn}: busy_rows={busy_rows} must be in [1, batch={batch}].")
   return _decode_impl(q, k_pool, v_pool, block_tables, lengths, layer_arr, new_kv, group=group,
                       rows=rows, ppb=ppb, ns=ns, static_pps=static_pps, scale=scale,
-                      interpret=interpret, gather=gather,
+                      interpret=interpret, gather=gather, busy=busy,
                       num_warps=int(num_warps or _DECODE_WARPS),
-                      num_stages=int(num_stages or _DECODE_STAGES),
-                      fused_combine=bool(_FUSED_COMBINE))
+                      num_stages=int(num_stages or _DECODE_STAGES))
 
 
 @functools.partial(jax.jit, static_argnames=("group", "rows", "ppb", "ns", "static_pps", "scale",
-                                             "interpret", "gather", "num_warps", "num_stages",
-                                             "fused_combine"))
+                                             "interpret", "gather", "busy", "num_warps",
+                                             "num_stages"))
 def _decode_impl(q, k_pool, v_pool, block_tables, lengths, layer_arr, new_kv, *, group, rows, ppb, ns,
-                 static_pps, scale, interpret, gather, num_warps, num_stages, fused_combine):
+                 static_pps, scale, interpret, gather, busy, num_warps, num_stages):
   num_layers, kvh, _, page_size, head_dim = k_pool.shape
   batch, heads, _ = q.shape
   max_pages = block_tables.shape[1]
@@ -541,17 +545,14 @@ def _decode_impl(q, k_pool, v_pool, block_tables, lengths, layer_arr, new_kv, *,
   if pad:
     gq = rows
     bt = _pad_axis(bt, 1, -(-max_pages // ppb) * ppb)
-  fused = ns > 1 and fused_combine
+  zero_init = busy < batch
   kernel = functools.partial(
       _decode_kernel, group=group, rows=rows, ppb=ppb, max_pages=max_pages, num_splits=ns,
       static_pps=static_pps, qk_scale=scale * _LOG2E, plain=pad, gather=gather,
-      append=new_kv is not None, fused_combine=fused, interpret=interpret)
+      append=new_kv is not None, zero_init=zero_init, interpret=interpret)
   pool_spec = pl.BlockSpec((num_layers, None) + k_pool.shape[2:], lambda b, h, s: (0, h, 0, 0, 0))
-  in_specs = [
-      pl.BlockSpec((1,), lambda b, h, s: (0,)),
-      pl.BlockSpec((batch,), lambda b, h, s: (0,)),
-      pl.BlockSpec(bt.shape, lambda b, h, s: (0, 0)),
-  ]
+  whole = lambda shape: pl.BlockSpec(shape, lambda b, h, s: (0,) * len(shape))
+  in_specs = [whole((1,)), whole((batch,)), whole(bt.shape)]
   args = [layer_arr, lengths, bt]
   # q, k_new and v_new as separate operands: kernels.layer_qkv writes them as three buffers
   in_specs.append(pl.BlockSpec((None, None, gq, head_dim), lambda b, h, s: (b, h, 0, 0)))
@@ -562,44 +563,43 @@ def _decode_impl(q, k_pool, v_pool, block_tables, lengths, layer_arr, new_kv, *,
     args += list(new_kv)
   in_specs += [pool_spec, pool_spec]
   args += [k_pool, v_pool]
-  if fused:   # arrival counters, zero on entry (aliased to an output: the kernel adds to them)
-    counters = jnp.zeros((batch, kvh), jnp.int32)
-    in_specs.append(pl.BlockSpec(counters.shape, lambda b, h, s: (0, 0)))
-    args.append(counters)
+  pools_at = len(args) - 2
+  o_struct = out_struct((batch, kvh, gq, head_dim), q.dtype, mat)
+  o_spec = pl.BlockSpec((None, None, gq, head_dim), lambda b, h, s: (b, h, 0, 0))
+  aliases = {}
   if ns == 1:
-    out_shape = out_struct((batch, kvh, gq, head_dim), q.dtype, mat)
-    out_specs = pl.BlockSpec((None, None, gq, head_dim), lambda b, h, s: (b, h, 0, 0))
+    out_shape, out_specs = (o_struct,), (o_spec,)
   else:
     # the split axis rounded up to a power of two, so that the combine's tiles over it are in
     # bounds; the entries past ns are never written nor read
     ns_p = _next_pow2(ns)
-    out_shape = (
-        out_struct((batch, kvh, ns_p, gq, head_dim), jnp.float32, mat),
-        out_struct((batch, kvh, ns_p, gq), jnp.float32, mat),
-        out_struct((batch, kvh, ns_p, gq), jnp.float32, mat),
-    )
+    part = lambda *shape: out_struct((batch, kvh, ns_p) + shape, jnp.float32, mat)
+    counters = jnp.zeros((batch, kvh), jnp.int32)
+    out_shape = (part(gq, head_dim), part(gq), part(gq), o_struct,
+                 out_struct(counters.shape, jnp.int32, mat))
     # every split of (b, h) in one block: program s writes its row s, the combine reads them all
-    out_specs = (
-        pl.BlockSpec((None, None, ns_p, gq, head_dim), lambda b, h, s: (b, h, 0, 0, 0)),
-        pl.BlockSpec((None, None, ns_p, gq), lambda b, h, s: (b, h, 0, 0)),
-        pl.BlockSpec((None, None, ns_p, gq), lambda b, h, s: (b, h, 0, 0)),
-    )
-    if fused:
-      out_shape += (out_struct((batch, kvh, gq, head_dim), q.dtype, mat),
-                    out_struct(counters.shape, jnp.int32, mat))
-      out_specs += (pl.BlockSpec((None, None, gq, head_dim), lambda b, h, s: (b, h, 0, 0)),
-                    pl.BlockSpec(counters.shape, lambda b, h, s: (0, 0)))
-  out_shape = out_shape if isinstance(out_shape, tuple) else (out_shape,)
-  out_specs = out_specs if isinstance(out_specs, tuple) else (out_specs,)
-  aliases = {len(args) - 1: len(out_shape) - 1} if fused else {}
+    out_specs = (pl.BlockSpec((None, None, ns_p, gq, head_dim), lambda b, h, s: (b, h, 0, 0, 0)),
+                 pl.BlockSpec((None, None, ns_p, gq), lambda b, h, s: (b, h, 0, 0)),
+                 pl.BlockSpec((None, None, ns_p, gq), lambda b, h, s: (b, h, 0, 0)),
+                 o_spec, whole(counters.shape))
+  o_at = len(out_shape) - (1 if ns == 1 else 2)
+  if zero_init:   # rows from `busy` on run no program: their output is zeros, set by XLA
+    aliases[len(args)] = o_at
+    in_specs.append(o_spec)
+    args.append(jnp.zeros(o_struct.shape, o_struct.dtype))
+  if ns > 1:   # arrival counters, zero on entry (aliased to an output: the kernel adds to them)
+    aliases[len(args)] = len(out_shape) - 1
+    in_specs.append(whole(counters.shape))
+    args.append(counters)
   if new_kv is not None:   # the pools come back as outputs, updated in place
-    pools_at = len(args) - (3 if fused else 2)
     aliases.update({pools_at: len(out_shape), pools_at + 1: len(out_shape) + 1})
     out_shape += (out_struct(k_pool.shape, k_pool.dtype, mat),) * 2
     out_specs += (pool_spec, pool_spec)
   out = pl.pallas_call(
       kernel,
-      grid=(batch, kvh, ns),
+      # only the busy rows run: at batch 1 padded to 8, 7 of 8 (row, kv head, split) programs
+      # would have been padding
+      grid=(busy, kvh, ns),
       in_specs=in_specs,
       out_specs=out_specs,
       out_shape=out_shape,
@@ -608,19 +608,8 @@ def _decode_impl(q, k_pool, v_pool, block_tables, lengths, layer_arr, new_kv, *,
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       name=f"paged_decode_attention_s{ns}_bk{ppb * page_size}",
   )(*args)
-  pools = tuple(out[-2:]) if new_kv is not None else ()
-  out = out[:-2] if new_kv is not None else out
-  split_args = dict(page_size=page_size, max_pages=max_pages, num_splits=ns,
-                    static_pps=static_pps, ppb=ppb, append=new_kv is not None)
-  if ns == 1:
-    o = out[0]
-  elif fused:
-    o = out[3]
-  else:
-    o = _combine_splits(lengths, *out, group=group, dtype=q.dtype, mat=mat, plain=pad,
-                        interpret=interpret, split_args=split_args)
-  o = o[:, :, :group].reshape(batch, heads, head_dim)
-  return (o,) + pools if pools else o
+  o = out[o_at][:, :, :group].reshape(batch, heads, head_dim)
+  return (o,) + tuple(out[-2:]) if new_kv is not None else o
 
 
 def _combine_into(o_ref, m_ref, l_ref, out_ref, used, *, group, rows, plain):
@@ -629,7 +618,8 @@ def _combine_into(o_ref, m_ref, l_ref, out_ref, used, *, group, rows, plain):
   power of two); splits from ``used`` on held no pages and wrote nothing: they are not read
   (masked loads). Every split's m and l come in one load, the partial outputs in chunks of
   64 / rows splits: one load per split, each used before the next was issued, made the
-  combine 3.5 us a layer at batch 1 on the H200 (16 splits) against 3.1 us chunked."""
+  combine (then a kernel of its own) 3.5 us a layer at batch 1 on the H200 (16 splits) against
+  3.1 us chunked."""
   splits = o_ref.shape[0]
   chunk = min(splits, max(1, 64 // rows))
   head_ok = jnp.arange(rows, dtype=jnp.int32)[None, :] < group
@@ -655,35 +645,6 @@ def _combine_into(o_ref, m_ref, l_ref, out_ref, used, *, group, rows, plain):
     acc = acc + jnp.sum(wc[:, :, None] * oc, axis=0)
   out = acc / jnp.where(l_tot > 0, l_tot, 1.0)[:, None]
   _masked_store(out_ref.at[pl.ds(0, rows)], out.astype(out_ref.dtype), head_ok[0][:, None], plain)
-
-
-def _combine_kernel(len_ref, o_ref, m_ref, l_ref, out_ref, *, group, rows, plain, split_args):
-  *_, used = _split_pages(len_ref[pl.program_id(0)], **split_args)
-  _combine_into(o_ref, m_ref, l_ref, out_ref, used, group=group, rows=rows, plain=plain)
-
-
-def _combine_splits(lengths, o_part, m_part, l_part, *, group, dtype, mat, plain, interpret,
-                    split_args):
-  """[B, KVH, ns_p, gq, hd] partials (+ m, l [B, KVH, ns_p, gq]) -> [B, KVH, gq, hd] in ``dtype``:
-  one kernel for what XLA ran as three (max, weighted sum, divide; ~4.4 us per layer at batch
-  1 on the H200, bench/results/profile_decode_h200.json). ``split_args``: the decode call's
-  split rule (_split_pages), to know which splits wrote a partial."""
-  batch, kvh, splits, gq, head_dim = o_part.shape   # splits: a power of two >= the split count
-  rows = _next_pow2(gq)
-  return pl.pallas_call(
-      functools.partial(_combine_kernel, group=group, rows=rows, plain=plain,
-                        split_args=split_args),
-      grid=(batch, kvh),
-      in_specs=[pl.BlockSpec((batch,), lambda b, h: (0,)),
-                pl.BlockSpec((None, None, splits, gq, head_dim), lambda b, h: (b, h, 0, 0, 0)),
-                pl.BlockSpec((None, None, splits, gq), lambda b, h: (b, h, 0, 0)),
-                pl.BlockSpec((None, None, splits, gq), lambda b, h: (b, h, 0, 0))],
-      out_specs=pl.BlockSpec((None, None, gq, head_dim), lambda b, h: (b, h, 0, 0)),
-      out_shape=out_struct((batch, kvh, gq, head_dim), dtype, mat),
-      interpret=interpret,
-      compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
-      name=f"paged_decode_combine_s{split_args['num_splits']}",
-  )(lengths, o_part, m_part, l_part)
 
 
 # ----------------------------------------------------------------------------------------------
