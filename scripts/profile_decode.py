@@ -71,18 +71,15 @@ VARIANTS = {   # how the decode jit is built, timed against the default at each 
     "attn_min_split_256": {"attn_min_split": 256},
     "attn_min_split_512": {"attn_min_split": 512},
     # kernels.layer_qkv (q/k/v + RoPE): off (XLA's GEMM and a RoPE fusion), its column tile per
-    # half of the head dim (default 32: 96 programs for the 8B), K tile (default 128), stages (3)
+    # half of the head dim (default 32: 96 programs for the 8B at one split), split-K, K tile
+    # (default 256), stages (default 4)
     "qkv_xla": {"qkv_kernel": False},
-    "qkv_h16": {"qkv_block_h": 16},
-    "qkv_h64": {"qkv_block_h": 64},
-    "qkv_k64": {"qkv_block_k": 64},
-    "qkv_k256": {"qkv_block_k": 256},
-    "qkv_stages_4": {"qkv_stages": 4},
-    "qkv_stages_5": {"qkv_stages": 5},
-    "qkv_stages_6": {"qkv_stages": 6},
-    "qkv_k256_stages_4": {"qkv_block_k": 256, "qkv_stages": 4},
-    "qkv_h16_k256_stages_4": {"qkv_block_h": 16, "qkv_block_k": 256, "qkv_stages": 4},
-    "qkv_stages_4_warps_8": {"qkv_stages": 4, "qkv_warps": 8},
+    "qkv_s2": {"qkv_split_k": 2},
+    "qkv_s4": {"qkv_split_k": 4},
+    "qkv_h64_s4": {"qkv_block_h": 64, "qkv_split_k": 4},
+    "qkv_h64_s8": {"qkv_block_h": 64, "qkv_split_k": 8},
+    "qkv_h64_s8_k128": {"qkv_block_h": 64, "qkv_split_k": 8, "qkv_block_k": 128},
+    "qkv_h64_s4_k128_stages_3": {"qkv_block_h": 64, "qkv_split_k": 4, "qkv_block_k": 128, "qkv_stages": 3},
 }
 KERNEL_KNOBS = {   # variant key -> (kernel module, the global read while tracing)
     "target_programs": ("paged_attention", "_WAVE_PROGRAMS"),
@@ -104,6 +101,7 @@ KERNEL_KNOBS = {   # variant key -> (kernel module, the global read while tracin
     "qkv_block_k": ("layer_qkv", "_BLOCK_K"),
     "qkv_stages": ("layer_qkv", "_STAGES"),
     "qkv_warps": ("layer_qkv", "_WARPS"),
+    "qkv_split_k": ("layer_qkv", "_SPLIT_K"),
 }
 
 

@@ -65,12 +65,14 @@ def test_rows_and_dtypes(m, dtype):
         other = _reference(x, w, b, cos, sin, 1)
         assert not np.allclose(np.asarray(ref[0], np.float32), np.asarray(other[0], np.float32), **TOL[dtype])
         _check(layer_qkv(x, *w, layer, cos, sin, block_h=16, block_k=32), ref, dtype)
+        # K in 4 pieces, added up by the last program of each column tile
+        _check(layer_qkv(x, *w, layer, cos, sin, block_h=16, block_k=32, split_k=4), ref, dtype)
 
 
-@pytest.mark.parametrize("heads,kvh,hd", [(4, 4, 32), (8, 2, 128), (16, 2, 64)])
-def test_gqa_head_dims_and_default_blocks(heads, kvh, hd):
-    x, w, b, cos, sin = _data(8, 256, heads, kvh, hd, 2, jnp.float32, seed=hd + heads)
-    f = jax.jit(lambda x, l: layer_qkv(x, *w, l, cos, sin))
+@pytest.mark.parametrize("heads,kvh,hd,split_k", [(4, 4, 32, 1), (8, 2, 128, 2), (16, 2, 64, None)])
+def test_gqa_head_dims_and_default_blocks(heads, kvh, hd, split_k):
+    x, w, b, cos, sin = _data(8, 512, heads, kvh, hd, 2, jnp.float32, seed=hd + heads)
+    f = jax.jit(lambda x, l: layer_qkv(x, *w, l, cos, sin, split_k=split_k))
     _check(f(x, jnp.int32(1)), _reference(x, w, b, cos, sin, 1), jnp.float32)
 
 
@@ -86,7 +88,7 @@ def test_one_replicated_kv_head():
     """tp > num_kv_heads: a rank computes only kv head kv_head0 (traced), of all of them."""
     x, w, b, cos, sin = _data(4, 64, 2, 4, 32, 2, jnp.float32, seed=5, bias=True)
     f = jax.jit(lambda kv0: layer_qkv(x, *w, 0, cos, sin, biases=b, kv_head0=kv0, kv_heads=1,
-                                      block_h=16, block_k=16))
+                                      block_h=16, block_k=16, split_k=2))
     for kv0 in (0, 3):
         _check(f(jnp.int32(kv0)), _reference(x, w, b, cos, sin, 0, kv0, 1), jnp.float32)
 
@@ -121,3 +123,5 @@ def test_bad_inputs_name_the_fix():
         layer_qkv(x, *w, 0, cos[:2], sin)
     with pytest.raises(ValueError, match="must be >= 16 and divide"):
         layer_qkv(x, *w, 0, cos, sin, block_h=8)
+    with pytest.raises(ValueError, match="split_k=3 must be a power of two dividing"):
+        layer_qkv(x, *w, 0, cos, sin, block_k=16, split_k=3)

@@ -44,6 +44,9 @@ _BLOCK_H = 32
 _BLOCK_K = 256
 _WARPS = 4
 _STAGES = 4
+# K split in this many pieces (at most; a power of two dividing D / block_k), added up by the last
+# program of each column tile to finish
+_SPLIT_K = 1
 # scripts/profile_decode.py's variant "qkv_xla" turns the kernel off (the einsums instead)
 _ENABLED = True
 
@@ -55,14 +58,18 @@ def fits(hidden: int, head_dim: int) -> bool:
 
 
 def _kernel(idx_ref, x_ref, cos_ref, sin_ref, *refs, rows, m, bh, bk, steps, heads, kv_heads,
-            has_bias):
-  if has_bias:
-    wq_ref, wk_ref, wv_ref, bq_ref, bk_ref, bv_ref, q_ref, k_ref, v_ref = refs
+            split_k, has_bias, interpret):
+  n_w = 6 if has_bias else 3
+  w_refs, refs = refs[:n_w], refs[n_w:]
+  wq_ref, wk_ref, wv_ref = w_refs[:3]
+  bq_ref, bk_ref, bv_ref = w_refs[3:] if has_bias else (None,) * 3
+  if split_k > 1:   # the arrival counters (input, aliased), the pieces' scratch, the counters
+    _, q_ref, k_ref, v_ref, part_ref, cnt_ref = refs
   else:
-    wq_ref, wk_ref, wv_ref, q_ref, k_ref, v_ref = refs
-    bq_ref = bk_ref = bv_ref = None
+    q_ref, k_ref, v_ref = refs
   j = pl.program_id(0)
   c = pl.program_id(1)
+  s = pl.program_id(2)
   layer = idx_ref[0]
   kv0 = idx_ref[1]
   half = q_ref.shape[-1] // 2
@@ -74,7 +81,7 @@ def _kernel(idx_ref, x_ref, cos_ref, sin_ref, *refs, rows, m, bh, bk, steps, hea
   def project(w_ref, b_ref, head, out_ref, out_head, rope):
     def body(i, accs):
       a_lo, a_hi = accs
-      k0 = i * bk
+      k0 = (s * steps + i) * bk
       # rows >= m are read as 0 (never touched in memory) and masked out of the stores
       xb = pltriton.load(x_ref.at[pl.ds(0, rows), pl.ds(k0, bk)], mask=row_ok, other=0)
       prec = lax.Precision.HIGHEST if xb.dtype == jnp.float32 else None
@@ -85,18 +92,43 @@ def _kernel(idx_ref, x_ref, cos_ref, sin_ref, *refs, rows, m, bh, bk, steps, hea
 
     zeros = jnp.zeros((rows, bh), jnp.float32)
     a_lo, a_hi = lax.fori_loop(0, steps, body, (zeros, zeros))
-    dt = out_ref.dtype
-    f32 = lambda a: a.astype(dt).astype(jnp.float32)   # a value as the model stores it
-    y_lo, y_hi = f32(a_lo), f32(a_hi)
-    if b_ref is not None:
-      y_lo = f32(y_lo + b_ref[layer, head, pl.ds(lo, bh)].astype(jnp.float32)[None, :])
-      y_hi = f32(y_hi + b_ref[layer, head, pl.ds(hi, bh)].astype(jnp.float32)[None, :])
-    if rope:   # rotate-half: out = y * cos + [-y_hi, y_lo] * sin, cos/sin in x's dtype
-      t = lambda ref, col: f32(load(ref, col))
-      y_lo, y_hi = (y_lo * t(cos_ref, lo) - y_hi * t(sin_ref, lo),
-                    y_hi * t(cos_ref, hi) + y_lo * t(sin_ref, hi))
-    for col, y in ((lo, y_lo), (hi, y_hi)):
-      pltriton.store(out_ref.at[pl.ds(0, rows), out_head, pl.ds(col, bh)], y.astype(dt), mask=row_ok)
+
+    def finish(a_lo, a_hi):
+      dt = out_ref.dtype
+      f32 = lambda a: a.astype(dt).astype(jnp.float32)   # a value as the model stores it
+      y_lo, y_hi = f32(a_lo), f32(a_hi)
+      if b_ref is not None:
+        y_lo = f32(y_lo + b_ref[layer, head, pl.ds(lo, bh)].astype(jnp.float32)[None, :])
+        y_hi = f32(y_hi + b_ref[layer, head, pl.ds(hi, bh)].astype(jnp.float32)[None, :])
+      if rope:   # rotate-half: out = y * cos + [-y_hi, y_lo] * sin, cos/sin in x's dtype
+        t = lambda ref, col: f32(load(ref, col))
+        y_lo, y_hi = (y_lo * t(cos_ref, lo) - y_hi * t(sin_ref, lo),
+                      y_hi * t(cos_ref, hi) + y_lo * t(sin_ref, hi))
+      for col, y in ((lo, y_lo), (hi, y_hi)):
+        pltriton.store(out_ref.at[pl.ds(0, rows), out_head, pl.ds(col, bh)], y.astype(dt), mask=row_ok)
+
+    if split_k == 1:
+      finish(a_lo, a_hi)
+      return
+    # split-K: each program stores its partial sums; the last of the split_k programs of these
+    # columns to arrive adds them up and finishes. Why it sees every partial: the barrier orders
+    # all of this CTA's stores before the increment, the increment is acq_rel at GPU scope (Pallas'
+    # Triton lowering), so it releases them, and the last program's increment, which reads the
+    # value every earlier one left, acquires them all (an acquire at GPU scope also invalidates
+    # the SM's L1). Interpret mode runs programs one after another and has no barrier.
+    for col, a in ((lo, a_lo), (hi, a_hi)):
+      pltriton.store(part_ref.at[s, pl.ds(0, rows), j, pl.ds(col, bh)], a, mask=row_ok)
+    if not interpret:
+      pltriton.debug_barrier()
+    arrived = pltriton.atomic_add(cnt_ref, (j, c), jnp.int32(1))
+
+    @pl.when(arrived == split_k - 1)
+    def _last():
+      every = (jnp.arange(split_k, dtype=jnp.int32) >= 0)[:, None, None] & row_ok[None]
+      total = lambda col: jnp.sum(pltriton.load(
+          part_ref.at[pl.ds(0, split_k), pl.ds(0, rows), j, pl.ds(col, bh)], mask=every, other=0),
+          axis=0)
+      finish(total(lo), total(hi))
 
   @pl.when(j < heads)
   def _q():
@@ -112,7 +144,8 @@ def _kernel(idx_ref, x_ref, cos_ref, sin_ref, *refs, rows, m, bh, bk, steps, hea
 
 
 def layer_qkv(x, wq, wk, wv, layer, cos, sin, *, biases=None, kv_head0=0, kv_heads=None,
-              block_h=None, block_k=None, num_warps=None, num_stages=None, interpret=None):
+              block_h=None, block_k=None, split_k=None, num_warps=None, num_stages=None,
+              interpret=None):
   """x [M, D]; stacked wq [L, D, H, hd], wk / wv [L, D, KVH, hd]; cos, sin [M, hd] (any float
   dtype; rounded to x's) -> q [M, H, hd], k, v [M, kv_heads, hd] in x's dtype, q and k rotated.
 
@@ -145,37 +178,52 @@ def layer_qkv(x, wq, wk, wv, layer, cos, sin, *, biases=None, kv_head0=0, kv_hea
   if hd % 2 or half % bh or d % bk or bh < 16 or bk < 16:
     raise ValueError(f"{fn}: block_h={bh} / block_k={bk} must be >= 16 and divide hd/2={half} / "
                      f"D={d}; shapes for which `fits` is False go through the einsums instead.")
+  sk = int(_SPLIT_K if split_k is None else split_k)
+  sk = pow2_at_most(d // bk, sk) if split_k is None else sk
+  if sk < 1 or (d // bk) % sk or sk & (sk - 1):
+    raise ValueError(f"{fn}: split_k={sk} must be a power of two dividing D / block_k = {d // bk}.")
   idx = jnp.stack([jnp.asarray(layer).reshape(()), jnp.asarray(kv_head0).reshape(())]).astype(jnp.int32)
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   return _impl(x, wq, wk, wv, idx, cos.astype(x.dtype), sin.astype(x.dtype),
-               None if biases is None else tuple(biases), kv_heads=kv_heads, bh=bh, bk=bk,
+               None if biases is None else tuple(biases), kv_heads=kv_heads, bh=bh, bk=bk, sk=sk,
                num_warps=int(num_warps or _WARPS), num_stages=int(num_stages or _STAGES),
                interpret=bool(interpret))
 
 
-@functools.partial(jax.jit, static_argnames=("kv_heads", "bh", "bk", "num_warps", "num_stages",
-                                             "interpret"))
-def _impl(x, wq, wk, wv, idx, cos, sin, biases, *, kv_heads, bh, bk, num_warps, num_stages,
+@functools.partial(jax.jit, static_argnames=("kv_heads", "bh", "bk", "sk", "num_warps",
+                                             "num_stages", "interpret"))
+def _impl(x, wq, wk, wv, idx, cos, sin, biases, *, kv_heads, bh, bk, sk, num_warps, num_stages,
           interpret):
   m, d = x.shape
   heads, hd = wq.shape[2:]
-  whole = lambda a: pl.BlockSpec(a.shape, lambda j, c: (0,) * a.ndim)
+  whole = lambda a: pl.BlockSpec(a.shape, lambda j, c, s: (0,) * len(a.shape))
   # every input whole: the program picks its head and columns (and the layer) inside, so no
   # weight slice is copied; the outputs whole: each program stores its own columns
   args = [idx, x, cos, sin, wq, wk, wv] + list(biases or ())
   mat = most_varying_mat(x, wq, wk, wv)
+  num_heads = heads + 2 * kv_heads
   out_shape = (out_struct((m, heads, hd), x.dtype, mat),
                out_struct((m, kv_heads, hd), x.dtype, mat),
                out_struct((m, kv_heads, hd), x.dtype, mat))
-  return pl.pallas_call(
-      functools.partial(_kernel, rows=padded_rows(m), m=m, bh=bh, bk=bk, steps=d // bk,
-                        heads=heads, kv_heads=kv_heads, has_bias=biases is not None),
-      grid=(heads + 2 * kv_heads, hd // 2 // bh),
+  aliases = {}
+  if sk > 1:   # the pieces' scratch and the arrival counters (zero on entry, aliased)
+    counters = jnp.zeros((num_heads, hd // 2 // bh), jnp.int32)
+    aliases = {len(args): len(out_shape) + 1}
+    args.append(counters)
+    out_shape += (out_struct((sk, m, num_heads, hd), jnp.float32, mat),
+                  out_struct(counters.shape, jnp.int32, mat))
+  out = pl.pallas_call(
+      functools.partial(_kernel, rows=padded_rows(m), m=m, bh=bh, bk=bk, steps=d // bk // sk,
+                        heads=heads, kv_heads=kv_heads, split_k=sk, has_bias=biases is not None,
+                        interpret=interpret),
+      grid=(num_heads, hd // 2 // bh, sk),
       in_specs=[whole(a) for a in args],
       out_specs=[whole(o) for o in out_shape],
       out_shape=out_shape,
+      input_output_aliases=aliases,
       interpret=interpret,
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      name=f"layer_qkv_h{bh}_k{bk}",
+      name=f"layer_qkv_h{bh}_k{bk}_s{sk}",
   )(*args)
+  return tuple(out[:3])

@@ -101,13 +101,14 @@ inv_freq = layers.rope_inv_freq(get_preset("llama-3.1-8b"))
 for M in (1, 8, 32):
     x = normal((M, 4096))
     cos, sin = layers.rope_cos_sin(jnp.asarray(rng.integers(0, 30000, (M, 1)), jnp.int32), inv_freq)
-    got = jax.jit(layer_qkv)(x, wq, wk, wv, jnp.int32(3), cos[:, 0], sin[:, 0])
     ein = lambda w: jnp.einsum("md,dhk->mhk", x, w[3])
     rope = lambda y: layers.apply_rope(y[:, None], cos, sin)[:, 0]
     want = (rope(ein(wq)), rope(ein(wk)), ein(wv))
-    rel = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
-                    / jnp.max(jnp.abs(b.astype(jnp.float32)))) for a, b in zip(got, want))
-    report(f"layer_qkv M{M}", rel < 2e-2, f"max|err| / max|ref| over q, k, v {rel:.2e}")
+    for kw in ({}, dict(split_k=4), dict(block_h=64, split_k=8)):
+        got = jax.jit(lambda *a: layer_qkv(*a, **kw))(x, wq, wk, wv, jnp.int32(3), cos[:, 0], sin[:, 0])
+        rel = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
+                        / jnp.max(jnp.abs(b.astype(jnp.float32)))) for a, b in zip(got, want))
+        report(f"layer_qkv M{M} {kw}", rel < 2e-2, f"max|err| / max|ref| over q, k, v {rel:.2e}")
 del wq, wk, wv
 
 # 3. add_rmsnorm
