@@ -70,16 +70,12 @@ VARIANTS = {   # how the decode jit is built, timed against the default at each 
     # the decode kernel's shortest split (default 128 tokens of capacity: 16 splits at 2048)
     "attn_min_split_256": {"attn_min_split": 256},
     "attn_min_split_512": {"attn_min_split": 512},
-    # kernels.layer_qkv (q/k/v + RoPE): off (XLA's GEMM and a RoPE fusion), its column tile per
-    # half of the head dim (default 32: 96 programs for the 8B at one split), split-K, K tile
-    # (default 256), stages (default 4)
+    # kernels.layer_qkv (q/k/v + RoPE): off (XLA's GEMM and a RoPE fusion); its split-K (default
+    # 4: 192 programs for the 8B), and the unsplit kernel of 32-column tiles that came first
     "qkv_xla": {"qkv_kernel": False},
     "qkv_s2": {"qkv_split_k": 2},
-    "qkv_s4": {"qkv_split_k": 4},
-    "qkv_h64_s4": {"qkv_block_h": 64, "qkv_split_k": 4},
-    "qkv_h64_s8": {"qkv_block_h": 64, "qkv_split_k": 8},
-    "qkv_h64_s8_k128": {"qkv_block_h": 64, "qkv_split_k": 8, "qkv_block_k": 128},
-    "qkv_h64_s4_k128_stages_3": {"qkv_block_h": 64, "qkv_split_k": 4, "qkv_block_k": 128, "qkv_stages": 3},
+    "qkv_s8": {"qkv_split_k": 8},
+    "qkv_s1_h32_k256_stages_4": {"qkv_split_k": 1, "qkv_block_h": 32, "qkv_block_k": 256, "qkv_stages": 4},
 }
 KERNEL_KNOBS = {   # variant key -> (kernel module, the global read while tracing)
     "target_programs": ("paged_attention", "_WAVE_PROGRAMS"),

@@ -40,13 +40,13 @@ __all__ = ["layer_qkv", "fits"]
 
 # Column tile per half of the head dim, K tile, Triton launch parameters (read at call time:
 # scripts/profile_decode.py's variants change them)
-_BLOCK_H = 32
-_BLOCK_K = 256
+_BLOCK_H = 64
+_BLOCK_K = 128
 _WARPS = 4
-_STAGES = 4
+_STAGES = 3
 # K split in this many pieces (at most; a power of two dividing D / block_k), added up by the last
 # program of each column tile to finish
-_SPLIT_K = 1
+_SPLIT_K = 4
 # scripts/profile_decode.py's variant "qkv_xla" turns the kernel off (the einsums instead)
 _ENABLED = True
 

@@ -104,7 +104,7 @@ for M in (1, 8, 32):
     ein = lambda w: jnp.einsum("md,dhk->mhk", x, w[3])
     rope = lambda y: layers.apply_rope(y[:, None], cos, sin)[:, 0]
     want = (rope(ein(wq)), rope(ein(wk)), ein(wv))
-    for kw in ({}, dict(split_k=4), dict(block_h=64, split_k=8)):
+    for kw in ({}, dict(split_k=8), dict(block_h=32, split_k=1)):
         got = jax.jit(lambda *a: layer_qkv(*a, **kw))(x, wq, wk, wv, jnp.int32(3), cos[:, 0], sin[:, 0])
         rel = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
                         / jnp.max(jnp.abs(b.astype(jnp.float32)))) for a, b in zip(got, want))
