@@ -1,22 +1,26 @@
 """The attention block's q/k/v projection in one kernel, RoPE in its epilogue: from the normed
 hidden x and the stacked q/k/v weights, read in place, to the rotated q and k and the v that the
-decode-attention kernel takes.
+decode-attention kernel takes as they are.
 
 Why it exists: in the unrolled decode step XLA ran the three projections as one split-K GEMM
-(14.6 us per layer for 50 MB, 3.4 TB/s, 8B at batch 1 on the H200) and a second kernel that
-summed its pieces, added RoPE and packed q/k/v for the attention kernel (2.2 us per layer;
-bench/results/decode_h200.md). Here each program owns whole sums, so it rotates them and writes
-the final q/k/v itself.
+(14.6 us per layer for 50 MB, 8B at batch 1 on the H200) and a second kernel that summed its
+pieces, added RoPE and packed q/k/v for the attention kernel (2.2 us per layer). Here they are one
+kernel of 16.6 us; the 8B step in one process: -0.2% / -0.9% / -0.7% at batch 1 / 8 / 32
+(bench/results/profile_decode_h200.json session_13).
 
-Shape of the kernel (decode: a few rows): grid (H + 2 KVH, (hd / 2) / block_h). Program (j, c)
-computes head j of the concatenation [q heads, k heads, v heads] at columns c * block_h ..
-+block_h of *both halves* of the head dim, as two accumulators over all of K in fp32 (rows padded
-to 16 by masked loads: Triton's dot wants M >= 16). Rotate-half RoPE pairs column i with column
-i + hd/2, so the two accumulators are exactly what the rotation of those columns needs and no
-register shuffle is needed. The products are rounded to x's dtype (+ bias) before the rotation,
-as the model's einsums store them (models/layers.qkv, the reference the tests compare with).
-No split-K: the rotation needs whole sums; the 8B at TP1 has 48 heads, 96 programs at the default
-block_h of 32.
+Shape of the kernel (decode: a few rows): grid (H + 2 KVH, (hd / 2) / block_h, split_k). Program
+(j, c, s) computes head j of the concatenation [q heads, k heads, v heads] at columns c * block_h
+.. +block_h of *both halves* of the head dim, as two fp32 accumulators over its share s of K (rows
+padded to 16 by masked loads: Triton's dot wants M >= 16). Rotate-half RoPE pairs column i with
+column i + hd/2, so the two accumulators are exactly what the rotation of those columns needs and
+no register shuffle is needed. With split_k > 1 each program stores its partial sums (fp32
+scratch) and the last of the split_k programs of a column tile to finish (an arrival counter)
+adds them up and finishes: rounds to x's dtype, adds the bias, rotates, stores -- the rounding
+as the model's einsums store their products (models/layers.qkv, the reference of the tests).
+Defaults: block_h 64 (a whole head of 128 per program: two 128-byte runs per weight row),
+K tiles of 128, 3 stages, split_k 4: 192 programs for the 8B. Measured and not kept: no split
+with 32-column tiles (96 programs, 2.2 TB/s: +3.6% on the step at batch 1; with K 256 and 4
+stages as fast as XLA), 16-column tiles (+9% against XLA), split 2 or 8 (+0.8-1.0% at batch 1).
 
 ``kv_head0`` (traced; the replicated-KV case tp > num_kv_heads) is the first of the ``kv_heads``
 k/v heads computed, so a rank projects only the one it reads.
@@ -38,14 +42,13 @@ from jax_tokenweave.kernels.vma import most_varying_mat, out_struct
 
 __all__ = ["layer_qkv", "fits"]
 
-# Column tile per half of the head dim, K tile, Triton launch parameters (read at call time:
-# scripts/profile_decode.py's variants change them)
+# Column tile per half of the head dim, K tile, Triton launch parameters, split-K (read at call
+# time: scripts/profile_decode.py's variants change them; the docstring says what was measured)
 _BLOCK_H = 64
 _BLOCK_K = 128
 _WARPS = 4
 _STAGES = 3
-# K split in this many pieces (at most; a power of two dividing D / block_k), added up by the last
-# program of each column tile to finish
+# K in this many pieces at most (a power of two dividing D / block_k)
 _SPLIT_K = 4
 # scripts/profile_decode.py's variant "qkv_xla" turns the kernel off (the einsums instead)
 _ENABLED = True

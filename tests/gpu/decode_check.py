@@ -4,7 +4,7 @@ shapes (32 q / 8 kv heads, hd 128, bf16), against their XLA references:
   1. kernels.paged_decode_attention with new_kv (the new token's K/V written in place) at batch
      1 / 8 / 32, pages of 16 and 64, ragged lengths incl. 1 and page boundaries: output max |err|
      and the pools (bit-exact against XLA's scatter);
-     (every batch here splits the sequences, so the split-combine kernel runs too);
+     (every batch here splits the sequences, so the in-kernel split combine runs too);
   2. kernels.layer_matmul on the 8B o_proj (32 stacked layers) at 8 and 32 rows, and
      kernels.layer_swiglu on the 8B gate/up at 1, 8 and 32 rows, kernels.layer_qkv on the 8B
      q/k/v (+ RoPE) at 1, 8 and 32 rows;
