@@ -123,5 +123,7 @@ def test_bad_inputs_name_the_fix():
         layer_qkv(x, *w, 0, cos[:2], sin)
     with pytest.raises(ValueError, match="must be >= 16 and divide"):
         layer_qkv(x, *w, 0, cos, sin, block_h=8)
+    with pytest.raises(ValueError, match=r"kv_heads=3 must be in \[1, KVH=2\]"):
+        layer_qkv(x, *w, 0, cos, sin, kv_heads=3)
     with pytest.raises(ValueError, match="split_k=3 must be a power of two dividing"):
         layer_qkv(x, *w, 0, cos, sin, block_k=16, split_k=3)

@@ -127,9 +127,9 @@ def _kernel(idx_ref, x_ref, cos_ref, sin_ref, *refs, rows, m, bh, bk, steps, hea
 
     @pl.when(arrived == split_k - 1)
     def _last():
-      every = (jnp.arange(split_k, dtype=jnp.int32) >= 0)[:, None, None] & row_ok[None]
+      rows_ok = jnp.broadcast_to(row_ok[None], (split_k, rows, 1))   # every piece, real rows
       total = lambda col: jnp.sum(pltriton.load(
-          part_ref.at[pl.ds(0, split_k), pl.ds(0, rows), j, pl.ds(col, bh)], mask=every, other=0),
+          part_ref.at[pl.ds(0, split_k), pl.ds(0, rows), j, pl.ds(col, bh)], mask=rows_ok, other=0),
           axis=0)
       finish(total(lo), total(hi))
 
@@ -167,6 +167,8 @@ def layer_qkv(x, wq, wk, wv, layer, cos, sin, *, biases=None, kv_head0=0, kv_hea
   m, d = x.shape
   num_layers, _, heads, hd = wq.shape
   kv_heads = wk.shape[2] if kv_heads is None else int(kv_heads)
+  if not 1 <= kv_heads <= wk.shape[2]:
+    raise ValueError(f"{fn}: kv_heads={kv_heads} must be in [1, KVH={wk.shape[2]}].")
   if cos.shape != (m, hd) or sin.shape != (m, hd):
     raise ValueError(f"{fn}: cos and sin must be [M, hd] = [{m}, {hd}], got {list(cos.shape)} and "
                      f"{list(sin.shape)}.")

@@ -36,8 +36,9 @@ a 512-token chunk on 1024 tokens of context plus 31 decode rows (83 TFLOP/s).
 
 Appending (``paged_decode_attention(..., new_kv=(k_new, v_new))``, what the engine's decode
 steps use): the token at position ``lengths[b] - 1`` is this step's. Its K/V come in as
-arguments (as kernels.layer_qkv writes them, next to q); split 0 of each (sequence, kv head) adds that key to its partial softmax from
-registers and stores K/V into the page slot, the pools being aliased outputs. The splits read
+arguments (as kernels.layer_qkv writes them, next to q); split 0 of each (sequence, kv head)
+adds that key to its partial softmax from registers and stores K/V into the page slot, the pools
+being aliased outputs. The splits read
 only positions ``< lengths[b] - 1`` from the pages, so nothing in the call reads the slot being
 written (no ordering between programs is needed). This replaces two XLA scatters per layer
 (~2.7 us each in a decode step on the H200, bench/results/profile_decode_h200.json).
