@@ -37,6 +37,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from jax_tokenweave.kernels.arrival import last_to_arrive
 from jax_tokenweave.kernels.skinny import padded_rows, pow2_at_most
 from jax_tokenweave.kernels.vma import most_varying_mat, out_struct
 
@@ -114,18 +115,11 @@ def _kernel(idx_ref, x_ref, cos_ref, sin_ref, *refs, rows, m, bh, bk, steps, hea
       finish(a_lo, a_hi)
       return
     # split-K: each program stores its partial sums; the last of the split_k programs of these
-    # columns to arrive adds them up and finishes. Why it sees every partial: the barrier orders
-    # all of this CTA's stores before the increment, the increment is acq_rel at GPU scope (Pallas'
-    # Triton lowering), so it releases them, and the last program's increment, which reads the
-    # value every earlier one left, acquires them all (an acquire at GPU scope also invalidates
-    # the SM's L1). Interpret mode runs programs one after another and has no barrier.
+    # columns to arrive adds them up and finishes (kernels/arrival.py says why it sees them all)
     for col, a in ((lo, a_lo), (hi, a_hi)):
       pltriton.store(part_ref.at[s, pl.ds(0, rows), j, pl.ds(col, bh)], a, mask=row_ok)
-    if not interpret:
-      pltriton.debug_barrier()
-    arrived = pltriton.atomic_add(cnt_ref, (j, c), jnp.int32(1))
 
-    @pl.when(arrived == split_k - 1)
+    @pl.when(last_to_arrive(cnt_ref, (j, c), split_k, interpret=interpret))
     def _last():
       rows_ok = jnp.broadcast_to(row_ok[None], (split_k, rows, 1))   # every piece, real rows
       total = lambda col: jnp.sum(pltriton.load(
@@ -183,8 +177,7 @@ def layer_qkv(x, wq, wk, wv, layer, cos, sin, *, biases=None, kv_head0=0, kv_hea
   if hd % 2 or half % bh or d % bk or bh < 16 or bk < 16:
     raise ValueError(f"{fn}: block_h={bh} / block_k={bk} must be >= 16 and divide hd/2={half} / "
                      f"D={d}; shapes for which `fits` is False go through the einsums instead.")
-  sk = int(_SPLIT_K if split_k is None else split_k)
-  sk = pow2_at_most(d // bk, sk) if split_k is None else sk
+  sk = pow2_at_most(d // bk, _SPLIT_K) if split_k is None else int(split_k)
   if sk < 1 or (d // bk) % sk or sk & (sk - 1):
     raise ValueError(f"{fn}: split_k={sk} must be a power of two dividing D / block_k = {d // bk}.")
   idx = jnp.stack([jnp.asarray(layer).reshape(()), jnp.asarray(kv_head0).reshape(())]).astype(jnp.int32)

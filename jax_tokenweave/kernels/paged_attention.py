@@ -77,7 +77,8 @@ causal limit; KV blocks that every row of the block sees in full skip the maskin
 kernel does not split along the KV axis: pure-decode batches with long contexts belong to
 ``paged_decode_attention``.
 
-Imports: jax, numpy, the standard library, kernels.vma and kernels.skinny (the SM count).
+Imports: jax, numpy, the standard library, kernels.vma, kernels.arrival and kernels.skinny (the SM
+count).
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from jax_tokenweave.kernels.arrival import last_to_arrive
 from jax_tokenweave.kernels.skinny import NUM_SMS
 from jax_tokenweave.kernels.vma import most_varying_mat, out_struct
 
@@ -432,18 +434,10 @@ def _decode_kernel(layer_ref, len_ref, bt_ref, q_ref, *refs, group, rows, ppb, m
       _masked_store(m_ref.at[s, pl.ds(0, rows)], m_i, row_ok, plain)
       _masked_store(l_ref.at[s, pl.ds(0, rows)], l_i, row_ok, plain)
       out_ref, cnt_ref = out_refs[3:5]
-      # The last of the `used` splits of (b, h) to finish combines them, so no second kernel
-      # runs. Why it sees every partial: the barrier orders all of this CTA's stores above
-      # before the increment; the increment is acq_rel at GPU scope (Pallas' Triton
-      # lowering), so it releases them, and the last program's increment, which reads the
-      # value every earlier one left, acquires them all (an acquire at GPU scope also
-      # invalidates the SM's L1, so its loads cannot hit stale lines). No interpret-mode
-      # barrier exists (programs run one after another there, so none is needed).
-      if not interpret:
-        pltriton.debug_barrier()
-      arrived = pltriton.atomic_add(cnt_ref, (b, h), jnp.int32(1))
 
-      @pl.when(arrived == used - 1)
+      # the last of the `used` splits of (b, h) to finish combines them (kernels/arrival.py says
+      # why it sees every partial), so no second kernel runs
+      @pl.when(last_to_arrive(cnt_ref, (b, h), used, interpret=interpret))
       def _combine():
         _combine_into(o_ref, m_ref, l_ref, out_ref, used, group=group, rows=rows, plain=plain)
 
