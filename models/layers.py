@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_tokenweave.compat import axis_size
-from jax_tokenweave.kernels.deferred import Product, value
+from jax_tokenweave.kernels.layer_matmul import layer_matmul
 from jax_tokenweave.kernels.layer_of import LayerOf, resolve
 from jax_tokenweave.kernels.layer_qkv import fits as layer_qkv_fits, layer_qkv
 from jax_tokenweave.kernels.layer_swiglu import fills_the_gpu, layer_swiglu
@@ -115,8 +115,8 @@ def qkv(w, x: jax.Array, rope, spec: LayerSpec):
     """x [B, S, D] -> q [B, S, Hl, hd], k, v [B, S, KVHl, hd] (RoPE applied to q and k).
 
     The weights as ``LayerOf`` the stacked arrays (the unrolled decode step): on GPU one kernel,
-    kernels.layer_qkv, projects all three and rotates q and k where its tiles fit (x may then be
-    a deferred.PreNorm, normed in the kernel); otherwise the einsums on the slices."""
+    kernels.layer_qkv, projects all three and rotates q and k where its tiles fit; otherwise the
+    einsums on the slices."""
     cos, sin = rope
     kv_slice = None
     tp = axis_size(spec.axis_name)
@@ -137,7 +137,6 @@ def qkv(w, x: jax.Array, rope, spec: LayerSpec):
                             kv_head0=0 if kv_slice is None else kv_slice,
                             kv_heads=None if kv_slice is None else 1)
         return tuple(a.reshape(B, S, *a.shape[1:]) for a in (q, k, v))
-    x = value(x)
 
     def project(name, sl):
         wt, b = resolve(w[f"attn.{name}.kernel"]), w.get(f"attn.{name}.bias")
@@ -182,11 +181,11 @@ def use_kernels() -> bool:
     return jax.default_backend() == "gpu"
 
 
-def out_projection(out: jax.Array, wo):
+def out_projection(out: jax.Array, wo) -> jax.Array:
     """o_proj: attention output [B, S, Hl, hd] -> partial [B*S, D]. ``wo`` is the layer's
     [Hl, hd, D], or ``LayerOf`` the stacked [L, Hl, hd, D] (the unrolled decode step); then on
-    GPU the partial is a deferred.Product, run by the reduction (collective/reducer.py): at one
-    rank with the residual add in its epilogue, else as kernels.layer_matmul's split-K pieces.
+    GPU the partial is the kernel's split-K pieces [S, B*S, D], which the reduction adds itself
+    (collective/reducer.py), so no kernel of its own sums them.
 
     Why LayerOf: XLA:GPU sends this dot in the unrolled decode step to cuBLAS-Lt, which needs its
     weight as a buffer of its own, so each layer's slice was copied every step (a memcpy of
@@ -198,7 +197,8 @@ def out_projection(out: jax.Array, wo):
     if isinstance(wo, LayerOf):
         if use_kernels():
             L, _, _, D = wo.stacked.shape
-            return Product(out.reshape(B * S, H * K), LayerOf(wo.stacked.reshape(L, H * K, D), wo.layer))
+            return layer_matmul(out.reshape(B * S, H * K), wo.stacked.reshape(L, H * K, D), wo.layer,
+                                sum_splits=False)
         wo = wo.slice()
     return jnp.einsum("bshk,hkd->bsd", out, wo).reshape(B * S, -1)
 
@@ -212,31 +212,26 @@ def attention_block(w, x: jax.Array, rope, spec: LayerSpec, attend: Callable):
 
 # ---------------------------------------------------------------------------------------- FFN
 
-def dense_ffn(w, x):
+def dense_ffn(w, x: jax.Array) -> jax.Array:
     """SwiGLU, x [T, D] normed -> down_proj partial [T, D] (column- then row-parallel).
-    The weights as ``LayerOf`` the stacked ones (the unrolled decode step), on GPU: one kernel,
-    kernels.layer_swiglu, computes gate, up and their product where the FFN width fills the GPU
-    (x may then be a deferred.PreNorm, normed in the kernel), and the partial is a
-    deferred.Product (see out_projection); otherwise the einsums on the slices."""
-    wg, wu, wd = w["mlp.gate_proj.kernel"], w["mlp.up_proj.kernel"], w["mlp.down_proj.kernel"]
-    kernels = isinstance(wg, LayerOf) and use_kernels()
-    if kernels and fills_the_gpu(wg.shape[-1]):
+    Gate and up as ``LayerOf`` the stacked weights (the unrolled decode step): on GPU one kernel,
+    kernels.layer_swiglu, computes both and their product where the FFN width fills the GPU;
+    otherwise the einsums on the slices."""
+    wg, wu = w["mlp.gate_proj.kernel"], w["mlp.up_proj.kernel"]
+    if isinstance(wg, LayerOf) and use_kernels() and fills_the_gpu(wg.shape[-1]):
         h = layer_swiglu(x, wg.stacked, wu.stacked, wg.layer)
     else:
-        x = value(x)
         gate = jnp.einsum("td,df->tf", x, resolve(wg))
         up = jnp.einsum("td,df->tf", x, resolve(wu))
         h = jax.nn.silu(gate) * up
-    if kernels and isinstance(wd, LayerOf):
-        return Product(h, wd)
-    return jnp.einsum("tf,fd->td", h, resolve(wd))
+    return jnp.einsum("tf,fd->td", h, w["mlp.down_proj.kernel"])
 
 
 def ffn_block(w, x: jax.Array, spec: LayerSpec) -> jax.Array:
     """The layer's FFN: dense SwiGLU, or Mixtral's mixture of experts (models/moe.py). Either
     returns a partial sum over the tp shards, reduced by the same fused call."""
     if spec.experts_per_token:
-        return moe_ffn(value(x), w["mlp.gate.kernel"], w["mlp.experts.w1"], w["mlp.experts.w3"],
+        return moe_ffn(x, w["mlp.gate.kernel"], w["mlp.experts.w1"], w["mlp.experts.w3"],
                        w["mlp.experts.w2"], k=spec.experts_per_token, impl=spec.moe_impl)
     return dense_ffn(w, x)
 
@@ -245,8 +240,8 @@ def ffn_block(w, x: jax.Array, spec: LayerSpec) -> jax.Array:
 
 def forward_layer(w, x: jax.Array, residual, next_norm, rope, *, spec: LayerSpec,
                   reduce: Callable, attend: Callable):
-    """One layer: x [B, S, D] normed input (replicated; or a deferred.PreNorm, see reducer.py),
-    residual (the reducer's layout) -> (next normed input [B, S, D], residual, attend's aux)."""
+    """One layer: x [B, S, D] normed input (replicated), residual (the reducer's layout) ->
+    (next normed input [B, S, D], residual, attend's aux)."""
     B, S, D = x.shape
     with jax.named_scope("attention"):
         h, aux = attention_block(w, x, rope, spec, attend)

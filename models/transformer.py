@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_tokenweave.kernels.deferred import value
 from jax_tokenweave.kernels.layer_of import LayerOf
 from jax_tokenweave.models import layers
 from jax_tokenweave.models.layers import LayerSpec
@@ -32,7 +31,7 @@ LAYER_PREFIX = "layers."
 # the layer weights the unrolled decode step hands to kernels whole (see forward's unroll)
 IN_PLACE = ("attn.q_proj.kernel", "attn.k_proj.kernel", "attn.v_proj.kernel", "attn.q_proj.bias",
             "attn.k_proj.bias", "attn.v_proj.bias", "attn.o_proj.kernel", "post_attn_norm.weight",
-            "mlp.gate_proj.kernel", "mlp.up_proj.kernel", "mlp.down_proj.kernel")
+            "mlp.gate_proj.kernel", "mlp.up_proj.kernel")
 
 
 def layer_weights(weights: dict) -> dict:
@@ -61,12 +60,9 @@ def forward(weights: dict, tokens: jax.Array, positions: jax.Array, *, spec: Lay
     H200: 6.5 of an 11.8 ms 8B decode step were those copies; unrolled, 6.2 ms). Unrolled, XLA's
     GEMMs read their slices in place, but a slice that feeds a custom call is still copied, so
     the weights that go to kernels (o_proj, gate/up, the norms of the reductions) are handed
-    to the layer as LayerOf the stacked array (kernels/layer_of.py), and the reductions defer
-    their norms to the kernels that read them (collective/reducer.py). Compute-bound steps
+    to the layer as LayerOf the stacked array (kernels/layer_of.py). Compute-bound steps
     (prefill, mixed batches) keep the loop, whose compile time does not grow with depth."""
     B, S = tokens.shape
-    if unroll:
-        reduce = reduce.deferring()
     stacked = layer_weights(weights)
     with jax.named_scope("embed"):
         partial = layers.embed(weights["embed_tokens.embedding"], tokens.reshape(B * S), spec.axis_name)
@@ -102,7 +98,7 @@ def forward(weights: dict, tokens: jax.Array, positions: jax.Array, *, spec: Lay
     with jax.named_scope("layers"):
         (x, _, cache), _ = jax.lax.scan(body, (x.reshape(B, S, D), residual, cache), xs,
                                         unroll=L if unroll else 1)
-    return value(x), cache
+    return x, cache
 
 
 def logits_at(weights: dict, x: jax.Array, axis_name: str) -> jax.Array:

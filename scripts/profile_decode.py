@@ -76,10 +76,6 @@ VARIANTS = {   # how the decode jit is built, timed against the default at each 
     "qkv_s2": {"qkv_split_k": 2},
     "qkv_s8": {"qkv_split_k": 8},
     "qkv_s1_h32_k256_stages_4": {"qkv_split_k": 1, "qkv_block_h": 32, "qkv_block_k": 256, "qkv_stages": 4},
-    # the one-rank reductions as kernels.add_rmsnorm launches instead of deferred into the
-    # matmuls around them (kernels/deferred.py); o_proj / down_proj's split-K then 2 (default 4)
-    "norms_add_rmsnorm": {"defer_norms": False},
-    "matmul_programs_132": {"matmul_programs": 132},
 }
 KERNEL_KNOBS = {   # variant key -> (kernel module, the global read while tracing)
     "target_programs": ("paged_attention", "_WAVE_PROGRAMS"),
@@ -102,7 +98,6 @@ KERNEL_KNOBS = {   # variant key -> (kernel module, the global read while tracin
     "qkv_stages": ("layer_qkv", "_STAGES"),
     "qkv_warps": ("layer_qkv", "_WARPS"),
     "qkv_split_k": ("layer_qkv", "_SPLIT_K"),
-    "defer_norms": ("deferred", "_ENABLED"),
 }
 
 

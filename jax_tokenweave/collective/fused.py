@@ -125,9 +125,8 @@ def one_rank_kernel() -> bool:
     return jax.default_backend() == "gpu"
 
 
-def one_rank_path(impl: str, n: int) -> bool:
-    """Whether a call of ``impl`` over n ranks is the one-rank kernel's (nothing to all-reduce;
-    see the module doc)."""
+def _one_rank(impl: str, n: int) -> bool:
+    """Whether this call is the one-rank kernel's (nothing to all-reduce; see the module doc)."""
     return n == 1 and impl in ("xla", "auto") and one_rank_kernel()
 
 
@@ -145,7 +144,7 @@ def fused_allreduce_rmsnorm(partial: jax.Array, residual: jax.Array, gamma: jax.
         raise ValueError(f"fused_allreduce_rmsnorm: impl={impl!r} is unknown; choose one of {IMPLS}")
     n = axis_size(axis_name)
     check_args(partial, residual, gamma, n)
-    if one_rank_path(impl, n):
+    if _one_rank(impl, n):
         return add_rmsnorm(partial, residual, gamma, eps=eps)
     partial, gamma = sum_pieces(partial, residual.dtype), resolve(gamma)
     impl = _resolve_impl(impl, partial, n)
@@ -173,7 +172,7 @@ def fused_allreduce_rmsnorm_start(partial, residual, gamma, *, axis_name: str = 
     device apart (one per token half); ``ctas`` overrides the communicator's CTA count."""
     n = axis_size(axis_name)
     check_args(partial, residual, gamma, n)
-    if one_rank_path(impl, n):
+    if _one_rank(impl, n):
         return Pending(*add_rmsnorm(partial, residual, gamma, eps=eps))
     partial, gamma = sum_pieces(partial, residual.dtype), resolve(gamma)
     impl = _resolve_impl(impl, partial, n)

@@ -1,14 +1,6 @@
 """The per-sublayer tensor-parallel reduction, as one callable the layer functions take
 (``models/layers.py``): ``(partial [T, D], residual, gamma) -> (normed [T, D], residual)``;
-partial may also be a [S, T, D] stack of split-K pieces, or a kernels.deferred.Product (the
-unrolled decode step's o_proj / down_proj on GPU, run here).
-
-Deferred norms (``deferring()``, the unrolled decode step's reducer): where the reduction is the
-one-rank kernel (fused.one_rank_kernel; nothing to all-reduce), it returns a
-kernels.deferred.PreNorm instead of the normed rows: a Product's matmul adds the residual in its
-epilogue (kernels.layer_matmul.layer_matmul_residual), and the consumer (layer_qkv, layer_swiglu,
-or PreNorm.value) applies the norm, so the reduction is no kernel of its own. gamma must then be
-a LayerOf (what the unrolled step passes).
+partial may also be a [S, T, D] stack of split-K pieces (layers.out_projection's on GPU).
 
     fused   fused_allreduce_rmsnorm: the residual stays sharded by token rows ([R, D],
             R = rows_per_rank(T, N), see fused.py). What the model runs.
@@ -25,14 +17,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jax_tokenweave.collective import fused
 from jax_tokenweave.collective.fused import (Pending, fused_allreduce_rmsnorm, fused_allreduce_rmsnorm_start,
                                              rmsnorm, rows_per_rank, sum_pieces)
 from jax_tokenweave.compat import axis_size
-from jax_tokenweave.kernels import deferred
-from jax_tokenweave.kernels.deferred import PreNorm, Product, prenorm_of
-from jax_tokenweave.kernels.layer_matmul import column_tiles, layer_matmul_residual
-from jax_tokenweave.kernels.layer_of import LayerOf, resolve
+from jax_tokenweave.kernels.layer_of import resolve
 
 CUSTOM_CALL_IMPLS = ("p2p", "auto", "multimem")
 
@@ -46,7 +34,6 @@ class Reducer:
     comm: Any = None     # its Communicator for the CUDA implementations
     ctas: int = 0        # started (overlapped) calls beside attention; 0: the communicator's
     ctas_mlp: int = 0    # ... beside the FFN; 0: ctas
-    defer_norm: bool = False   # see the module doc
 
     def __post_init__(self):
         if self.kind not in ("fused", "psum", "nocomm"):
@@ -58,26 +45,7 @@ class Reducer:
                 else num_tokens)
         return jnp.zeros((rows, dim), dtype)
 
-    def deferring(self) -> "Reducer":
-        """This reducer with deferred norms (the module doc)."""
-        return dataclasses.replace(self, defer_norm=True)
-
-    def _defers(self) -> bool:
-        return (self.defer_norm and deferred._ENABLED and self.kind == "fused"
-                and fused.one_rank_path(self.impl, axis_size(self.axis_name)))
-
     def __call__(self, partial, residual, gamma):
-        if self._defers():
-            if not isinstance(gamma, LayerOf):
-                raise TypeError("Reducer: a deferred norm needs gamma as LayerOf a stacked [L, D] "
-                                "(the unrolled decode step's); call the reducer without deferring()")
-            if isinstance(partial, Product):
-                out, sumsq = layer_matmul_residual(partial.x, partial.w.stacked, partial.w.layer, residual)
-                return PreNorm(out, sumsq, gamma, float(self.eps)), out
-            pre = prenorm_of(partial, residual, gamma, self.eps, column_tiles(residual.shape[-1]))
-            return pre, pre.residual
-        if isinstance(partial, Product):
-            partial = partial.pieces()
         if self.kind == "fused":
             return fused_allreduce_rmsnorm(partial, residual, gamma, axis_name=self.axis_name,
                                            eps=self.eps, impl=self.impl, comm=self.comm)

@@ -5,21 +5,20 @@ takes its weight as a buffer of its own, so each layer's slice of the stacked o_
 copied first (bench/results/profile_decode_h200.json: 32 memcpys, 0.51 ms of a 5.4 ms 8B step).
 A Pallas call receives the whole stacked array and the layer index (a one-element int32 array,
 as the paged attention kernels take theirs) and offsets its loads itself, so nothing is copied.
-Gate and up have their own kernel (layer_swiglu.py). The down projection goes through here too
-since the one-rank reduction moved into the epilogue (below); before, a SwiGLU prologue (silu(gate)
-* up formed on the loaded tiles) made it 101 us per layer against XLA's ~30 on the H200 (8B,
-batch 1-8) and was removed, and its plain split-K pieces were as fast as XLA's GEMM (4.268 against
-4.256 ms for the 8B step at batch 1, equal at 32; 2026-12-02).
+Gate and up have their own kernel (layer_swiglu.py). Not used for the down projection: a SwiGLU
+prologue (silu(gate) * up formed on the loaded tiles, to drop XLA's product kernel of 2.3-4.9 us)
+made it 101 us per layer against XLA's ~30 on the H200 (8B, batch 1-8), so it was removed; without
+the prologue, its split-K pieces handed to the reduction (dropping XLA's split-K sum kernel, 1.6
+us a layer), the 8B step was 4.268 against 4.256 ms at batch 1 and equal at batch 32 (same
+process, 2026-12-02), so the down projection stays XLA's.
 
 Shape of the kernel (decode GEMV: a few rows, a weight streamed once): grid (N / block_n,
 split_k). Program (n, s) accumulates ``x[:, ks] @ w[layer, ks, n-block]`` over its share ks of
-K in fp32 on the tensor cores (rows padded to 16 by masked loads: Triton's dot wants M >= 16).
+K in fp32 on the tensor cores (rows padded to 16 by masked loads: Triton's dot wants M >= 16);
+split_k > 1 writes fp32 pieces [split_k, M, N]: XLA sums them, or with ``sum_splits=False``
+the consumer does (the one-rank fused reduction, kernels/add_rmsnorm.py, adds them to the
+residual in the same pass).
 split_k is chosen so that about two programs per SM stream the weight.
-  layer_matmul           split_k > 1 writes fp32 pieces [split_k, M, N]: XLA sums them, or with
-                         ``sum_splits=False`` the consumer does (the reduction at TP > 1).
-  layer_matmul_residual  the one-rank reduction's first half as the epilogue (kernels/deferred.py):
-                         the last of a column tile's split_k programs to arrive sums the pieces,
-                         adds the residual, stores the new residual and the tile's sum of squares.
 
 Lowering: Pallas' Triton backend on GPU, interpret mode elsewhere (how CI tests it).
 """
@@ -33,11 +32,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jax_tokenweave.kernels.arrival import last_to_arrive
 from jax_tokenweave.kernels.skinny import NUM_SMS, check_stacked, padded_rows, pow2_at_most, tiles
 from jax_tokenweave.kernels.vma import most_varying_mat, out_struct
 
-__all__ = ["layer_matmul", "layer_matmul_residual", "layer_matmul_reference", "column_tiles"]
+__all__ = ["layer_matmul", "layer_matmul_reference"]
 
 # split_k is chosen so that about this many programs stream the weight (2 per SM)
 _TARGET_PROGRAMS = 2 * NUM_SMS
@@ -64,8 +62,7 @@ def _plan(k: int, n: int, block_n, block_k, split_k):
   return bn, bk, split_k
 
 
-def _accumulate(layer_ref, x_ref, w_ref, *, rows, m, bk, steps):
-  """This program's share of x @ w[layer] for its column tile: fp32 [rows, bn]."""
+def _kernel(layer_ref, x_ref, w_ref, o_ref, *, rows, m, bk, steps):
   layer = layer_ref[0]
   s = pl.program_id(1)
   row_ok = (jnp.arange(rows, dtype=jnp.int32) < m)[:, None]
@@ -80,47 +77,8 @@ def _accumulate(layer_ref, x_ref, w_ref, *, rows, m, bk, steps):
     return acc + lax.dot_general(xb, wb, (((1,), (0,)), ((), ())), precision=prec,
                                  preferred_element_type=jnp.float32)
 
-  return lax.fori_loop(0, steps, body, jnp.zeros((rows, bn), jnp.float32)), row_ok
-
-
-def _kernel(layer_ref, x_ref, w_ref, o_ref, *, rows, m, bk, steps):
-  acc, row_ok = _accumulate(layer_ref, x_ref, w_ref, rows=rows, m=m, bk=bk, steps=steps)
+  acc = lax.fori_loop(0, steps, body, jnp.zeros((rows, bn), jnp.float32))
   pltriton.store(o_ref.at[pl.ds(0, rows)], acc.astype(o_ref.dtype), mask=row_ok)
-
-
-def _residual_kernel(layer_ref, x_ref, w_ref, r_ref, *refs, rows, m, bk, steps, split_k, interpret):
-  if split_k > 1:   # the arrival counters (input, aliased), the outputs, the pieces' scratch
-    _, out_ref, ss_ref, part_ref, cnt_ref = refs
-  else:
-    out_ref, ss_ref = refs
-  acc, row_ok = _accumulate(layer_ref, x_ref, w_ref, rows=rows, m=m, bk=bk, steps=steps)
-  j = pl.program_id(0)
-  bn = w_ref.shape[-1]
-  cols = pl.ds(j * bn, bn)
-
-  def finish(total):
-    # add_rmsnorm's order and rounding: the pieces' fp32 sum, then the residual, stored rounded;
-    # the tile's sum of squares is of the stored value (what the norm reads)
-    h = pltriton.load(r_ref.at[pl.ds(0, rows), cols], mask=row_ok, other=0).astype(jnp.float32) + total
-    stored = h.astype(out_ref.dtype)
-    pltriton.store(out_ref.at[pl.ds(0, rows), cols], stored, mask=row_ok)
-    sf = stored.astype(jnp.float32)
-    pltriton.store(ss_ref.at[pl.ds(0, rows), pl.ds(j, 1)], jnp.sum(sf * sf, axis=1, keepdims=True),
-                   mask=row_ok)
-
-  if split_k == 1:
-    finish(acc)
-    return
-  # split-K: each program stores its piece; the last of the column tile's split_k programs to
-  # arrive sums them and finishes (kernels/arrival.py says why it sees them all)
-  s = pl.program_id(1)
-  pltriton.store(part_ref.at[s, pl.ds(0, rows), cols], acc, mask=row_ok)
-
-  @pl.when(last_to_arrive(cnt_ref, (j,), split_k, interpret=interpret))
-  def _last():
-    rows_ok = jnp.broadcast_to(row_ok[None], (split_k, rows, 1))
-    finish(jnp.sum(pltriton.load(part_ref.at[pl.ds(0, split_k), pl.ds(0, rows), cols],
-                                 mask=rows_ok, other=0), axis=0))
 
 
 def layer_matmul(x: jax.Array, w: jax.Array, layer, *, block_n=None, block_k=None, split_k=None,
@@ -166,69 +124,6 @@ def _impl(x, w, layer, *, bn, bk, sk, num_warps, num_stages, interpret):
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       name=f"layer_matmul_n{bn}_k{bk}_s{sk}",
   )(layer, x, w)
-
-
-def layer_matmul_residual(x: jax.Array, w: jax.Array, layer, residual: jax.Array, *, block_n=None,
-                          block_k=None, split_k=None, num_warps=None, num_stages=None,
-                          interpret=None) -> tuple[jax.Array, jax.Array]:
-  """The one-rank reduction in the matmul's epilogue (kernels/deferred.py says why):
-  x [M, K] @ w[layer] for stacked w [L, K, N], added to residual [M, N] ->
-  (residual_out [M, N] = round(f32(residual) + the fp32 product), residual's dtype;
-   sumsq [M, N / block_n] fp32: each column tile's sum of f32(residual_out)^2).
-
-  Same tiles as layer_matmul; with split_k > 1 the last of a column tile's programs to finish
-  sums the pieces (an arrival counter), so there is no kernel after this one."""
-  layer = check_stacked("layer_matmul_residual", x, {"w": w}, layer)
-  m, n = x.shape[0], w.shape[2]
-  if residual.shape != (m, n) or residual.dtype != x.dtype:
-    raise ValueError(f"layer_matmul_residual: residual must be [M, N] = [{m}, {n}] of x's dtype "
-                     f"{x.dtype}, got {residual.dtype}{list(residual.shape)}.")
-  bn, bk, sk = _plan(x.shape[1], n, block_n, block_k, split_k)
-  if interpret is None:
-    interpret = jax.default_backend() != "gpu"
-  return _residual_impl(x, w, layer, residual, bn=bn, bk=bk, sk=sk,
-                        num_warps=int(num_warps or _WARPS), num_stages=int(num_stages or _STAGES),
-                        interpret=bool(interpret))
-
-
-def column_tiles(n: int) -> int:
-  """How many column tiles (sumsq's columns) layer_matmul_residual gives an N of n by default."""
-  return n // pow2_at_most(n, _BLOCK_N)
-
-
-@functools.partial(jax.jit, static_argnames=("bn", "bk", "sk", "num_warps", "num_stages",
-                                             "interpret"))
-def _residual_impl(x, w, layer, residual, *, bn, bk, sk, num_warps, num_stages, interpret):
-  m, k = x.shape
-  num_layers, _, n = w.shape
-  whole = lambda a: pl.BlockSpec(a.shape, lambda j, s: (0,) * len(a.shape))
-  mat = most_varying_mat(x, w, residual)
-  args = [layer, x, w, residual]
-  # x and the residual whole, the program's columns of the weight (the layer applied inside: no
-  # w[layer] copy); the outputs whole: each finishing program stores its own columns
-  in_specs = [pl.BlockSpec((1,), lambda j, s: (0,)), whole(x),
-              pl.BlockSpec((num_layers, k, bn), lambda j, s: (0, 0, j)), whole(residual)]
-  out_shape = (out_struct((m, n), residual.dtype, mat), out_struct((m, n // bn), jnp.float32, mat))
-  aliases = {}
-  if sk > 1:   # the arrival counters (zero on entry, aliased) and the pieces' scratch
-    counters = jnp.zeros((n // bn,), jnp.int32)
-    aliases = {len(args): len(out_shape) + 1}
-    args.append(counters)
-    in_specs.append(whole(counters))
-    out_shape += (out_struct((sk, m, n), jnp.float32, mat), out_struct(counters.shape, jnp.int32, mat))
-  out = pl.pallas_call(
-      functools.partial(_residual_kernel, rows=padded_rows(m), m=m, bk=bk, steps=k // sk // bk,
-                        split_k=sk, interpret=interpret),
-      grid=(n // bn, sk),
-      in_specs=in_specs,
-      out_specs=[whole(o) for o in out_shape],
-      out_shape=out_shape,
-      input_output_aliases=aliases,
-      interpret=interpret,
-      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      name=f"layer_matmul_residual_n{bn}_k{bk}_s{sk}",
-  )(*args)
-  return out[0], out[1]
 
 
 def layer_matmul_reference(x: jax.Array, w: jax.Array, layer) -> jax.Array:

@@ -38,7 +38,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jax_tokenweave.kernels.arrival import last_to_arrive
-from jax_tokenweave.kernels.deferred import PreNorm, inv_rms, kernel_operands, normed_tile
 from jax_tokenweave.kernels.skinny import padded_rows, pow2_at_most
 from jax_tokenweave.kernels.vma import most_varying_mat, out_struct
 
@@ -63,9 +62,7 @@ def fits(hidden: int, head_dim: int) -> bool:
 
 
 def _kernel(idx_ref, x_ref, cos_ref, sin_ref, *refs, rows, m, bh, bk, steps, heads, kv_heads,
-            split_k, has_bias, prenorm, eps, interpret):
-  if prenorm:   # x is the residual; its tiles' sums of squares and the stacked norm weight
-    ss_ref, gam_ref, *refs = refs
+            split_k, has_bias, interpret):
   n_w = 6 if has_bias else 3
   w_refs, refs = refs[:n_w], refs[n_w:]
   wq_ref, wk_ref, wv_ref = w_refs[:3]
@@ -84,8 +81,6 @@ def _kernel(idx_ref, x_ref, cos_ref, sin_ref, *refs, rows, m, bh, bk, steps, hea
   hi = half + c * bh     # ... and their RoPE partners in the second
   row_ok = (jnp.arange(rows, dtype=jnp.int32) < m)[:, None]
   load = lambda ref, col: pltriton.load(ref.at[pl.ds(0, rows), pl.ds(col, bh)], mask=row_ok, other=0)
-  if prenorm:
-    inv = inv_rms(ss_ref, rows=rows, m=m, dim=x_ref.shape[-1], eps=eps)
 
   def project(w_ref, b_ref, head, out_ref, out_head, rope):
     def body(i, accs):
@@ -93,8 +88,6 @@ def _kernel(idx_ref, x_ref, cos_ref, sin_ref, *refs, rows, m, bh, bk, steps, hea
       k0 = (s * steps + i) * bk
       # rows >= m are read as 0 (never touched in memory) and masked out of the stores
       xb = pltriton.load(x_ref.at[pl.ds(0, rows), pl.ds(k0, bk)], mask=row_ok, other=0)
-      if prenorm:
-        xb = normed_tile(xb, inv, gam_ref[idx_ref[2], pl.ds(k0, bk)])
       prec = lax.Precision.HIGHEST if xb.dtype == jnp.float32 else None
       dot = lambda col: lax.dot_general(
           xb, w_ref[layer, pl.ds(k0, bk), head, pl.ds(col, bh)], (((1,), (0,)), ((), ())),
@@ -150,7 +143,7 @@ def _kernel(idx_ref, x_ref, cos_ref, sin_ref, *refs, rows, m, bh, bk, steps, hea
 def layer_qkv(x, wq, wk, wv, layer, cos, sin, *, biases=None, kv_head0=0, kv_heads=None,
               block_h=None, block_k=None, split_k=None, num_warps=None, num_stages=None,
               interpret=None):
-  """x [M, D] (or a deferred.PreNorm of [M, D], normalised tile by tile as loaded); stacked wq [L, D, H, hd], wk / wv [L, D, KVH, hd]; cos, sin [M, hd] (any float
+  """x [M, D]; stacked wq [L, D, H, hd], wk / wv [L, D, KVH, hd]; cos, sin [M, hd] (any float
   dtype; rounded to x's) -> q [M, H, hd], k, v [M, kv_heads, hd] in x's dtype, q and k rotated.
 
   biases: None or stacked (bq [L, H, hd], bk, bv [L, KVH, hd]), added before the rotation.
@@ -158,8 +151,6 @@ def layer_qkv(x, wq, wk, wv, layer, cos, sin, *, biases=None, kv_head0=0, kv_hea
   layer: integer scalar, may be traced. Reads only layer ``layer`` of the weights, in place.
   """
   fn = "layer_qkv"
-  pre = x if isinstance(x, PreNorm) else None
-  x = x.residual if pre is not None else x
   if x.ndim != 2 or wq.ndim != 4 or wk.shape != wv.shape or wk.ndim != 4 \
       or wq.shape[:2] != wk.shape[:2] or wq.shape[3] != wk.shape[3] or x.shape[1] != wq.shape[1]:
     raise ValueError(f"{fn}: x must be [M, D], wq [L, D, H, hd] and wk, wv [L, D, KVH, hd]; got "
@@ -189,31 +180,26 @@ def layer_qkv(x, wq, wk, wv, layer, cos, sin, *, biases=None, kv_head0=0, kv_hea
   sk = pow2_at_most(d // bk, _SPLIT_K) if split_k is None else int(split_k)
   if sk < 1 or (d // bk) % sk or sk & (sk - 1):
     raise ValueError(f"{fn}: split_k={sk} must be a power of two dividing D / block_k = {d // bk}.")
-  idx = [jnp.asarray(layer).reshape(()), jnp.asarray(kv_head0).reshape(())]
-  norm, eps = (), 0.0
-  if pre is not None:
-    _, ss, gam, glayer = kernel_operands(pre)
-    idx, norm, eps = idx + [glayer.reshape(())], (ss, gam), pre.eps
-  idx = jnp.stack(idx).astype(jnp.int32)
+  idx = jnp.stack([jnp.asarray(layer).reshape(()), jnp.asarray(kv_head0).reshape(())]).astype(jnp.int32)
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
-  return _impl(x, norm, wq, wk, wv, idx, cos.astype(x.dtype), sin.astype(x.dtype),
-               None if biases is None else tuple(biases), eps=eps, kv_heads=kv_heads, bh=bh, bk=bk, sk=sk,
+  return _impl(x, wq, wk, wv, idx, cos.astype(x.dtype), sin.astype(x.dtype),
+               None if biases is None else tuple(biases), kv_heads=kv_heads, bh=bh, bk=bk, sk=sk,
                num_warps=int(num_warps or _WARPS), num_stages=int(num_stages or _STAGES),
                interpret=bool(interpret))
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "kv_heads", "bh", "bk", "sk", "num_warps",
+@functools.partial(jax.jit, static_argnames=("kv_heads", "bh", "bk", "sk", "num_warps",
                                              "num_stages", "interpret"))
-def _impl(x, norm, wq, wk, wv, idx, cos, sin, biases, *, eps, kv_heads, bh, bk, sk, num_warps,
-          num_stages, interpret):
+def _impl(x, wq, wk, wv, idx, cos, sin, biases, *, kv_heads, bh, bk, sk, num_warps, num_stages,
+          interpret):
   m, d = x.shape
   heads, hd = wq.shape[2:]
   whole = lambda a: pl.BlockSpec(a.shape, lambda j, c, s: (0,) * len(a.shape))
   # every input whole: the program picks its head and columns (and the layer) inside, so no
   # weight slice is copied; the outputs whole: each program stores its own columns
-  args = [idx, x, cos, sin, *norm, wq, wk, wv] + list(biases or ())
-  mat = most_varying_mat(x, wq, wk, wv, *norm)
+  args = [idx, x, cos, sin, wq, wk, wv] + list(biases or ())
+  mat = most_varying_mat(x, wq, wk, wv)
   num_heads = heads + 2 * kv_heads
   out_shape = (out_struct((m, heads, hd), x.dtype, mat),
                out_struct((m, kv_heads, hd), x.dtype, mat),
@@ -228,7 +214,7 @@ def _impl(x, norm, wq, wk, wv, idx, cos, sin, biases, *, eps, kv_heads, bh, bk, 
   out = pl.pallas_call(
       functools.partial(_kernel, rows=padded_rows(m), m=m, bh=bh, bk=bk, steps=d // bk // sk,
                         heads=heads, kv_heads=kv_heads, split_k=sk, has_bias=biases is not None,
-                        prenorm=bool(norm), eps=eps, interpret=interpret),
+                        interpret=interpret),
       grid=(num_heads, hd // 2 // bh, sk),
       in_specs=[whole(a) for a in args],
       out_specs=[whole(o) for o in out_shape],
@@ -236,6 +222,6 @@ def _impl(x, norm, wq, wk, wv, idx, cos, sin, biases, *, eps, kv_heads, bh, bk, 
       input_output_aliases=aliases,
       interpret=interpret,
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      name=f"layer_qkv_h{bh}_k{bk}_s{sk}" + ("_prenorm" if norm else ""),
+      name=f"layer_qkv_h{bh}_k{bk}_s{sk}",
   )(*args)
   return tuple(out[:3])

@@ -27,7 +27,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jax_tokenweave.kernels.deferred import PreNorm, inv_rms, kernel_operands, normed_tile
 from jax_tokenweave.kernels.skinny import NUM_SMS, check_stacked, padded_rows, tiles
 from jax_tokenweave.kernels.vma import most_varying_mat, out_struct
 
@@ -50,24 +49,16 @@ def fills_the_gpu(ffn_width: int) -> bool:
   return ffn_width % _BLOCK_N == 0 and ffn_width // _BLOCK_N >= NUM_SMS
 
 
-def _kernel(idx_ref, x_ref, *refs, rows, m, bk, steps, prenorm, eps):
-  if prenorm:   # x is the residual; its tiles' sums of squares and the stacked norm weight
-    ss_ref, gam_ref, g_ref, u_ref, o_ref = refs
-  else:
-    g_ref, u_ref, o_ref = refs
-  layer = idx_ref[0]
+def _kernel(layer_ref, x_ref, g_ref, u_ref, o_ref, *, rows, m, bk, steps):
+  layer = layer_ref[0]
   row_ok = (jnp.arange(rows, dtype=jnp.int32) < m)[:, None]
   bn = g_ref.shape[-1]
-  if prenorm:
-    inv = inv_rms(ss_ref, rows=rows, m=m, dim=x_ref.shape[-1], eps=eps)
 
   def body(i, accs):
     acc_g, acc_u = accs
     k0 = i * bk
     # rows >= m are read as 0 (never touched in memory) and masked out of the store
     xb = pltriton.load(x_ref.at[pl.ds(0, rows), pl.ds(k0, bk)], mask=row_ok, other=0)
-    if prenorm:
-      xb = normed_tile(xb, inv, gam_ref[idx_ref[1], pl.ds(k0, bk)])
     prec = lax.Precision.HIGHEST if xb.dtype == jnp.float32 else None
     dot = lambda w: lax.dot_general(xb, w, (((1,), (0,)), ((), ())), precision=prec,
                                     preferred_element_type=jnp.float32)
@@ -82,47 +73,38 @@ def _kernel(idx_ref, x_ref, *refs, rows, m, bk, steps, prenorm, eps):
   pltriton.store(o_ref.at[pl.ds(0, rows)], out.astype(o_ref.dtype), mask=row_ok)
 
 
-def layer_swiglu(x, w_gate: jax.Array, w_up: jax.Array, layer, *, block_n=None,
+def layer_swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, layer, *, block_n=None,
                  block_k=None, num_warps=None, num_stages=None, interpret=None) -> jax.Array:
-  """x [M, K] (or a deferred.PreNorm of [M, K], normalised tile by tile as loaded), stacked
-  w_gate / w_up [L, K, F] -> silu(x @ w_gate[layer]) * (x @ w_up[layer]) [M, F] in x's dtype.
-  layer: integer scalar, may be traced."""
-  pre = x if isinstance(x, PreNorm) else None
-  x = x.residual if pre is not None else x
+  """x [M, K], stacked w_gate / w_up [L, K, F] -> silu(x @ w_gate[layer]) * (x @ w_up[layer])
+  [M, F] in x's dtype. layer: integer scalar, may be traced."""
   layer = check_stacked("layer_swiglu", x, {"w_gate": w_gate, "w_up": w_up}, layer)
   k, f = w_gate.shape[1:]
   bn, bk = tiles("layer_swiglu", f, k, block_n, block_k, cap_n=_BLOCK_N, cap_k=_BLOCK_K,
                  n_name="F", hint="FFN widths that are not multiples of 16 go through jnp.einsum instead.")
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
-  if pre is None:
-    idx, norm, eps = layer, (), 0.0
-  else:
-    _, ss, gam, glayer = kernel_operands(pre)
-    idx, norm, eps = jnp.concatenate([layer, glayer]), (ss, gam), pre.eps
-  return _impl(x, norm, w_gate, w_up, idx, bn=bn, bk=bk, eps=eps, num_warps=int(num_warps or _WARPS),
+  return _impl(x, w_gate, w_up, layer, bn=bn, bk=bk, num_warps=int(num_warps or _WARPS),
                num_stages=int(num_stages or _STAGES), interpret=bool(interpret))
 
 
-@functools.partial(jax.jit, static_argnames=("bn", "bk", "eps", "num_warps", "num_stages", "interpret"))
-def _impl(x, norm, w_gate, w_up, idx, *, bn, bk, eps, num_warps, num_stages, interpret):
+@functools.partial(jax.jit, static_argnames=("bn", "bk", "num_warps", "num_stages", "interpret"))
+def _impl(x, w_gate, w_up, layer, *, bn, bk, num_warps, num_stages, interpret):
   m, k = x.shape
   num_layers, _, f = w_gate.shape
   rows = padded_rows(m)
-  whole = lambda a: pl.BlockSpec(a.shape, lambda j: (0,) * a.ndim)
   # all layers, the program's columns: the layer is applied inside (no w[layer] copy)
   weight = pl.BlockSpec((num_layers, k, bn), lambda j: (0, 0, j))
-  args = [idx, x, *norm, w_gate, w_up]
   return pl.pallas_call(
-      functools.partial(_kernel, rows=rows, m=m, bk=bk, steps=k // bk, prenorm=bool(norm), eps=eps),
+      functools.partial(_kernel, rows=rows, m=m, bk=bk, steps=k // bk),
       grid=(f // bn,),
-      in_specs=[whole(idx), whole(x), *[whole(a) for a in norm], weight, weight],
+      in_specs=[pl.BlockSpec((1,), lambda j: (0,)), pl.BlockSpec((m, k), lambda j: (0, 0)),
+                weight, weight],
       out_specs=pl.BlockSpec((m, bn), lambda j: (0, j)),
-      out_shape=out_struct((m, f), x.dtype, most_varying_mat(x, w_gate, w_up, *norm)),
+      out_shape=out_struct((m, f), x.dtype, most_varying_mat(x, w_gate, w_up)),
       interpret=interpret,
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      name=f"layer_swiglu_n{bn}_k{bk}" + ("_prenorm" if norm else ""),
-  )(*args)
+      name=f"layer_swiglu_n{bn}_k{bk}",
+  )(layer, x, w_gate, w_up)
 
 
 def layer_swiglu_reference(x, w_gate, w_up, layer):

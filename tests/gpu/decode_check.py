@@ -5,18 +5,16 @@ shapes (32 q / 8 kv heads, hd 128, bf16), against their XLA references:
      1 / 8 / 32, pages of 16 and 64, ragged lengths incl. 1 and page boundaries: output max |err|
      and the pools (bit-exact against XLA's scatter);
      (every batch here splits the sequences, so the in-kernel split combine runs too);
-  2. kernels.layer_matmul on the 8B o_proj (32 stacked layers) at 8 and 32 rows, its residual
-     epilogue (layer_matmul_residual) on the o_proj and down_proj at 1, 8 and 32 rows,
+  2. kernels.layer_matmul on the 8B o_proj (32 stacked layers) at 8 and 32 rows, and
      kernels.layer_swiglu on the 8B gate/up at 1, 8 and 32 rows, kernels.layer_qkv on the 8B
-     q/k/v (+ RoPE) at 1, 8 and 32 rows, the two also normalising a deferred.PreNorm;
+     q/k/v (+ RoPE) at 1, 8 and 32 rows;
   3. kernels.add_rmsnorm (the one-rank fused reduction) at 1 / 8 / 32 / 4096 rows of 4096, one
      bf16 partial or 8 fp32 split-K pieces;
   4. TPModel.decode of a 4-layer 8B-width random model for 6 steps with the kernels against the
      same model with engine.attention.use_kernels, collective.fused.one_rank_kernel and
      models.layers.use_kernels off (XLA's scatter, the reference attention, XLA's add + RMSNorm,
      XLA's GEMMs), both fed the XLA path's greedy tokens: logits (per batch row) and greedy
-     choices; all kernels (the norms deferred into the matmuls), then the attention and norm
-     kernels alone (deferred norms applied by XLA), then the matmul kernels.
+     choices; all kernels, then the attention and norm kernels alone, then the matmul kernels.
 
 Prints one line per case and 'ALL OK' (exit 1 otherwise).
 
@@ -38,10 +36,7 @@ from jax_tokenweave.engine import attention  # noqa: E402
 from jax_tokenweave.kernels.add_rmsnorm import add_rmsnorm, add_rmsnorm_reference  # noqa: E402
 from jax_tokenweave.engine.runner import TPModel, to_host  # noqa: E402
 from jax_tokenweave.kernels import paged_attention as pa  # noqa: E402
-from jax_tokenweave.kernels.deferred import PreNorm, prenorm_of  # noqa: E402
-from jax_tokenweave.kernels.layer_matmul import (column_tiles, layer_matmul, layer_matmul_reference,  # noqa: E402
-                                                 layer_matmul_residual)
-from jax_tokenweave.kernels.layer_of import LayerOf  # noqa: E402
+from jax_tokenweave.kernels.layer_matmul import layer_matmul, layer_matmul_reference  # noqa: E402
 from jax_tokenweave.kernels.layer_swiglu import layer_swiglu, layer_swiglu_reference  # noqa: E402
 from jax_tokenweave.kernels.layer_qkv import layer_qkv  # noqa: E402
 from jax_tokenweave.models import get_preset, layers  # noqa: E402
@@ -92,23 +87,7 @@ for M in (8, 32):
         ref = layer_matmul_reference(x, w, layer).astype(jnp.float32)
         rel = float(jnp.max(jnp.abs(got - ref)) / jnp.max(jnp.abs(ref)))
         report(f"layer_matmul M{M} layer {layer}", rel < 1e-2, f"max|err| / max|ref| {rel:.2e}")
-# the residual epilogue (kernels/deferred.py), on the o_proj and the down_proj (K 14336); its
-# normed output through PreNorm.value against the one-rank reduction's reference
-gam = 1 + 0.2 * normal((32, 4096))
-for K, wm in ((4096, w), (14336, normal((2, 14336, 4096)) * 0.02)):
-    for M in (1, 8, 32):
-        x, res = normal((M, K)), 3 * normal((M, 4096))
-        out, ss = jax.jit(layer_matmul_residual)(x, wm, jnp.int32(1), res)
-        prod = jnp.dot(x, wm[1], preferred_element_type=jnp.float32)
-        want_n, want_r = add_rmsnorm_reference(prod, res, gam[5], eps=1e-5)
-        got_n = PreNorm(out, ss, LayerOf(gam, jnp.int32(5)), 1e-5).value()
-        rel = lambda a, b: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
-                                 / jnp.max(jnp.abs(b.astype(jnp.float32))))
-        ss_rel = rel(ss.sum(-1), jnp.sum(jnp.square(out.astype(jnp.float32)), -1))
-        report(f"layer_matmul_residual K{K} M{M}", max(rel(out, want_r), rel(got_n, want_n)) < 1e-2
-               and ss_rel < 1e-5, f"max|err| / max|ref| residual {rel(out, want_r):.2e}, normed "
-               f"{rel(got_n, want_n):.2e}, sumsq {ss_rel:.1e}")
-del w, wm
+del w
 wg, wu = normal((8, 4096, 14336)) * 0.05, normal((8, 4096, 14336)) * 0.05   # 8B gate/up
 for M in (1, 8, 32):
     x = normal((M, 4096))
@@ -116,12 +95,6 @@ for M in (1, 8, 32):
     ref = layer_swiglu_reference(x, wg, wu, 7).astype(jnp.float32)
     rel = float(jnp.max(jnp.abs(got - ref)) / jnp.max(jnp.abs(ref)))
     report(f"layer_swiglu M{M}", rel < 2e-2, f"max|err| / max|ref| {rel:.2e}")
-    pre = prenorm_of(normal((M, 4096)), 3 * normal((M, 4096)), LayerOf(gam, jnp.int32(9)), 1e-5,
-                     column_tiles(4096))
-    got = jax.jit(layer_swiglu)(pre, wg, wu, jnp.int32(7)).astype(jnp.float32)
-    ref = layer_swiglu_reference(pre.value(), wg, wu, 7).astype(jnp.float32)
-    rel = float(jnp.max(jnp.abs(got - ref)) / jnp.max(jnp.abs(ref)))
-    report(f"layer_swiglu M{M} normalising a PreNorm", rel < 2e-2, f"max|err| / max|ref| {rel:.2e}")
 del wg, wu
 wq, wk, wv = normal((4, 4096, 32, 128)) * 0.02, normal((4, 4096, 8, 128)) * 0.02, normal((4, 4096, 8, 128)) * 0.02
 inv_freq = layers.rope_inv_freq(get_preset("llama-3.1-8b"))
@@ -136,13 +109,6 @@ for M in (1, 8, 32):
         rel = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
                         / jnp.max(jnp.abs(b.astype(jnp.float32)))) for a, b in zip(got, want))
         report(f"layer_qkv M{M} {kw}", rel < 2e-2, f"max|err| / max|ref| over q, k, v {rel:.2e}")
-    pre = prenorm_of(normal((M, 4096)), 3 * normal((M, 4096)), LayerOf(gam, jnp.int32(2)), 1e-5,
-                     column_tiles(4096))
-    args = (wq, wk, wv, jnp.int32(3), cos[:, 0], sin[:, 0])
-    got, want = jax.jit(layer_qkv)(pre, *args), jax.jit(layer_qkv)(pre.value(), *args)
-    rel = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
-                    / jnp.max(jnp.abs(b.astype(jnp.float32)))) for a, b in zip(got, want))
-    report(f"layer_qkv M{M} normalising a PreNorm", rel < 2e-2, f"max|err| / max|ref| over q, k, v {rel:.2e}")
 del wq, wk, wv
 
 # 3. add_rmsnorm
