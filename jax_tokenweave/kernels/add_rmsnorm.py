@@ -5,6 +5,10 @@ Why it exists: XLA:GPU emitted two kernels per reduction for it in the decode st
 (which also summed layer_matmul's split-K pieces) and the norm, ~1.7 us each, 2 x 32 per 8B step
 on an H200 (bench/results/profile_decode_h200.json). This kernel does both in one pass per
 row and takes the split-K pieces themselves, so the o_proj partial is never summed separately.
+Deferring it instead into the matmuls around it (the residual add in the o_proj / down_proj
+split-K epilogue, the norm applied by q/k/v and gate/up as they load their input: no launch of
+its own) made the step 2.3% / 1.8% / 4.5% slower at batch 1 / 8 / 32: q/k/v and the epilogues
+got slower by more than the launches cost (profile_decode_h200.json session_14).
 
     partials  [S, T, D]  S pieces of the partial sum (S = 1: an ordinary partial), any float dtype
     residual  [T, D]
