@@ -76,8 +76,6 @@ VARIANTS = {   # how the decode jit is built, timed against the default at each 
     "qkv_s2": {"qkv_split_k": 2},
     "qkv_s8": {"qkv_split_k": 8},
     "qkv_s1_h32_k256_stages_4": {"qkv_split_k": 1, "qkv_block_h": 32, "qkv_block_k": 256, "qkv_stages": 4},
-    # its split for tiles of more than 16 rows (default 2): 4 as for fewer rows
-    "qkv_many_rows_s4": {"qkv_split_k_many_rows": 4},
 }
 KERNEL_KNOBS = {   # variant key -> (kernel module, the global read while tracing)
     "target_programs": ("paged_attention", "_WAVE_PROGRAMS"),
@@ -100,7 +98,6 @@ KERNEL_KNOBS = {   # variant key -> (kernel module, the global read while tracin
     "qkv_stages": ("layer_qkv", "_STAGES"),
     "qkv_warps": ("layer_qkv", "_WARPS"),
     "qkv_split_k": ("layer_qkv", "_SPLIT_K"),
-    "qkv_split_k_many_rows": ("layer_qkv", "_SPLIT_K_MANY_ROWS"),
 }
 
 

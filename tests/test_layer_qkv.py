@@ -69,14 +69,6 @@ def test_rows_and_dtypes(m, dtype):
         _check(layer_qkv(x, *w, layer, cos, sin, block_h=16, block_k=32, split_k=4), ref, dtype)
 
 
-@pytest.mark.parametrize("m,pieces", [(16, 4), (17, 2)])
-def test_default_split_follows_the_rows(m, pieces):
-    """Up to 16 rows K goes in 4 pieces, more rows in 2 (the kernel's name carries the count)."""
-    x, w, b, cos, sin = _data(m, 128, 8, 2, 64, 1, jnp.float32, seed=m)
-    text = str(jax.make_jaxpr(lambda x: layer_qkv(x, *w, 0, cos, sin, block_h=16, block_k=32))(x))
-    assert f"name=layer_qkv_h16_k32_s{pieces}" in text
-
-
 @pytest.mark.parametrize("heads,kvh,hd,split_k", [(4, 4, 32, 1), (8, 2, 128, 2), (16, 2, 64, None)])
 def test_gqa_head_dims_and_default_blocks(heads, kvh, hd, split_k):
     x, w, b, cos, sin = _data(8, 512, heads, kvh, hd, 2, jnp.float32, seed=hd + heads)

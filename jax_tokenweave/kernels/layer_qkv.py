@@ -18,9 +18,7 @@ scratch) and the last of the split_k programs of a column tile to finish (an arr
 adds them up and finishes: rounds to x's dtype, adds the bias, rotates, stores -- the rounding
 as the model's einsums store their products (models/layers.qkv, the reference of the tests).
 Defaults: block_h 64 (a whole head of 128 per program: two 128-byte runs per weight row),
-K tiles of 128, 3 stages, split_k 4 for up to 16 rows (192 programs for the 8B) and 2 for more
-(the 8B step at batch 32: 5.076 against 5.113 ms with 4; batch 8 equal; batch 1 +1% with 2;
-profile_decode_h200.json session_13 qkv_final). Measured and not kept: no split
+K tiles of 128, 3 stages, split_k 4: 192 programs for the 8B. Measured and not kept: no split
 with 32-column tiles (96 programs, 2.2 TB/s: +3.6% on the step at batch 1; with K 256 and 4
 stages as fast as XLA), 16-column tiles (+9% against XLA), split 2 or 8 (+0.8-1.0% at batch 1).
 
@@ -51,10 +49,8 @@ _BLOCK_H = 64
 _BLOCK_K = 128
 _WARPS = 4
 _STAGES = 3
-# K in this many pieces at most (a power of two dividing D / block_k), for tiles of up to 16 rows
-# and for more (each program's dots then carry more rows: fewer pieces pay at batch 32)
+# K in this many pieces at most (a power of two dividing D / block_k)
 _SPLIT_K = 4
-_SPLIT_K_MANY_ROWS = 2
 # scripts/profile_decode.py's variant "qkv_xla" turns the kernel off (the einsums instead)
 _ENABLED = True
 
@@ -181,10 +177,7 @@ def layer_qkv(x, wq, wk, wv, layer, cos, sin, *, biases=None, kv_head0=0, kv_hea
   if hd % 2 or half % bh or d % bk or bh < 16 or bk < 16:
     raise ValueError(f"{fn}: block_h={bh} / block_k={bk} must be >= 16 and divide hd/2={half} / "
                      f"D={d}; shapes for which `fits` is False go through the einsums instead.")
-  if split_k is None:
-    sk = pow2_at_most(d // bk, _SPLIT_K if padded_rows(m) <= 16 else _SPLIT_K_MANY_ROWS)
-  else:
-    sk = int(split_k)
+  sk = pow2_at_most(d // bk, _SPLIT_K) if split_k is None else int(split_k)
   if sk < 1 or (d // bk) % sk or sk & (sk - 1):
     raise ValueError(f"{fn}: split_k={sk} must be a power of two dividing D / block_k = {d // bk}.")
   idx = jnp.stack([jnp.asarray(layer).reshape(()), jnp.asarray(kv_head0).reshape(())]).astype(jnp.int32)
